@@ -1,0 +1,1 @@
+"""Gate rules, reports and history: plain functions over metric rows, no numpy internals."""

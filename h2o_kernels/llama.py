@@ -1,0 +1,358 @@
+"""Compact numpy LLaMA-family decoder with a per-layer fp16 KV cache.
+
+Weights are float32, pre-transposed for ``x @ W``. Q/K rows are kept in the Hugging Face
+layout (GGUF rows are un-permuted on load) and RoPE uses the rotate-half convention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from gguf import GGUFReader, quants
+from threadpoolctl import ThreadpoolController
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+AttentionHook = Callable[[int, np.ndarray], None]
+"""``on_attention(layer, probs)``; probs: read-only float32 ``[num_heads, q_len, kv_len]``."""
+
+_controller: ThreadpoolController | None = None
+
+
+def _blas_threads(n: int | None) -> contextlib.AbstractContextManager:
+    global _controller
+    if n is None:
+        return contextlib.nullcontext()
+    if _controller is None:  # building one costs ~0.3 ms, limiting with it ~10 us
+        _controller = ThreadpoolController()
+    return _controller.limit(limits=n, user_api="blas")
+
+
+def _open(source: str | Path | GGUFReader) -> GGUFReader:
+    return source if isinstance(source, GGUFReader) else GGUFReader(str(source))
+
+
+def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    return reader.fields[key].contents() if key in reader.fields else default
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    tie_embeddings: bool = False
+    max_position: int = 2048
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @classmethod
+    def from_gguf(cls, source: str | Path | GGUFReader) -> LlamaConfig:
+        """Read ``{arch}.*`` hyper-parameters from GGUF metadata."""
+        r = _open(source)
+        arch = _field(r, "general.architecture", "llama")
+        get = lambda key, default=None: _field(r, f"{arch}.{key}", default)  # noqa: E731
+        hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+        head_dim = int(get("attention.key_length", hidden // heads))
+        if int(get("rope.dimension_count", head_dim)) != head_dim:
+            raise NotImplementedError("partial rotary embeddings are not supported")
+        vocab = get("vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
+        return cls(
+            vocab_size=int(vocab), hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_layers=int(get("block_count")), num_heads=heads,
+            num_kv_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rms_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            tie_embeddings=not any(t.name == "output.weight" for t in r.tensors),
+            max_position=int(get("context_length", 2048)),
+            bos_token_id=_field(r, "tokenizer.ggml.bos_token_id"),
+            eos_token_id=_field(r, "tokenizer.ggml.eos_token_id"),
+        )
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> LlamaConfig:
+        """From a Hugging Face ``config.json``-style dict."""
+        heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rope_theta=cfg.get("rope_theta", 10000.0), rms_eps=cfg.get("rms_norm_eps", 1e-6),
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            max_position=cfg.get("max_position_embeddings", 2048),
+            bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
+        )
+
+
+class KVCache:
+    """Per-layer fp16 K/V, each ``[seq, kv_heads, head_dim]`` (K after RoPE).
+
+    Layers may be compacted independently (:meth:`keep`), so each layer has its own
+    length and an int64 array of the original positions of its entries.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int = 256):
+        shape = (capacity, num_kv_heads, head_dim)
+        self._k = [np.zeros(shape, np.float16) for _ in range(num_layers)]
+        self._v = [np.zeros(shape, np.float16) for _ in range(num_layers)]
+        # Exact float32 upcasts of _k/_v, maintained incrementally: upcasting the whole
+        # cache every decode step would cost ~1/4 of the step time.
+        self._k32 = [np.zeros(shape, np.float32) for _ in range(num_layers)]
+        self._v32 = [np.zeros(shape, np.float32) for _ in range(num_layers)]
+        self._pos = [np.zeros(capacity, np.int64) for _ in range(num_layers)]
+        self._stores = (self._k, self._v, self._k32, self._v32, self._pos)
+        self._len = [0] * num_layers
+        self.n_seen = 0  # tokens fed so far = absolute position of the next token
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._len)
+
+    def length(self, layer: int) -> int:
+        return self._len[layer]
+
+    def k(self, layer: int) -> np.ndarray:
+        return self._k[layer][: self._len[layer]]
+
+    def v(self, layer: int) -> np.ndarray:
+        return self._v[layer][: self._len[layer]]
+
+    def k32(self, layer: int) -> np.ndarray:
+        """``k(layer)`` upcast to float32 (kept in sync; do not modify)."""
+        return self._k32[layer][: self._len[layer]]
+
+    def v32(self, layer: int) -> np.ndarray:
+        return self._v32[layer][: self._len[layer]]
+
+    def positions(self, layer: int) -> np.ndarray:
+        return self._pos[layer][: self._len[layer]]
+
+    def append(self, layer: int, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> None:
+        """Append ``[n, kv_heads, head_dim]`` entries (cast to fp16), growing geometrically."""
+        n = self._len[layer]
+        m = n + len(k)
+        if m > len(self._pos[layer]):
+            cap = max(m, 2 * len(self._pos[layer]))
+            for store in self._stores:
+                new = np.empty((cap, *store[layer].shape[1:]), store[layer].dtype)
+                new[:n] = store[layer][:n]
+                store[layer] = new
+        self._k[layer][n:m] = k
+        self._v[layer][n:m] = v
+        self._k32[layer][n:m] = self._k[layer][n:m]
+        self._v32[layer][n:m] = self._v[layer][n:m]
+        self._pos[layer][n:m] = positions
+        self._len[layer] = m
+
+    def keep(self, layer: int, indices: Sequence[int] | np.ndarray) -> None:
+        """Compact ``layer`` to the entries at strictly increasing ``indices``."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.ndim != 1 or (idx.size and (idx[0] < 0 or idx[-1] >= self._len[layer]
+                                           or np.any(np.diff(idx) <= 0))):
+            raise ValueError(f"indices must be strictly increasing in [0, {self._len[layer]})")
+        for store in self._stores:
+            store[layer][: idx.size] = store[layer][idx]
+        self._len[layer] = idx.size
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray  # [hidden]
+    wqkv: np.ndarray  # [hidden, (heads + 2 * kv_heads) * head_dim]
+    wo: np.ndarray  # [heads * head_dim, hidden]
+    ffn_norm: np.ndarray  # [hidden]
+    w_gate_up: np.ndarray  # [hidden, 2 * intermediate]
+    w_down: np.ndarray  # [intermediate, hidden]
+
+
+def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * w
+
+
+def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE on ``[T, heads, head_dim]``; cos/sin are ``[T, 1, head_dim / 2]``."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row interleaving (GGUF -> HF rotate-half layout)."""
+    return w.reshape(n_head, -1, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+
+
+class LlamaModel:
+    """LLaMA decoder with an internal :class:`KVCache`.
+
+    ``prefill`` / ``decode`` feed tokens at positions ``cache.n_seen...``; ``reset`` clears
+    the cache. BLAS runs with ``threads`` threads during forward passes (None: untouched).
+    """
+
+    def __init__(self, config: LlamaConfig, embed: np.ndarray, layers: list[LayerWeights],
+                 norm: np.ndarray, head: np.ndarray | None = None, threads: int | None = 1):
+        self.config = config
+        # Tied: keep one contiguous [hidden, vocab] copy; embedding rows are a strided view.
+        self.head = np.ascontiguousarray(embed.T if head is None else head, dtype=np.float32)
+        self.embed = self.head.T if head is None else np.ascontiguousarray(embed, np.float32)
+        self.layers = layers
+        self.norm = norm
+        self.threads = threads
+        self.on_attention: AttentionHook | None = None
+        c = config
+        self._inv_freq = c.rope_theta ** (-np.arange(0, c.head_dim, 2) / c.head_dim)
+        self.reset()
+
+    def reset(self, capacity: int = 256) -> None:
+        """Start a new sequence with an empty cache."""
+        c = self.config
+        self.cache = KVCache(c.num_layers, c.num_kv_heads, c.head_dim, capacity)
+
+    @classmethod
+    def from_gguf(cls, source: str | Path | GGUFReader, threads: int | None = 1) -> LlamaModel:
+        """Load and dequantize (to float32) a llama-architecture GGUF."""
+        r = _open(source)
+        c = LlamaConfig.from_gguf(r)
+        tensors = {t.name: t for t in r.tensors}
+
+        def w(name: str) -> np.ndarray:
+            t = tensors[name]
+            return np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+
+        layers = []
+        for i in range(c.num_layers):
+            p = f"blk.{i}."
+            qkv = [_unpermute(w(p + "attn_q.weight"), c.num_heads),
+                   _unpermute(w(p + "attn_k.weight"), c.num_kv_heads), w(p + "attn_v.weight")]
+            layers.append(LayerWeights(
+                attn_norm=w(p + "attn_norm.weight"),
+                wqkv=np.ascontiguousarray(np.concatenate(qkv).T),
+                wo=np.ascontiguousarray(w(p + "attn_output.weight").T),
+                ffn_norm=w(p + "ffn_norm.weight"),
+                w_gate_up=np.ascontiguousarray(
+                    np.concatenate([w(p + "ffn_gate.weight"), w(p + "ffn_up.weight")]).T),
+                w_down=np.ascontiguousarray(w(p + "ffn_down.weight").T),
+            ))
+        head = None if c.tie_embeddings else w("output.weight").T
+        return cls(c, w("token_embd.weight"), layers, w("output_norm.weight"), head, threads)
+
+    @classmethod
+    def random(cls, config: LlamaConfig | dict[str, Any], seed: int = 0, std: float = 0.02,
+               threads: int | None = 1) -> LlamaModel:
+        """Random-weight model (for fast tests) from a config or HF-style config dict."""
+        c = config if isinstance(config, LlamaConfig) else LlamaConfig.from_hf_config(config)
+        rng = np.random.default_rng(seed)
+        rand = lambda *shape: rng.normal(0.0, std, shape).astype(np.float32)  # noqa: E731
+        ones = lambda: np.ones(c.hidden_size, np.float32)  # noqa: E731
+        H, F, D = c.hidden_size, c.intermediate_size, c.head_dim
+        layers = [LayerWeights(ones(), rand(H, (c.num_heads + 2 * c.num_kv_heads) * D),
+                               rand(c.num_heads * D, H), ones(), rand(H, 2 * F), rand(F, H))
+                  for _ in range(c.num_layers)]
+        head = None if c.tie_embeddings else rand(H, c.vocab_size)
+        return cls(c, rand(c.vocab_size, H), layers, ones(), head, threads)
+
+    def prefill(self, token_ids: Sequence[int] | np.ndarray, all_logits: bool = False) -> np.ndarray:
+        """Feed a chunk of tokens (causal attention); logits ``[vocab]`` of the last token,
+        or ``[n, vocab]`` for every token when ``all_logits``."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("prefill needs at least one token")
+        with _blas_threads(self.threads):
+            logits = self._forward(ids, all_logits)
+        return logits if all_logits else logits[-1]
+
+    def decode(self, token_id: int) -> np.ndarray:
+        """Feed one token; logits ``[vocab]`` for the next one."""
+        with _blas_threads(self.threads):
+            return self._forward(np.array([token_id], dtype=np.int64), False)[0]
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
+                 stop_ids: Sequence[int] = ()) -> Iterator[int]:
+        """Greedy generation continuing the current cache; yields new token ids (a stop token
+        is yielded but not fed)."""
+        logits = self.prefill(prompt_ids)
+        for _ in range(max_new_tokens):
+            tok = int(np.argmax(logits))
+            yield tok
+            if tok in stop_ids:
+                return
+            logits = self.decode(tok)
+
+    def _forward(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
+        c, cache = self.config, self.cache
+        T, nh, nkv, D, F = len(ids), c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+        pos = np.arange(cache.n_seen, cache.n_seen + T)
+        ang = pos[:, None, None] * self._inv_freq
+        cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+        scale = np.float32(D ** -0.5)
+        x = self.embed[ids].astype(np.float32)
+        for li, L in enumerate(self.layers):
+            qkv = _rms_norm(x, L.attn_norm, c.rms_eps) @ L.wqkv
+            q = _rope(qkv[:, : nh * D].reshape(T, nh, D), cos, sin) * scale
+            k = _rope(qkv[:, nh * D: (nh + nkv) * D].reshape(T, nkv, D), cos, sin)
+            cache.append(li, k, qkv[:, (nh + nkv) * D:].reshape(T, nkv, D), pos)
+            x = x + self._attend(li, q) @ L.wo
+            gu = _rms_norm(x, L.ffn_norm, c.rms_eps) @ L.w_gate_up
+            g = gu[:, :F]
+            x = x + (g * (0.5 + 0.5 * np.tanh(0.5 * g)) * gu[:, F:]) @ L.w_down  # SiLU(g) * u
+        cache.n_seen += T
+        return _rms_norm(x if all_logits else x[-1:], self.norm, c.rms_eps) @ self.head
+
+    def _attend(self, layer: int, q: np.ndarray) -> np.ndarray:
+        """GQA over the fp16 cache of ``layer`` (last T entries are the new tokens)."""
+        c, cache = self.config, self.cache
+        T, nh, D = q.shape
+        nkv, g = c.num_kv_heads, nh // c.num_kv_heads
+        k, v = cache.k32(layer).transpose(1, 0, 2), cache.v32(layer).transpose(1, 0, 2)
+        S = k.shape[1]
+        qg = q.reshape(T, nkv, g, D).transpose(1, 2, 0, 3).reshape(nkv, g * T, D)
+        s = qg @ k.transpose(0, 2, 1)  # [nkv, g*T, S]; query heads h = kv * g + j
+        if T > 1:
+            causal = np.triu(np.full((T, T), -np.inf, np.float32), 1)
+            s.reshape(nkv, g, T, S)[..., S - T:] += causal
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        if self.on_attention is not None:
+            probs = s.reshape(nh, T, S)
+            probs.flags.writeable = False
+            self.on_attention(layer, probs)
+        o = (s @ v).reshape(nkv, g, T, D).transpose(2, 0, 1, 3)
+        return o.reshape(T, nh * D)
+
+
+_DIGITS_THEN_BYTES = {"smollm", "starcoder", "refact", "codeshell"}
+
+
+def load_tokenizer(source: str | Path | GGUFReader) -> Tokenizer:
+    """Byte-level BPE ``tokenizers.Tokenizer`` from GGUF metadata (``tokenizer.ggml.model``
+    gpt2). No BOS is added; control tokens (e.g. ``<|im_start|>``) are special tokens."""
+    r = _open(source)
+    if _field(r, "tokenizer.ggml.model") != "gpt2":
+        raise NotImplementedError("only gpt2-style (byte-level BPE) GGUF tokenizers are supported")
+    tokens = _field(r, "tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in _field(r, "tokenizer.ggml.merges")]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    pre = _field(r, "tokenizer.ggml.pre", "default")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _DIGITS_THEN_BYTES:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in ("default", "gpt-2"):
+        tok.pre_tokenizer = byte_level
+    else:
+        raise NotImplementedError(f"unsupported pre-tokenizer {pre!r}")
+    tok.decoder = decoders.ByteLevel()
+    types = _field(r, "tokenizer.ggml.token_type", [])
+    tok.add_special_tokens([tokens[i] for i, t in enumerate(types) if t in (3, 4)])  # control
+    return tok

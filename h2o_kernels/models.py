@@ -1,0 +1,45 @@
+"""Resolve a model spec (``smollm2``, ``path/model.gguf``, ``path/config.json``) to a loaded model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gguf import GGUFReader
+from tokenizers import Tokenizer
+
+from .llama import LlamaModel, load_tokenizer
+from .model_fetch import smollm2_gguf_path
+
+EMBEDDED_MODEL = "smollm2"
+
+
+class ModelSpecError(ValueError):
+    """A model spec names no usable model; the message says what was expected."""
+
+
+def load_model(spec: str, threads: int | None = 1) -> tuple[LlamaModel, Tokenizer | None]:
+    """Load ``spec``: the embedded SmolLM2 (fetched once), a GGUF file, or a HF-style config.json
+    (random weights, no tokenizer: for fast tests)."""
+    if spec == EMBEDDED_MODEL:
+        path = smollm2_gguf_path()
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise ModelSpecError(f"-m {spec}: no such file; expected '{EMBEDDED_MODEL}', a .gguf file "
+                                 f"or a config.json")
+    if path.suffix == ".json":
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+            return LlamaModel.random(config, threads=threads), None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelSpecError(f"{path}: not valid JSON ({exc})") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelSpecError(f"{path}: not a usable HF-style LLaMA config ({exc!r}); expected keys "
+                                 "hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, "
+                                 "vocab_size") from None
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # gguf raises ValueError/struct errors/OSError for foreign files
+        raise ModelSpecError(f"{path}: not a readable GGUF file ({exc})") from None
+    return LlamaModel.from_gguf(reader, threads=threads), load_tokenizer(reader)

@@ -1,0 +1,398 @@
+"""Offline lossless evaluation of KV dumps with the runtime's own codec.
+
+Selects dump entries (stage, layer scope, sequence length), groups them into coding units by the
+entry mode, encodes each unit's K and V with :class:`~h2o_kernels.codec.FP16Codec`, decodes every
+blob back and compares it bit for bit, and reports the original evaluator's JSON keys plus the codec
+version, ``roundtrip_verified`` and encode/decode throughput.
+
+Entry modes: ``per_meta`` (one unit per entry), ``aggregate`` (entries of one run x layer (x stage)
+concatenated along seq: the upper bound), ``chunked`` (each entry cut into ``online_chunk_seq``
+chunks) and ``chunked_grouped`` (aggregate, then cut: the online simulation of the runtime's windows).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Literal
+
+import numpy as np
+
+from .codec import CODEC_NAME, FORMAT_VERSION, CodecError, FP16Codec, decode_many, inspect
+from .kvdump import DumpEntry, DumpError, iter_dump_files, read_meta, read_npz
+from .predictors import K_DEFAULT, V_DEFAULT, parse_predictors
+
+SCHEMA_VERSION = 4
+EntryMode = Literal["per_meta", "aggregate", "chunked", "chunked_grouped"]
+ENTRY_MODES: tuple[str, ...] = ("per_meta", "aggregate", "chunked", "chunked_grouped")
+
+
+class SelectionError(ValueError):
+    """No dump entry survived the filters; the message says which filter removed them."""
+
+
+@dataclass
+class EvalOptions:
+    """The original evaluator's options, same names and defaults."""
+
+    stage: Literal["prefill", "decode", "both"] = "both"
+    scope: Literal["front_n", "layer_range", "layer_ids"] = "front_n"
+    front_n: int = 2
+    layer_start: int = 2
+    layer_end: int = -1
+    layer_ids: tuple[int, ...] = ()
+    zstd_level: int = 3
+    strict_fp16: bool = False
+    min_seq_len: int = 0
+    max_seq_len: int = 0
+    entry_mode: EntryMode = "per_meta"
+    online_chunk_seq: int = 0
+    online_framing_bytes: int = 16
+    aggregate_by_stage: bool = False
+    adaptive_block_seq: int = 64
+    k_hi_predictors: tuple[str, ...] = K_DEFAULT
+    k_lo_predictors: tuple[str, ...] = K_DEFAULT
+    v_hi_predictors: tuple[str, ...] = V_DEFAULT
+    v_lo_predictors: tuple[str, ...] = V_DEFAULT
+    predictor_choice: Literal["estimate", "exhaustive"] = "estimate"
+    verify: bool = True
+    plain_baseline: bool = False
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent option."""
+        checks = [
+            (self.stage in ("prefill", "decode", "both"), f"--stage: {self.stage!r} is not prefill|decode|both"),
+            (self.scope in ("front_n", "layer_range", "layer_ids"),
+             f"--scope: {self.scope!r} is not front_n|layer_range|layer_ids"),
+            (self.entry_mode in ENTRY_MODES, f"--entry-mode: {self.entry_mode!r} is not one of {ENTRY_MODES}"),
+            (self.scope != "front_n" or self.front_n > 0, "--front-n must be > 0 when scope=front_n"),
+            (self.scope != "layer_ids" or bool(self.layer_ids), "--layer-ids must be non-empty when scope=layer_ids"),
+            (self.adaptive_block_seq > 0, "--adaptive-block-seq must be > 0"),
+            (self.online_chunk_seq >= 0, "--online-chunk-seq must be >= 0"),
+            (self.online_framing_bytes >= 0, "--online-framing-bytes must be >= 0"),
+            (self.min_seq_len >= 0 and self.max_seq_len >= 0, "--min-seq-len/--max-seq-len must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        for name in ("k_hi_predictors", "k_lo_predictors", "v_hi_predictors", "v_lo_predictors"):
+            setattr(self, name, parse_predictors(getattr(self, name), "--" + name.replace("_", "-")))
+
+    def keeps_layer(self, layer_id: int) -> bool:
+        """Whether the layer scope selects ``layer_id``."""
+        if self.scope == "front_n":
+            return 0 <= layer_id < self.front_n
+        if self.scope == "layer_range":
+            return layer_id >= self.layer_start and (self.layer_end < 0 or layer_id <= self.layer_end)
+        return layer_id in self.layer_ids
+
+    def scope_text(self) -> str:
+        """The layer scope in words, for messages."""
+        if self.scope == "front_n":
+            return f"scope front_n (layers 0..{self.front_n - 1})"
+        if self.scope == "layer_range":
+            end = "end" if self.layer_end < 0 else str(self.layer_end)
+            return f"scope layer_range (layers {self.layer_start}..{end})"
+        return f"scope layer_ids {list(self.layer_ids)}"
+
+
+@dataclass
+class _Tally:
+    """Raw and compressed bytes of one tensor kind (K or V) plus its predictor usage."""
+
+    raw: int = 0
+    compressed: int = 0
+    meta: int = 0
+    plain: int = 0
+    hi_modes: Counter = field(default_factory=Counter)
+    lo_modes: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class _Unit:
+    """One coding unit: the K and V to encode and the framing bytes charged per tensor."""
+
+    layer_id: int
+    k: np.ndarray
+    v: np.ndarray
+    framing: int
+
+
+@dataclass
+class _Group:
+    """Entries evaluated together: all their units count, or none of them do."""
+
+    entries: list[DumpEntry]
+    units: Callable[[], list[_Unit]]
+
+
+Progress = Callable[[int, int, dict], None]
+
+
+def evaluate(dump_dir: Path, options: EvalOptions, progress: Progress | None = None) -> dict:
+    """Evaluate the dumps under ``dump_dir``; return the result dictionary (the JSON report).
+
+    Raises :class:`SelectionError` when no entry is selected and ``ValueError`` for bad options.
+    """
+    options.validate()
+    dump_dir = Path(dump_dir)
+    if not dump_dir.is_dir():
+        raise SelectionError(f"--dump-dir {dump_dir}: not a directory")
+    started = time.perf_counter()
+    selection = _select(dump_dir, options)
+    groups = list(_groups(selection.entries, options))
+    codecs = {
+        "k": FP16Codec(options.k_hi_predictors, options.k_lo_predictors, block_seq=options.adaptive_block_seq,
+                       level=options.zstd_level, choose=options.predictor_choice),
+        "v": FP16Codec(options.v_hi_predictors, options.v_lo_predictors, block_seq=options.adaptive_block_seq,
+                       level=options.zstd_level, choose=options.predictor_choice),
+    }
+    tallies = {"k": _Tally(), "v": _Tally()}
+    per_layer: dict[int, list[int]] = {}
+    timing = {"encode": 0.0, "decode": 0.0}
+    coded_units = 0
+    for index, group in enumerate(groups):
+        try:
+            outcome = _code_group(group, codecs, options, timing)
+        except (CodecError, DumpError, ValueError, TypeError) as exc:
+            selection.skip(_reason(exc), group.entries[0].source, str(exc))
+            outcome = None
+        if outcome is not None:
+            coded_units += len(outcome)
+            for layer_id, parts in outcome:
+                for kind, (raw, comp, framing, info, plain) in parts.items():
+                    tally = tallies[kind]
+                    tally.plain += plain + framing
+                    tally.raw += raw
+                    tally.compressed += comp + framing
+                    tally.meta += framing
+                    tally.hi_modes.update(info.hi.predictors)
+                    tally.lo_modes.update(info.lo.predictors)
+                    layer = per_layer.setdefault(layer_id, [0, 0])
+                    layer[0] += raw
+                    layer[1] += comp + framing
+        if progress is not None:
+            progress(index + 1, len(groups), _ratios(tallies))
+    elapsed = time.perf_counter() - started
+    return _report(dump_dir, options, selection, groups, tallies, per_layer, timing, coded_units, elapsed)
+
+
+@dataclass
+class _Selection:
+    entries: list[DumpEntry] = field(default_factory=list)
+    scanned: int = 0
+    converted_fp32: int = 0
+    skip_reasons: Counter = field(default_factory=Counter)
+    skipped: list[dict] = field(default_factory=list)
+    filtered: Counter = field(default_factory=Counter)
+
+    def skip(self, reason: str, source: Path, detail: str) -> None:
+        self.skip_reasons[reason] += 1
+        self.skipped.append({"file": str(source), "reason": reason, "detail": detail})
+
+
+def _select(dump_dir: Path, options: EvalOptions) -> _Selection:
+    sel = _Selection()
+    for path in iter_dump_files(dump_dir):
+        sel.scanned += 1
+        try:
+            entry = read_npz(path) if path.suffix == ".npz" else read_meta(path)
+        except DumpError as exc:
+            reason = "npz_read_error" if path.suffix == ".npz" else "meta_parse_error"
+            sel.skip(reason, path, str(exc))
+            continue
+        if options.stage != "both" and entry.stage != options.stage:
+            sel.filtered[f"--stage {options.stage} (entry stage {entry.stage!r})"] += 1
+            continue
+        if not options.keeps_layer(entry.layer_id):
+            sel.filtered[options.scope_text()] += 1
+            continue
+        if options.min_seq_len and entry.seq_len < options.min_seq_len:
+            sel.filtered[f"--min-seq-len {options.min_seq_len}"] += 1
+            continue
+        if options.max_seq_len and entry.seq_len > options.max_seq_len:
+            sel.filtered[f"--max-seq-len {options.max_seq_len}"] += 1
+            continue
+        if entry.bytes_per_elem == 4:
+            if options.strict_fp16:
+                sel.skip("skip_fp32_strict", path, f"{path}: fp32 dump skipped because of --strict-fp16")
+                continue
+            sel.converted_fp32 += 1
+        elif entry.bytes_per_elem != 2:
+            sel.skip(f"unsupported_bytes_per_elem_{entry.bytes_per_elem}", path,
+                     f"{path}: bytes_per_elem={entry.bytes_per_elem}, expected 2 (fp16) or 4 (fp32)")
+            continue
+        if entry.k_path is not None and not (entry.k_path.is_file() and entry.v_path.is_file()):
+            missing = [str(p) for p in (entry.k_path, entry.v_path) if not p.is_file()]
+            sel.skip("missing_k_or_v_binary", path, f"{path}: missing K/V file(s) {missing}")
+            continue
+        sel.entries.append(entry)
+    if not sel.entries:
+        raise SelectionError(_empty_message(dump_dir, sel))
+    return sel
+
+
+def _empty_message(dump_dir: Path, sel: _Selection) -> str:
+    if sel.scanned == 0:
+        return f"no meta_*.json or .npz dump files under {dump_dir}"
+    parts = [f"{count} by {name}" for name, count in sel.filtered.most_common()]
+    parts += [f"{count} unreadable ({reason})" for reason, count in sel.skip_reasons.most_common()]
+    text = f"no entries selected from {sel.scanned} dump file(s) under {dump_dir}: removed " + ", ".join(parts)
+    if sel.skipped:
+        text += f"; first problem: {sel.skipped[0]['detail']}"
+    return text
+
+
+def _groups(entries: list[DumpEntry], options: EvalOptions) -> Iterator[_Group]:
+    if options.entry_mode in ("per_meta", "chunked"):
+        chunk = options.online_chunk_seq if options.entry_mode == "chunked" else 0
+        framing = options.online_framing_bytes if options.entry_mode == "chunked" else 0
+        for entry in entries:
+            yield _Group([entry], lambda e=entry: _chunks([e], chunk, framing))
+        return
+    grouped: dict[tuple, list[DumpEntry]] = {}
+    for order, entry in enumerate(entries):
+        key = (entry.run_id or "__no_run_id__", entry.layer_id, entry.kv_heads, entry.head_dim)
+        if options.aggregate_by_stage:
+            key += (entry.stage,)
+        grouped.setdefault(key, []).append(entry)
+    for members in grouped.values():
+        members.sort(key=lambda e: e.seq_start)
+        if options.entry_mode == "aggregate":
+            yield _Group(members, lambda m=members: _aggregate(m))
+        else:
+            yield _Group(members, lambda m=members: _chunks(m, options.online_chunk_seq,
+                                                           options.online_framing_bytes))
+
+
+def _load(entries: list[DumpEntry]) -> tuple[np.ndarray, np.ndarray]:
+    ks, vs = zip(*(entry.load() for entry in entries))
+    k = np.concatenate(ks) if len(ks) > 1 else ks[0]
+    v = np.concatenate(vs) if len(vs) > 1 else vs[0]
+    if k.dtype != np.float16:  # fp32 dumps are converted, as the original did
+        k, v = k.astype(np.float16), v.astype(np.float16)
+    return k, v
+
+
+def _aggregate(entries: list[DumpEntry]) -> list[_Unit]:
+    k, v = _load(entries)
+    return [_Unit(entries[0].layer_id, k, v, 4 + 4 * len(entries))]
+
+
+def _chunks(entries: list[DumpEntry], chunk_seq: int, framing: int) -> list[_Unit]:
+    k, v = _load(entries)
+    seq = k.shape[0]
+    step = chunk_seq if 0 < chunk_seq < seq else seq
+    return [_Unit(entries[0].layer_id, k[s:s + step], v[s:s + step], framing) for s in range(0, seq, step)]
+
+
+def _code_group(group: _Group, codecs: dict[str, FP16Codec], options: EvalOptions,
+                timing: dict[str, float]) -> list[tuple[int, dict]]:
+    """Encode (and verify) every unit of a group together; raise on the first failure."""
+    units = group.units()
+    results: list[tuple[int, dict]] = [(unit.layer_id, {}) for unit in units]
+    for kind in ("k", "v"):
+        tensors = [unit.k if kind == "k" else unit.v for unit in units]
+        t0 = time.perf_counter()
+        blobs = codecs[kind].encode_many(tensors)
+        t1 = time.perf_counter()
+        timing["encode"] += t1 - t0
+        if options.verify:
+            restored = decode_many(blobs)
+            timing["decode"] += time.perf_counter() - t1
+            for unit, tensor, back in zip(units, tensors, restored):
+                if not np.array_equal(back.view(np.uint16), tensor.view(np.uint16)):
+                    raise CodecError(f"{kind.upper()} of layer {unit.layer_id} did not round-trip bit-exactly")
+        for (_, parts), unit, tensor, blob in zip(results, units, tensors, blobs):
+            plain = _plain_zstd_bytes(tensor, codecs[kind]) if options.plain_baseline else 0
+            parts[kind] = (tensor.nbytes, len(blob), unit.framing, inspect(blob), plain)
+    return results
+
+
+def _plain_zstd_bytes(tensor: np.ndarray, codec: FP16Codec) -> int:
+    """Bytes of the plain baseline: hi and lo byte planes, each in its own zstd frame."""
+    words = np.ascontiguousarray(tensor).view(np.uint16)
+    planes = ((words >> 8).astype(np.uint8), words.astype(np.uint8))
+    return sum(len(codec.zstd.compress(plane)) for plane in planes)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, DumpError):
+        return "binary_read_error"
+    if isinstance(exc, CodecError) and "round-trip" in str(exc):
+        return "roundtrip_mismatch"
+    return "compression_failed"
+
+
+def _ratio(raw: int, comp: int) -> float:
+    return raw / comp if comp > 0 else 0.0
+
+
+def _ratios(tallies: dict[str, _Tally]) -> dict:
+    raw = tallies["k"].raw + tallies["v"].raw
+    comp = tallies["k"].compressed + tallies["v"].compressed
+    return {"raw_bytes": raw, "compressed_bytes": comp, "lossless_ratio": _ratio(raw, comp)}
+
+
+def _report(dump_dir: Path, options: EvalOptions, sel: _Selection, groups: list[_Group],
+            tallies: dict[str, _Tally], per_layer: dict[int, list[int]], timing: dict[str, float],
+            coded_units: int, elapsed: float) -> dict:
+    k, v = tallies["k"], tallies["v"]
+    totals = _ratios(tallies)
+    aggregated = options.entry_mode in ("aggregate", "chunked_grouped")
+    opts = asdict(options)
+
+    def modes(counter: Counter, names: tuple[str, ...]) -> dict[str, int]:
+        return {name: int(counter.get(name, 0)) for name in names}
+
+    mb = totals["raw_bytes"] / 1e6
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "dump_dir": str(dump_dir.resolve()),
+        **{key: opts[key] for key in ("stage", "scope", "front_n", "layer_start", "layer_end")},
+        "layer_ids": sorted(options.layer_ids),
+        "selected_layers": sorted({e.layer_id for e in sel.entries}),
+        "selected_entries": len(sel.entries),
+        "selected_dumps": len({e.run_id or str(e.source.parent) for e in sel.entries}),
+        **{key: opts[key] for key in ("entry_mode", "online_chunk_seq", "online_framing_bytes",
+                                      "aggregate_by_stage")},
+        "aggregate_groups": len(groups) if aggregated else 0,
+        "online_chunks": 2 * coded_units if options.entry_mode in ("chunked", "chunked_grouped") else 0,
+        "codec": CODEC_NAME,
+        "codec_version": FORMAT_VERSION,
+        "codec_mode": options.predictor_choice,
+        "bitshuffle": False,
+        "adaptive_block_seq": options.adaptive_block_seq,
+        **{key: list(opts[key]) for key in ("k_hi_predictors", "k_lo_predictors", "v_hi_predictors",
+                                            "v_lo_predictors")},
+        "zstd_level": options.zstd_level,
+        "k_raw_bytes": k.raw, "k_compressed_bytes": k.compressed,
+        "v_raw_bytes": v.raw, "v_compressed_bytes": v.compressed,
+        "k_chunk_meta_bytes": k.meta, "v_chunk_meta_bytes": v.meta,
+        "raw_bytes": totals["raw_bytes"], "compressed_bytes": totals["compressed_bytes"],
+        "k_lossless_ratio": _ratio(k.raw, k.compressed),
+        "v_lossless_ratio": _ratio(v.raw, v.compressed),
+        "lossless_ratio": totals["lossless_ratio"],
+        "weighted_lossless_ratio": totals["lossless_ratio"],
+        "k_hi_mode_counts": modes(k.hi_modes, options.k_hi_predictors),
+        "k_lo_mode_counts": modes(k.lo_modes, options.k_lo_predictors),
+        "v_hi_mode_counts": modes(v.hi_modes, options.v_hi_predictors),
+        "v_lo_mode_counts": modes(v.lo_modes, options.v_lo_predictors),
+        "per_layer": {str(layer): {"raw_bytes": raw, "compressed_bytes": comp, "lossless_ratio": _ratio(raw, comp)}
+                      for layer, (raw, comp) in sorted(per_layer.items())},
+        "scanned_entries": sel.scanned,
+        "converted_fp32_entries": sel.converted_fp32,
+        "skipped_entries": sum(sel.skip_reasons.values()),
+        "skip_reasons": dict(sel.skip_reasons),
+        "skipped": sel.skipped,
+        "filtered": dict(sel.filtered),
+        **({"plain_zstd_compressed_bytes": k.plain + v.plain,
+            "plain_zstd_ratio": _ratio(k.raw + v.raw, k.plain + v.plain)} if options.plain_baseline else {}),
+        "roundtrip_verified": options.verify and coded_units > 0,
+        "encode_mb_s": mb / timing["encode"] if timing["encode"] > 0 else 0.0,
+        "decode_mb_s": mb / timing["decode"] if timing["decode"] > 0 else 0.0,
+        "elapsed_s": elapsed,
+        "throughput_mb_s": mb / elapsed if elapsed > 0 else 0.0,
+    }

@@ -1,0 +1,3 @@
+"""Test-suite setup (the hypothesis profiles live in the root conftest.py)."""
+
+pytest_plugins = ["pytester"]
