@@ -9,19 +9,20 @@ One tensor ``[seq, kv_heads, head_dim]`` of little-endian fp16 becomes one blob:
     6      1     plane count (2: hi byte plane, then lo byte plane)
     7      1     reserved, 0
     8      16    seq, kv_heads, head_dim, block_seq (u32 little-endian each)
-    24     4     CRC-32 of the tensor's little-endian bytes
+    24     4     CRC-32 of the tensor: its shape (3 x u32) then its little-endian bytes
     28     5x2   per plane: flags (bit 0 zstd frame, else stored; bit 1 channel-centered), payload
                  length (u32)
     38     2xB   per plane, per block of ``block_seq`` tokens: the predictor id (see ``PREDICTORS``)
-    38+2B  4     CRC-32 of the header bytes before it
+    38+2B  4     CRC-32 of the header bytes before it, then of the payloads
     ...          payloads, hi then lo
 
 Each plane is cut along seq into blocks; each block gets its own predictor, chosen by a fast
 entropy estimate on sampled rows (``choose="estimate"``) or by compressing every candidate
 (``choose="exhaustive"``). Before that the hi plane may be channel-centered (see
 :meth:`FP16Codec._center_hi`; its per-channel reference row then leads the plane's data). The
-transformed plane goes into one zstd frame, or is stored as is when zstd does not shrink it. :func:`decode` needs nothing but the blob, returns the exact input bits, and
-raises :class:`CodecError` for anything malformed, truncated or tampered with.
+transformed plane goes into one zstd frame, or is stored as is when zstd does not shrink it.
+:func:`decode` needs nothing but the blob, returns the exact input bits, and raises
+:class:`CodecError` for anything malformed, truncated or tampered with.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ class FP16Codec:
         self.center = center
         self.zstd = zstandard.ZstdCompressor(level=level)
         self._ids = [np.array([PREDICTOR_IDS[p] for p in names], dtype=np.uint8) for names in self.predictors]
+        self._raw_allowed = ["raw" in names for names in self.predictors]
 
     def encode(self, tensor: np.ndarray) -> bytes:
         """Encode an fp16 ``[seq, kv_heads, head_dim]`` tensor into a self-describing blob."""
@@ -150,19 +152,20 @@ class FP16Codec:
         blobs = []
         for t in range(n):
             header = [_FIXED.pack(MAGIC, FORMAT_VERSION, DTYPE_FP16, len(_PLANES), 0, seq, heads, dim,
-                                  self.block_seq, zlib.crc32(words[t]))]
+                                  self.block_seq, _tensor_crc(words[t]))]
             payloads = []
             for p in (2 * t, 2 * t + 1):
                 prefix = references[t].ravel() if p == 2 * t and references[t] is not None else None
                 stage, payload = self._frame(coded[p], prefix)
-                if ids[p].any():  # predictors are chosen on estimates: keep them only if zstd agrees
+                if ids[p].any() and self._raw_allowed[p % 2]:  # estimates chose them: keep them if zstd agrees
                     raw_stage, raw_payload = self._frame(planes[p], prefix)
                     if len(raw_payload) <= len(payload):
                         stage, payload, ids[p] = raw_stage, raw_payload, 0
                 header.append(_PLANE.pack((_CENTERED if prefix is not None else 0) | stage, len(payload)))
                 payloads.append(payload)
             head = b"".join(header) + ids[2 * t:2 * t + 2].tobytes()
-            blobs.append(b"".join([head, _CRC.pack(zlib.crc32(head)), *payloads]))
+            crc = zlib.crc32(payloads[1], zlib.crc32(payloads[0], zlib.crc32(head)))
+            blobs.append(b"".join([head, _CRC.pack(crc), *payloads]))
         return blobs
 
     def _frame(self, plane: np.ndarray, prefix: np.ndarray | None) -> tuple[int, bytes]:
@@ -232,7 +235,7 @@ def _apply(planes: np.ndarray, ids: np.ndarray, block_seq: int, table: dict[str,
     if seq % block_seq:
         spans.append((full * block_seq, seq, ids[:, full:], 1))
     for start, stop, span_ids, n in spans:
-        src = planes[:, start:stop].reshape(planes.shape[0], n, -1, *planes.shape[2:])
+        src = planes[:, start:stop].reshape(planes.shape[0], n, (stop - start) // n, *planes.shape[2:])
         dst = out[:, start:stop].reshape(src.shape)
         for pid in np.unique(span_ids):
             sel = span_ids == pid
@@ -272,7 +275,7 @@ def decode_many(blobs: list[bytes | bytearray | memoryview], *,
     out: list[np.ndarray] = [np.empty(0)] * len(blobs)
     for (shape, block_seq), indices in by_layout.items():
         for i, tensor in zip(indices, _decode_batch([parsed[i] for i in indices], shape, block_seq)):
-            if zlib.crc32(tensor) != parsed[i][1].crc32:
+            if _tensor_crc(tensor) != parsed[i][1].crc32:
                 raise CodecError(f"blob {i}: decoded tensor fails the blob's CRC-32: the payload was altered")
             out[i] = tensor.view("<f2")
     return out
@@ -311,7 +314,8 @@ def inspect(blob: bytes | bytearray | memoryview) -> BlobInfo:
 
 
 def _parse(view: memoryview, where: str = "") -> tuple[BlobInfo, np.ndarray]:
-    """Validate a blob's header; return it with the predictor ids ``uint8 [2, blocks]``."""
+    """Validate a blob's header, CRC and payload sizes (before anything is allocated for it);
+    return the header with the predictor ids ``uint8 [2, blocks]``."""
     if len(view) < _FIXED.size:
         raise CodecError(f"{where}blob truncated: {len(view)} bytes, a header needs at least {_FIXED.size}")
     magic, version, dtype, n_planes, reserved, seq, heads, dim, block_seq, crc = _FIXED.unpack_from(view)
@@ -329,37 +333,51 @@ def _parse(view: memoryview, where: str = "") -> tuple[BlobInfo, np.ndarray]:
     header_bytes = ids_at + len(_PLANES) * blocks + _CRC.size
     if header_bytes > len(view):
         raise CodecError(f"{where}blob truncated: header declares {header_bytes} bytes, blob has {len(view)}")
+    stages = [_PLANE.unpack_from(view, _FIXED.size + i * _PLANE.size) for i in range(len(_PLANES))]
+    if header_bytes + sum(length for _, length in stages) != len(view):
+        raise CodecError(f"{where}blob is {len(view)} bytes, header and payloads declare "
+                         f"{header_bytes + sum(length for _, length in stages)}")
     crc_at = header_bytes - _CRC.size
-    if zlib.crc32(view[:crc_at]) != _CRC.unpack_from(view, crc_at)[0]:
-        raise CodecError(f"{where}header CRC-32 mismatch: the header was altered")
+    if zlib.crc32(view[header_bytes:], zlib.crc32(view[:crc_at])) != _CRC.unpack_from(view, crc_at)[0]:
+        raise CodecError(f"{where}blob CRC-32 mismatch: the blob was altered")
     raw_ids = bytes(view[ids_at:crc_at])
     if raw_ids and max(raw_ids) >= len(PREDICTORS):
         raise CodecError(f"{where}bad header: unknown predictor id {max(raw_ids)}")
     planes = []
-    for i, name in enumerate(_PLANES):
-        flags, length = _PLANE.unpack_from(view, _FIXED.size + i * _PLANE.size)
+    offset = header_bytes
+    for i, (name, (flags, length)) in enumerate(zip(_PLANES, stages)):
         if flags & ~(ZSTD | _CENTERED) or (flags & _CENTERED and (name != "hi" or seq < 2)):
             raise CodecError(f"{where}bad header: {name} plane flags {flags:#x}")
+        size = (seq + (1 if flags & _CENTERED else 0)) * heads * dim
+        _check_payload(view[offset:offset + length], bool(flags & ZSTD), size, f"{where}{name} plane: ")
+        offset += length
         planes.append(PlaneInfo("zstd" if flags & ZSTD else "stored", bool(flags & _CENTERED), length,
                                 tuple(PREDICTORS[pid] for pid in raw_ids[i * blocks:(i + 1) * blocks])))
-    payload_bytes = planes[0].payload_bytes + planes[1].payload_bytes
-    if header_bytes + payload_bytes != len(view):
-        raise CodecError(f"{where}blob is {len(view)} bytes, header and payloads declare "
-                         f"{header_bytes + payload_bytes}")
     info = BlobInfo(version, (seq, heads, dim), block_seq, crc, header_bytes, planes[0], planes[1])
     return info, np.frombuffer(raw_ids, dtype=np.uint8).reshape(len(_PLANES), blocks)
 
 
-def _decode_plane(payload: memoryview, entropy: str, size: int) -> np.ndarray:
-    if entropy == "stored":
+def _check_payload(payload: memoryview, zstd: bool, size: int, where: str) -> None:
+    """Whether a payload can hold a ``size``-byte plane, without decoding it."""
+    if not zstd:
         if len(payload) != size:
-            raise CodecError(f"stored plane is {len(payload)} bytes, expected {size}")
-        return np.frombuffer(payload, dtype=np.uint8)
+            raise CodecError(f"{where}stored payload is {len(payload)} bytes, expected {size}")
+        return
     if size > len(payload) * _ZSTD_MAX_EXPANSION:
-        raise CodecError(f"a {len(payload)}-byte zstd payload cannot hold a {size}-byte plane")
+        raise CodecError(f"{where}a {len(payload)}-byte zstd payload cannot hold {size} bytes")
     try:
-        if zstandard.frame_content_size(payload) != size:
-            raise CodecError(f"zstd frame does not declare the expected {size}-byte plane")
+        declared = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError as exc:
+        raise CodecError(f"{where}corrupt zstd frame header: {exc}") from None
+    if declared != size:
+        raise CodecError(f"{where}zstd frame declares {declared} bytes, expected {size}")
+
+
+def _decode_plane(payload: memoryview, entropy: str, size: int) -> np.ndarray:
+    """The plane bytes of a payload already checked by :func:`_check_payload`."""
+    if entropy == "stored":
+        return np.frombuffer(payload, dtype=np.uint8)
+    try:
         dctx = _DCTX.decompressobj()
         data = dctx.decompress(payload)
     except zstandard.ZstdError as exc:
@@ -367,6 +385,11 @@ def _decode_plane(payload: memoryview, entropy: str, size: int) -> np.ndarray:
     if len(data) != size or not dctx.eof or dctx.unused_data:
         raise CodecError(f"zstd payload decoded to {len(data)} bytes (expected {size}) or left trailing bytes")
     return np.frombuffer(data, dtype=np.uint8)
+
+
+def _tensor_crc(words: np.ndarray) -> int:
+    """CRC-32 of a tensor's shape and little-endian bytes."""
+    return zlib.crc32(words, zlib.crc32(struct.pack("<III", *words.shape)))
 
 
 _DCTX = zstandard.ZstdDecompressor()

@@ -144,7 +144,7 @@ def read_npz(path: Path) -> DumpEntry:
     if k.shape != v.shape or k.ndim != 3 or 0 in k.shape:
         raise DumpError(f"{path}: 'k' and 'v' must share a non-empty [seq, kv_heads, head_dim] shape, "
                         f"got {k.shape} and {v.shape}")
-    if k.dtype not in (np.float16, np.float32) or v.dtype != k.dtype:
+    if k.dtype.kind != "f" or k.dtype.itemsize not in _DTYPES or v.dtype != k.dtype:
         raise DumpError(f"{path}: 'k' and 'v' must be float16 or float32, got {k.dtype} and {v.dtype}")
     layer_id = extra.get("layer_id")
     if layer_id is None:

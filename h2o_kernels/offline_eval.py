@@ -156,7 +156,7 @@ def evaluate(dump_dir: Path, options: EvalOptions, progress: Progress | None = N
     for index, group in enumerate(groups):
         try:
             outcome = _code_group(group, codecs, options, timing)
-        except (CodecError, DumpError, ValueError, TypeError) as exc:
+        except (CodecError, DumpError, ValueError, TypeError, MemoryError) as exc:
             selection.skip(_reason(exc), group.entries[0].source, str(exc))
             outcome = None
         if outcome is not None:
@@ -253,7 +253,7 @@ def _groups(entries: list[DumpEntry], options: EvalOptions) -> Iterator[_Group]:
             yield _Group([entry], lambda e=entry: _chunks([e], chunk, framing))
         return
     grouped: dict[tuple, list[DumpEntry]] = {}
-    for order, entry in enumerate(entries):
+    for entry in entries:
         key = (entry.run_id or "__no_run_id__", entry.layer_id, entry.kv_heads, entry.head_dim)
         if options.aggregate_by_stage:
             key += (entry.stage,)

@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _add_offline(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dump-dir", required=True, type=Path, help="directory with meta_*.json (+ K/V files) or .npz dumps")
+    p.add_argument("--dump-dir", required=True, type=Path,
+                   help="directory with meta_*.json (+ K/V files) or .npz dumps")
     p.add_argument("--out-json", required=True, type=Path, help="where to write the JSON report")
     p.add_argument("--out-md", default="", help="optional markdown summary path")
     p.add_argument("--overwrite", action="store_true", help="allow overwriting --out-json/--out-md")

@@ -1,0 +1,244 @@
+"""``h2o-gate offline``: in process via ``main([...])`` and as the installed console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from h2o_test_helpers import write_standard_dump
+
+from h2o_kernels.offline_eval import EvalOptions, evaluate
+from pytest_h2o.cli import main
+
+ORIGINAL_OPTIONS = (
+    "--dump-dir", "--out-json", "--out-md", "--overwrite", "--stage", "--scope", "--front-n", "--layer-start",
+    "--layer-end", "--layer-ids", "--zstd-level", "--strict-fp16", "--min-seq-len", "--max-seq-len",
+    "--entry-mode", "--online-chunk-seq", "--online-framing-bytes", "--aggregate-by-stage",
+    "--adaptive-block-seq", "--k-hi-predictors", "--k-lo-predictors", "--v-hi-predictors", "--v-lo-predictors",
+)
+
+
+@pytest.fixture(scope="module")
+def dump_dir(tmp_path_factory) -> Path:
+    return write_standard_dump(tmp_path_factory.mktemp("cli-dump"))
+
+
+def offline(dump_dir: Path, out_json: Path, *extra: str) -> int:
+    return main(["offline", "--dump-dir", str(dump_dir), "--out-json", str(out_json), *extra])
+
+
+def usage_error(capsys, argv: list[str]) -> str:
+    """Run main, expect argparse's exit status 2, return stderr."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_writes_the_json_report(dump_dir, tmp_path, capsys):
+    out = tmp_path / "nested" / "report.json"
+    assert offline(dump_dir, out, "--entry-mode", "aggregate", "--front-n", "3") == 0
+    result = json.loads(out.read_text())
+    direct = evaluate(dump_dir, EvalOptions(entry_mode="aggregate", front_n=3))
+    for key in ("raw_bytes", "compressed_bytes", "k_compressed_bytes", "v_compressed_bytes",
+                "weighted_lossless_ratio", "selected_layers", "per_layer", "aggregate_groups"):
+        assert result[key] == direct[key], key
+    assert result["roundtrip_verified"] is True
+    stdout = capsys.readouterr().out
+    assert "[h2o-gate offline]" in stdout and "ratio=" in stdout
+    assert str(out) in stdout
+    assert not (tmp_path / "nested" / "report.md").exists()
+
+
+def test_options_reach_the_evaluator(dump_dir, tmp_path):
+    out = tmp_path / "r.json"
+    argv = ["--stage", "prefill", "--scope", "layer_ids", "--layer-ids", "3, 1", "--zstd-level", "5",
+            "--entry-mode", "chunked", "--online-chunk-seq", "10", "--online-framing-bytes", "8",
+            "--adaptive-block-seq", "16", "--k-hi-predictors", "raw,delta_seq", "--v-lo-predictors", "xor_seq",
+            "--predictor-choice", "exhaustive", "--plain-baseline", "--min-seq-len", "25", "--max-seq-len", "40"]
+    assert offline(dump_dir, out, *argv) == 0
+    result = json.loads(out.read_text())
+    direct = evaluate(dump_dir, EvalOptions(
+        stage="prefill", scope="layer_ids", layer_ids=(3, 1), zstd_level=5, entry_mode="chunked",
+        online_chunk_seq=10, online_framing_bytes=8, adaptive_block_seq=16, k_hi_predictors="raw,delta_seq",
+        v_lo_predictors="xor_seq", predictor_choice="exhaustive", plain_baseline=True, min_seq_len=25,
+        max_seq_len=40))
+    assert result["layer_ids"] == [1, 3] and result["selected_layers"] == [1, 3]
+    assert result["k_hi_predictors"] == ["raw", "delta_seq"] and result["v_lo_predictors"] == ["xor_seq"]
+    for key in ("compressed_bytes", "raw_bytes", "plain_zstd_ratio", "online_chunks", "k_chunk_meta_bytes",
+                "codec_mode", "zstd_level", "adaptive_block_seq", "selected_entries"):
+        assert result[key] == direct[key], key
+
+
+def test_layer_range_and_strict_fp16_flags(dump_dir, tmp_path):
+    out = tmp_path / "r.json"
+    assert offline(dump_dir, out, "--scope", "layer_range", "--layer-start", "1", "--layer-end", "2",
+                   "--strict-fp16", "--aggregate-by-stage", "--entry-mode", "aggregate") == 0
+    result = json.loads(out.read_text())
+    assert result["selected_layers"] == [1, 2]
+    assert result["aggregate_by_stage"] is True and result["aggregate_groups"] == 4
+
+
+def test_writes_markdown_with_out_md(dump_dir, tmp_path):
+    out, md = tmp_path / "r.json", tmp_path / "md" / "r.md"
+    assert offline(dump_dir, out, "--out-md", str(md), "--plain-baseline") == 0
+    text = md.read_text()
+    result = json.loads(out.read_text())
+    assert text.startswith("# H2O Offline Lossless Summary")
+    assert f"{result['weighted_lossless_ratio']:.4f}" in text
+    assert "Plain split planes + zstd" in text
+    assert "| 0 |" in text and "| 1 |" in text  # per-layer rows
+
+
+@pytest.mark.parametrize("which", ["json", "md"])
+def test_refuses_to_overwrite_without_flag(dump_dir, tmp_path, capsys, which):
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    existing = out if which == "json" else md
+    existing.write_text("keep me")
+    err = usage_error(capsys, ["offline", "--dump-dir", str(dump_dir), "--out-json", str(out), "--out-md", str(md)])
+    assert "already exists" in err and str(existing) in err and "--overwrite" in err
+    assert existing.read_text() == "keep me"
+    assert offline(dump_dir, out, "--out-md", str(md), "--overwrite") == 0
+    assert json.loads(out.read_text())["selected_entries"] == 4
+    assert md.read_text().startswith("# H2O")
+
+
+@pytest.mark.parametrize("value", ["1,x", "one", "1;2", "1.5"])
+def test_bad_layer_ids(dump_dir, tmp_path, capsys, value):
+    err = usage_error(capsys, ["offline", "--dump-dir", str(dump_dir), "--out-json", str(tmp_path / "r.json"),
+                               "--scope", "layer_ids", "--layer-ids", value])
+    assert "--layer-ids" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_empty_layer_ids_with_layer_ids_scope(dump_dir, tmp_path, capsys):
+    err = usage_error(capsys, ["offline", "--dump-dir", str(dump_dir), "--out-json", str(tmp_path / "r.json"),
+                               "--scope", "layer_ids"])
+    assert "--layer-ids" in err
+
+
+@pytest.mark.parametrize("option", ["--k-hi-predictors", "--k-lo-predictors", "--v-hi-predictors",
+                                    "--v-lo-predictors"])
+def test_bad_predictor_name_names_the_option(dump_dir, tmp_path, capsys, option):
+    err = usage_error(capsys, ["offline", "--dump-dir", str(dump_dir), "--out-json", str(tmp_path / "r.json"),
+                               option, "raw,delta_sequence"])
+    assert option in err and "delta_sequence" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--entry-mode", "streaming"], "--entry-mode"),
+    (["--stage", "generate"], "--stage"),
+    (["--scope", "everything"], "--scope"),
+    (["--front-n", "two"], "--front-n"),
+    (["--front-n", "0"], "--front-n"),
+    (["--adaptive-block-seq", "0"], "--adaptive-block-seq"),
+    (["--online-framing-bytes", "-1"], "--online-framing-bytes"),
+    (["--predictor-choice", "best"], "--predictor-choice"),
+])
+def test_other_usage_errors(dump_dir, tmp_path, capsys, argv, fragment):
+    err = usage_error(capsys, ["offline", "--dump-dir", str(dump_dir), "--out-json", str(tmp_path / "r.json"),
+                               *argv])
+    assert fragment in err
+
+
+@pytest.mark.parametrize("missing", ["--dump-dir", "--out-json"])
+def test_required_options(dump_dir, tmp_path, capsys, missing):
+    argv = {"--dump-dir": str(dump_dir), "--out-json": str(tmp_path / "r.json")}
+    del argv[missing]
+    err = usage_error(capsys, ["offline", *[x for kv in argv.items() for x in kv]])
+    assert missing in err
+
+
+def test_no_subcommand_is_a_usage_error(capsys):
+    usage_error(capsys, [])
+    usage_error(capsys, ["no-such-command"])
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--scope", "layer_ids", "--layer-ids", "42"], "layer_ids"),
+    (["--stage", "decode", "--min-seq-len", "100"], "--min-seq-len"),
+])
+def test_empty_selection_exits_1_with_a_message(dump_dir, tmp_path, capsys, argv, fragment):
+    out = tmp_path / "r.json"
+    assert offline(dump_dir, out, *argv) == 1
+    err = capsys.readouterr().err
+    assert "no entries selected" in err and fragment in err
+    assert not out.exists()
+
+
+def test_empty_directory_exits_1(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert offline(tmp_path / "empty", tmp_path / "r.json") == 1
+    assert "no meta_" in capsys.readouterr().err
+
+
+def test_skipped_entries_are_reported_on_stderr(dump_dir, tmp_path, capsys):
+    work = Path(shutil.copytree(dump_dir, tmp_path / "dump"))
+    for i in range(7):
+        (work / f"meta_broken{i}.json").write_text("{")
+    assert offline(work, tmp_path / "r.json") == 0
+    err = capsys.readouterr().err
+    assert err.count("skipped meta_parse_error") == 5 and "2 more skipped" in err
+    assert json.loads((tmp_path / "r.json").read_text())["skip_reasons"] == {"meta_parse_error": 7}
+    assert offline(work, tmp_path / "r2.json", "--verbose") == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("skipped meta_parse_error") == 7
+    assert "layer 0:" in captured.out and "layer 1:" in captured.out
+
+
+def test_help_lists_the_original_options(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["offline", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ORIGINAL_OPTIONS:
+        assert option in text, option
+
+
+# --- the installed console script ----------------------------------------------------------------
+
+
+def _script() -> str:
+    path = Path(sys.executable).with_name("h2o-gate")
+    found = str(path) if path.exists() else shutil.which("h2o-gate")
+    if not found:
+        pytest.fail("the h2o-gate console script is not installed next to this interpreter or on PATH")
+    return found
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([_script(), *args], capture_output=True, text=True, timeout=300, env=env, check=False)
+
+
+def test_console_script_runs_offline(dump_dir, tmp_path):
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    proc = run_script("offline", "--dump-dir", str(dump_dir), "--out-json", str(out), "--out-md", str(md),
+                      "--entry-mode", "chunked_grouped", "--online-chunk-seq", "16")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["entry_mode"] == "chunked_grouped" and result["roundtrip_verified"] is True
+    assert md.exists()
+    assert "[h2o-gate offline]" in proc.stdout
+    again = run_script("offline", "--dump-dir", str(dump_dir), "--out-json", str(out))
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_console_script_help_and_errors(dump_dir, tmp_path):
+    help_proc = run_script("offline", "--help")
+    assert help_proc.returncode == 0
+    for option in ORIGINAL_OPTIONS:
+        assert option in help_proc.stdout, option
+    bad = run_script("offline", "--dump-dir", str(dump_dir), "--out-json", str(tmp_path / "r.json"),
+                     "--v-hi-predictors", "bogus")
+    assert bad.returncode == 2 and "--v-hi-predictors" in bad.stderr
+    empty = run_script("offline", "--dump-dir", str(dump_dir), "--out-json", str(tmp_path / "r.json"),
+                       "--scope", "layer_ids", "--layer-ids", "99")
+    assert empty.returncode == 1 and "no entries selected" in empty.stderr
+    assert not (tmp_path / "r.json").exists()

@@ -1,0 +1,59 @@
+"""The pytest11 plugin: loads through its entry point and names itself in the report header."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+import pytest
+
+import pytest_h2o
+from h2o_kernels.codec import CODEC_NAME, FORMAT_VERSION
+
+HEADER = f"pytest-h2o {pytest_h2o.__version__}, codec {CODEC_NAME} v{FORMAT_VERSION}"
+
+
+def test_entry_point_is_registered():
+    eps = [ep for ep in entry_points(group="pytest11") if ep.name == "h2o"]
+    assert len(eps) == 1
+    assert eps[0].value == "pytest_h2o.plugin"
+    assert eps[0].load().pytest_report_header is not None
+
+
+def test_plugin_is_active_in_this_session(request):
+    assert request.config.pluginmanager.has_plugin("h2o")
+
+
+def test_header_line_appears(pytester: pytest.Pytester):
+    pytester.makepyfile("def test_ok():\n    assert True\n")
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([HEADER])
+
+
+def test_plugin_is_loaded_from_the_entry_point(pytester: pytest.Pytester):
+    pytester.makepyfile(
+        "def test_loaded(request):\n"
+        "    plugin = request.config.pluginmanager.get_plugin('h2o')\n"
+        "    assert plugin is not None and plugin.__name__ == 'pytest_h2o.plugin'\n"
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([HEADER])
+
+
+def test_disabling_the_plugin_removes_the_header(pytester: pytest.Pytester):
+    pytester.makepyfile("def test_ok(request):\n    assert not request.config.pluginmanager.has_plugin('h2o')\n")
+    result = pytester.runpytest("-p", "no:h2o")
+    result.assert_outcomes(passed=1)
+    result.stdout.no_fnmatch_line("pytest-h2o *")
+
+
+def test_no_autoload_without_explicit_plugin(pytester: pytest.Pytester, monkeypatch):
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    pytester.makepyfile("def test_ok():\n    pass\n")
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1)
+    result.stdout.no_fnmatch_line("pytest-h2o *")
+    explicit = pytester.runpytest_subprocess("-p", "pytest_h2o.plugin")
+    explicit.assert_outcomes(passed=1)
+    explicit.stdout.fnmatch_lines([HEADER])
