@@ -1,9 +1,10 @@
 """Benchmark data: realistic KV blocks, from real dumps when ``H2O_BENCH_KV_DIR`` names some.
 
 ``H2O_BENCH_KV_DIR`` may point at a directory of ``meta_*.json`` (+ K/V files) or ``.npz`` dumps, e.g.
-one written by ``tools/dump_real_kv.py``. Entries of one run x layer are joined along seq in
-``seq_start`` order and the first layer with enough tokens gives each block; without real data (or
-not enough of it) the blocks are synthetic: fp16 Gaussians with per-channel log-normal scales.
+one written by ``h2o-gate kv-dump``. Entries of one run x layer are joined along seq in ``seq_start``
+order and the middle layer with enough tokens (a typical deep layer, not the atypical layer 0) gives
+each block; without real data (or not enough of it) the blocks are synthetic: fp16 Gaussians with
+per-channel log-normal scales.
 """
 
 from __future__ import annotations
@@ -56,11 +57,10 @@ def kv_block():
     def get(seq: int, kind: str) -> tuple[np.ndarray, str]:
         if (seq, kind) not in cache:
             cache[(seq, kind)] = (synthetic_block(kind, seq), "synthetic")
-            for name, k, v in streams:
-                tensor = k if kind == "K" else v
-                if tensor.shape[0] >= seq:
-                    cache[(seq, kind)] = (np.ascontiguousarray(tensor[:seq]), name)
-                    break
+            usable = [(name, k if kind == "K" else v) for name, k, v in streams if k.shape[0] >= seq]
+            if usable:
+                name, tensor = usable[len(usable) // 2]
+                cache[(seq, kind)] = (np.ascontiguousarray(tensor[:seq]), name)
         return cache[(seq, kind)]
 
     return get

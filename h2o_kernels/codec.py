@@ -9,11 +9,11 @@ One tensor ``[seq, kv_heads, head_dim]`` of little-endian fp16 becomes one blob:
     6      1     plane count (2: hi byte plane, then lo byte plane)
     7      1     reserved, 0
     8      16    seq, kv_heads, head_dim, block_seq (u32 little-endian each)
-    24     4     CRC-32 of the tensor: its shape (3 x u32) then its little-endian bytes
+    24     4     tensor check: low 32 bits of XXH3-64 over its shape (3 x u32) then its bytes
     28     5x2   per plane: flags (bit 0 zstd frame, else stored; bit 1 channel-centered), payload
                  length (u32)
     38     2xB   per plane, per block of ``block_seq`` tokens: the predictor id (see ``PREDICTORS``)
-    38+2B  4     CRC-32 of the header bytes before it, then of the payloads
+    38+2B  4     blob check: low 32 bits of XXH3-64 over the header bytes before it, then the payloads
     ...          payloads, hi then lo
 
 Each plane is cut along seq into blocks; each block gets its own predictor, chosen by a fast
@@ -28,11 +28,11 @@ transformed plane goes into one zstd frame, or is stored as is when zstd does no
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import xxhash
 import zstandard
 
 from .estimate import centering_pays, predictor_plan, sample_rows
@@ -48,7 +48,7 @@ DEFAULT_MAX_OUTPUT_BYTES = 1 << 31
 _ZSTD_MAX_EXPANSION = 1 << 15
 _FIXED = struct.Struct("<4sBBBBIIIII")
 _PLANE = struct.Struct("<BI")
-_CRC = struct.Struct("<I")
+_CHECK = struct.Struct("<I")
 _PLANES = ("hi", "lo")
 # Estimator sampling per plane kind: rows per block, and how much better than raw a predictor must
 # look to be chosen (the estimates are noisy). Hi planes carry the structure; lo planes are mantissa
@@ -70,7 +70,12 @@ class PlaneInfo:
     entropy: Literal["stored", "zstd"]
     centered: bool
     payload_bytes: int
-    predictors: tuple[str, ...]
+    predictor_ids: bytes
+
+    @property
+    def predictors(self) -> tuple[str, ...]:
+        """The predictor of each block, by name."""
+        return tuple(PREDICTORS[pid] for pid in self.predictor_ids)
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,7 @@ class BlobInfo:
     version: int
     shape: tuple[int, int, int]
     block_seq: int
-    crc32: int
+    check: int
     header_bytes: int
     hi: PlaneInfo
     lo: PlaneInfo
@@ -143,84 +148,107 @@ class FP16Codec:
     def _encode_batch(self, words: np.ndarray) -> list[bytes]:
         """Blobs for ``words`` shaped ``[n, seq, heads, dim]`` (uint16)."""
         n, seq, heads, dim = words.shape
-        planes = np.empty((2 * n, seq, heads, dim), dtype=np.uint8)
-        np.right_shift(words, 8, out=planes[0::2], casting="unsafe")
-        planes[1::2] = words
-        references = self._center_hi(planes) if self.center else [None] * n
+        planes = np.empty((2, n, seq, heads, dim), dtype=np.uint8)  # hi planes, then lo planes
+        np.right_shift(words, 8, out=planes[0], casting="unsafe")
+        planes[1] = words
+        references = self._center_hi(planes[0]) if self.center else [None] * n
         ids = self._choose(planes)
-        coded = _apply(planes, ids, self.block_seq, FORWARD)
+        flat_ids = ids.reshape(2 * n, -1)
+        coded = _apply(planes.reshape(2 * n, seq, heads, dim), flat_ids, self.block_seq, FORWARD).reshape(planes.shape)
         blobs = []
         for t in range(n):
             header = [_FIXED.pack(MAGIC, FORMAT_VERSION, DTYPE_FP16, len(_PLANES), 0, seq, heads, dim,
-                                  self.block_seq, _tensor_crc(words[t]))]
+                                  self.block_seq, _tensor_check(words[t]))]
             payloads = []
-            for p in (2 * t, 2 * t + 1):
-                prefix = references[t].ravel() if p == 2 * t and references[t] is not None else None
-                stage, payload = self._frame(coded[p], prefix)
-                if ids[p].any() and self._raw_allowed[p % 2]:  # estimates chose them: keep them if zstd agrees
-                    raw_stage, raw_payload = self._frame(planes[p], prefix)
+            for kind in range(len(_PLANES)):
+                prefix = references[t] if kind == 0 else None
+                stage, payload = self._frame(coded[kind, t], prefix)
+                if ids[kind, t].any() and self._raw_allowed[kind]:  # estimates chose them: keep them if zstd agrees
+                    raw_stage, raw_payload = self._frame(planes[kind, t], prefix)
                     if len(raw_payload) <= len(payload):
-                        stage, payload, ids[p] = raw_stage, raw_payload, 0
+                        stage, payload, ids[kind, t] = raw_stage, raw_payload, 0
                 header.append(_PLANE.pack((_CENTERED if prefix is not None else 0) | stage, len(payload)))
                 payloads.append(payload)
-            head = b"".join(header) + ids[2 * t:2 * t + 2].tobytes()
-            crc = zlib.crc32(payloads[1], zlib.crc32(payloads[0], zlib.crc32(head)))
-            blobs.append(b"".join([head, _CRC.pack(crc), *payloads]))
+            head = b"".join(header) + ids[:, t].tobytes()
+            blobs.append(b"".join([head, _CHECK.pack(_check32(head, *payloads)), *payloads]))
         return blobs
 
     def _frame(self, plane: np.ndarray, prefix: np.ndarray | None) -> tuple[int, bytes]:
         """``(ZSTD, frame)`` for ``prefix + plane``, or ``(0, raw bytes)`` where zstd does not shrink it."""
-        data = plane.ravel() if prefix is None else np.concatenate([prefix, plane.ravel()])
+        data = plane.ravel() if prefix is None else np.concatenate([prefix.ravel(), plane.ravel()])
         frame = self.zstd.compress(data)
         return (ZSTD, frame) if len(frame) < data.nbytes else (0, data.tobytes())
 
-    def _center_hi(self, planes: np.ndarray) -> list[np.ndarray | None]:
-        """Channel-center each hi plane in place where the estimate says it pays.
+    def _center_hi(self, hi: np.ndarray) -> list[np.ndarray | None]:
+        """Channel-center the hi planes (``[n, seq, heads, dim]``) in place where the estimate says it
+        pays; return each tensor's reference row (``[heads, dim]``), or None where it was not centered.
 
         The hi byte (sign, exponent, top mantissa bits) is rotated left by one bit so that +x and -x
         sit next to each other, then each channel's rounded mean over the tensor is subtracted:
         order-0 coding then sees one distribution instead of a mixture of per-channel ones.
-        Returns each tensor's reference row (``[heads, dim]``), or None where it was not centered.
         """
-        hi = planes[0::2]
         n, seq = hi.shape[:2]
         if seq < 2 or hi[0, 0].size == 0:
             return [None] * n
         rows = sample_rows(seq, self.block_seq, _SAMPLING[0][0])[0]
-        pays = centering_pays(hi, _rotl(hi[:, rows]), rows, _CENTER_MARGIN)
+        pays = np.flatnonzero(centering_pays(hi, _rotl(hi[:, rows]), rows, _CENTER_MARGIN))
+        if len(pays) == 0:
+            return [None] * n
+        chosen = hi[pays] if len(pays) < n else hi  # rotate in place, then subtract the means
+        low_bit = chosen >> 7
+        chosen <<= 1
+        chosen |= low_bit
+        sums = np.add.reduce(chosen, axis=1, dtype=np.uint16 if seq <= 257 else np.uint32)
+        reference = ((sums + seq // 2) // seq).astype(np.uint8)
+        chosen -= reference[:, None]
+        if len(pays) < n:
+            hi[pays] = chosen
         references: list[np.ndarray | None] = [None] * n
-        for t in np.flatnonzero(pays):
-            rotated = _rotl(hi[t])
-            sums = np.add.reduce(rotated, axis=0, dtype=np.uint16 if seq <= 257 else np.uint32)
-            references[t] = ((sums + seq // 2) // seq).astype(np.uint8)
-            np.subtract(rotated, references[t], out=planes[2 * t])
+        for i, t in enumerate(pays):
+            references[t] = reference[i]
         return references
 
     def _choose(self, planes: np.ndarray) -> np.ndarray:
-        """Predictor id per plane and block: ``uint8 [planes, blocks]`` (planes alternate hi, lo)."""
-        blocks = -(-planes.shape[1] // self.block_seq)
-        ids = np.zeros((planes.shape[0], blocks), dtype=np.uint8)
-        for kind, names in enumerate(self.predictors):
-            kind_planes = planes[kind::2]
-            if len(names) == 1 or kind_planes.size == 0:
-                choice = np.zeros((len(kind_planes), blocks), dtype=np.intp)
-            elif self.choose == "exhaustive":
-                choice = np.array([[np.argmin([len(self.zstd.compress(FORWARD[c](plane[b:b + self.block_seq])))
-                                               for c in names]) for b in range(0, plane.shape[0], self.block_seq)]
-                                   for plane in kind_planes], dtype=np.intp).reshape(len(kind_planes), blocks)
-            else:
-                rows, margin = _SAMPLING[kind]
-                choice = predictor_plan(kind_planes, names, self.block_seq, rows, margin)
-            ids[kind::2] = self._ids[kind][choice]
-        return ids
+        """Predictor id per plane kind, tensor and block: ``uint8 [2, n, blocks]``."""
+        kinds, n, seq = planes.shape[:3]
+        blocks = -(-seq // self.block_seq)
+        if planes.size == 0:
+            return np.repeat(np.stack([ids[:1] for ids in self._ids])[:, None], n * blocks, axis=1).reshape(
+                kinds, n, blocks)
+        if self.choose == "exhaustive":
+            choice = np.array([[[np.argmin([len(self.zstd.compress(FORWARD[c](plane[b:b + self.block_seq])))
+                                            for c in names]) for b in range(0, seq, self.block_seq)]
+                                for plane in planes[kind]] for kind, names in enumerate(self.predictors)],
+                              dtype=np.intp).reshape(kinds, n, blocks)
+        else:
+            choice = self._estimate_choice(planes)
+        return np.stack([self._ids[kind][choice[kind]] for kind in range(kinds)])
+
+    def _estimate_choice(self, planes: np.ndarray) -> np.ndarray:
+        """Index into each kind's predictor set: a one-row-per-block screen of both kinds at once
+        (where their sets agree), then the full estimate where the screen finds a gain."""
+        kinds, n, seq = planes.shape[:3]
+        margins = np.repeat([margin for _, margin in _SAMPLING], n)
+        flat = planes.reshape(kinds * n, *planes.shape[2:])
+        if self.predictors[0] == self.predictors[1]:
+            choice = predictor_plan(flat, self.predictors[0], self.block_seq, 1, margins).reshape(kinds, n, -1)
+        else:
+            choice = np.stack([predictor_plan(planes[kind], names, self.block_seq, 1, margins[kind * n:][:n])
+                               for kind, names in enumerate(self.predictors)])
+        for kind, (rows, margin) in enumerate(_SAMPLING):
+            names = self.predictors[kind]
+            if rows == 1 or len(names) == 1:
+                continue
+            refine = (self._ids[kind][choice[kind]] != 0).any(axis=1) if self._raw_allowed[kind] else slice(None)
+            if np.any(refine):
+                chosen = planes[kind][refine]
+                choice[kind][refine] = predictor_plan(chosen, names, self.block_seq, rows,
+                                                      np.full(len(chosen), margin))
+        return choice
 
 
 def _rotl(x: np.ndarray) -> np.ndarray:
     return (x << 1) | (x >> 7)
-
-
-def _rotr(x: np.ndarray) -> np.ndarray:
-    return (x >> 1) | (x << 7)
 
 
 def _apply(planes: np.ndarray, ids: np.ndarray, block_seq: int, table: dict[str, Transform]) -> np.ndarray:
@@ -275,50 +303,55 @@ def decode_many(blobs: list[bytes | bytearray | memoryview], *,
     out: list[np.ndarray] = [np.empty(0)] * len(blobs)
     for (shape, block_seq), indices in by_layout.items():
         for i, tensor in zip(indices, _decode_batch([parsed[i] for i in indices], shape, block_seq)):
-            if _tensor_crc(tensor) != parsed[i][1].crc32:
-                raise CodecError(f"blob {i}: decoded tensor fails the blob's CRC-32: the payload was altered")
+            if _tensor_check(tensor) != parsed[i][1].check:
+                raise CodecError(f"blob {i}: decoded tensor fails the blob's tensor check: the payload was altered")
             out[i] = tensor.view("<f2")
     return out
 
 
 def _decode_batch(items: list[tuple[memoryview, BlobInfo, np.ndarray]], shape: tuple[int, int, int],
                   block_seq: int) -> np.ndarray:
-    """Decode blobs of one shape into ``uint16 [n, seq, heads, dim]`` (CRC not yet checked)."""
+    """Decode blobs of one shape into ``uint16 [n, seq, heads, dim]`` (tensor check not yet verified)."""
     n = len(items)
-    planes = np.empty((2 * n, *shape), dtype=np.uint8)
+    planes = np.empty((len(_PLANES), n, *shape), dtype=np.uint8)
     channels = shape[1] * shape[2]
     centered = []
     for t, (view, info, _) in enumerate(items):
         offset = info.header_bytes
-        for p, plane_info in enumerate((info.hi, info.lo)):
+        for kind, plane_info in enumerate((info.hi, info.lo)):
             extra = channels if plane_info.centered else 0
             data = _decode_plane(view[offset:offset + plane_info.payload_bytes], plane_info.entropy,
-                                 extra + planes[2 * t + p].size)
+                                 extra + planes[kind, t].size)
             offset += plane_info.payload_bytes
-            planes[2 * t + p].reshape(-1)[:] = data[extra:]
+            planes[kind, t].reshape(-1)[:] = data[extra:]
             if extra:
                 centered.append((t, data[:extra].reshape(shape[1:])))
-    ids = np.concatenate([item[2] for item in items]) if n > 1 else items[0][2]
-    planes = _apply(planes, ids, block_seq, INVERSE)
+    ids = np.stack([item[2] for item in items], axis=1)  # [2, n, blocks]
+    planes = _apply(planes.reshape(len(_PLANES) * n, *shape), ids.reshape(len(_PLANES) * n, -1), block_seq,
+                    INVERSE).reshape(planes.shape)
     for t, reference in centered:
-        planes[2 * t] = _rotr(planes[2 * t] + reference)
-    words = planes[0::2].astype("<u2")
+        hi = planes[0, t]
+        hi += reference
+        low_bit = hi << 7
+        hi >>= 1
+        hi |= low_bit
+    words = planes[0].astype("<u2")
     words <<= 8
-    words |= planes[1::2]
+    words |= planes[1]
     return words
 
 
 def inspect(blob: bytes | bytearray | memoryview) -> BlobInfo:
-    """Parse and validate a blob's header (CRC included) without decoding its payloads."""
+    """Parse and validate a blob (header, blob check, payload sizes) without decoding its payloads."""
     return _parse(memoryview(blob).cast("B"))[0]
 
 
 def _parse(view: memoryview, where: str = "") -> tuple[BlobInfo, np.ndarray]:
-    """Validate a blob's header, CRC and payload sizes (before anything is allocated for it);
+    """Validate a blob's header, blob check and payload sizes (before anything is allocated for it);
     return the header with the predictor ids ``uint8 [2, blocks]``."""
     if len(view) < _FIXED.size:
         raise CodecError(f"{where}blob truncated: {len(view)} bytes, a header needs at least {_FIXED.size}")
-    magic, version, dtype, n_planes, reserved, seq, heads, dim, block_seq, crc = _FIXED.unpack_from(view)
+    magic, version, dtype, n_planes, reserved, seq, heads, dim, block_seq, check = _FIXED.unpack_from(view)
     if magic != MAGIC:
         raise CodecError(f"{where}not an {CODEC_NAME} blob: magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != FORMAT_VERSION:
@@ -330,17 +363,17 @@ def _parse(view: memoryview, where: str = "") -> tuple[BlobInfo, np.ndarray]:
         raise CodecError(f"{where}bad header: block_seq is 0")
     blocks = -(-seq // block_seq)
     ids_at = _FIXED.size + len(_PLANES) * _PLANE.size
-    header_bytes = ids_at + len(_PLANES) * blocks + _CRC.size
+    header_bytes = ids_at + len(_PLANES) * blocks + _CHECK.size
     if header_bytes > len(view):
         raise CodecError(f"{where}blob truncated: header declares {header_bytes} bytes, blob has {len(view)}")
     stages = [_PLANE.unpack_from(view, _FIXED.size + i * _PLANE.size) for i in range(len(_PLANES))]
     if header_bytes + sum(length for _, length in stages) != len(view):
         raise CodecError(f"{where}blob is {len(view)} bytes, header and payloads declare "
                          f"{header_bytes + sum(length for _, length in stages)}")
-    crc_at = header_bytes - _CRC.size
-    if zlib.crc32(view[header_bytes:], zlib.crc32(view[:crc_at])) != _CRC.unpack_from(view, crc_at)[0]:
-        raise CodecError(f"{where}blob CRC-32 mismatch: the blob was altered")
-    raw_ids = bytes(view[ids_at:crc_at])
+    check_at = header_bytes - _CHECK.size
+    if _check32(view[:check_at], view[header_bytes:]) != _CHECK.unpack_from(view, check_at)[0]:
+        raise CodecError(f"{where}blob check mismatch: the blob was altered")
+    raw_ids = bytes(view[ids_at:check_at])
     if raw_ids and max(raw_ids) >= len(PREDICTORS):
         raise CodecError(f"{where}bad header: unknown predictor id {max(raw_ids)}")
     planes = []
@@ -352,8 +385,8 @@ def _parse(view: memoryview, where: str = "") -> tuple[BlobInfo, np.ndarray]:
         _check_payload(view[offset:offset + length], bool(flags & ZSTD), size, f"{where}{name} plane: ")
         offset += length
         planes.append(PlaneInfo("zstd" if flags & ZSTD else "stored", bool(flags & _CENTERED), length,
-                                tuple(PREDICTORS[pid] for pid in raw_ids[i * blocks:(i + 1) * blocks])))
-    info = BlobInfo(version, (seq, heads, dim), block_seq, crc, header_bytes, planes[0], planes[1])
+                                raw_ids[i * blocks:(i + 1) * blocks]))
+    info = BlobInfo(version, (seq, heads, dim), block_seq, check, header_bytes, planes[0], planes[1])
     return info, np.frombuffer(raw_ids, dtype=np.uint8).reshape(len(_PLANES), blocks)
 
 
@@ -387,9 +420,17 @@ def _decode_plane(payload: memoryview, entropy: str, size: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
-def _tensor_crc(words: np.ndarray) -> int:
-    """CRC-32 of a tensor's shape and little-endian bytes."""
-    return zlib.crc32(words, zlib.crc32(struct.pack("<III", *words.shape)))
+def _tensor_check(words: np.ndarray) -> int:
+    """The tensor check: XXH3-64 of a tensor's shape and little-endian bytes, low 32 bits."""
+    return _check32(struct.pack("<III", *words.shape), words)
+
+
+def _check32(*parts: bytes | memoryview | np.ndarray) -> int:
+    """Low 32 bits of XXH3-64 over the concatenated parts."""
+    digest = xxhash.xxh3_64()
+    for part in parts:
+        digest.update(part)
+    return digest.intdigest() & 0xFFFFFFFF
 
 
 _DCTX = zstandard.ZstdDecompressor()

@@ -17,11 +17,11 @@ from .predictors import FORWARD
 
 
 def predictor_plan(planes: np.ndarray, candidates: tuple[str, ...], block_seq: int, rows_per_block: int,
-                   margin: float) -> np.ndarray:
+                   margin: np.ndarray) -> np.ndarray:
     """Index into ``candidates`` per plane and block (``[planes, blocks]``).
 
     ``planes`` is ``uint8 [planes, seq, heads, dim]``. A plan other than all-``raw`` must look
-    ``margin`` cheaper than all-``raw`` to be taken.
+    ``margin`` (per plane) cheaper than all-``raw`` to be taken.
     """
     n_planes, seq = planes.shape[:2]
     rows, prev_rows, first = sample_rows(seq, block_seq, rows_per_block)
@@ -47,13 +47,14 @@ def predictor_plan(planes: np.ndarray, candidates: tuple[str, ...], block_seq: i
     blocks = -(-seq // block_seq)
     hist = np.bincount(codes.ravel(), minlength=n_planes * len(candidates) * blocks * 256)
     hist = hist.reshape(n_planes, len(candidates), blocks, 256)
-    factor = np.array([1.0 if name == "raw" else 1 + margin for name in candidates])
+    not_raw = np.array([name != "raw" for name in candidates])
+    factor = 1 + np.outer(margin, not_raw)  # [planes, candidates]
     # Per block: entropy with the Miller-Madow correction (few samples under-count the support).
     support = np.count_nonzero(hist, axis=3) - 1
-    per_block = (entropy_bits(hist) + support / (2 * np.log(2))) * factor[:, None]
+    per_block = (entropy_bits(hist) + support / (2 * np.log(2))) * factor[..., None]
     mixed = np.argmin(per_block, axis=1)  # [planes, blocks]
     mixed_hist = np.take_along_axis(hist, mixed[:, None, :, None], axis=1)[:, 0].sum(axis=1)
-    mixed_cost = entropy_bits(mixed_hist) * np.where((factor[mixed] > 1).any(axis=1), 1 + margin, 1.0)
+    mixed_cost = entropy_bits(mixed_hist) * (1 + margin * not_raw[mixed].any(axis=1))
     uniform_cost = entropy_bits(hist.sum(axis=2)) * factor  # [planes, candidates]
     best_uniform = np.argmin(uniform_cost, axis=1)
     use_mixed = mixed_cost < uniform_cost[np.arange(n_planes), best_uniform]
@@ -71,12 +72,12 @@ def centering_pays(hi: np.ndarray, rotated_sample: np.ndarray, rows: np.ndarray,
     channels = rotated_sample[0, 0].size
     literal = ~repeated_rows(hi, rows)  # [n, rows]
     reference = np.rint(rotated_sample.mean(axis=1, dtype=np.float32)).astype(np.uint8)
-    both = np.stack([hi[:, rows], rotated_sample - reference[:, None]], axis=1).reshape(2 * n, -1)
-    dtype = np.uint16 if 2 * n <= 256 else np.uint32
+    both = np.stack([hi[:, rows], rotated_sample - reference[:, None]], axis=1)  # [n, 2, rows, ...]
+    dtype = np.uint16 if 2 * n < 256 else np.uint32
     codes = both.astype(dtype)
-    codes += (np.arange(2 * n, dtype=dtype) << 8)[:, None]
-    weights = np.broadcast_to(literal[:, None, :, None], (n, 2, len(rows), channels)).ravel()
-    hist = np.bincount(codes.ravel(), weights, minlength=2 * n * 256).astype(np.intp).reshape(n, 2, 256)
+    codes += (np.arange(2 * n, dtype=dtype) << 8).reshape(n, 2, 1, 1, 1)
+    codes[np.broadcast_to(~literal[:, None], (n, 2, len(rows)))] = 2 * n * 256  # repeated rows: discarded bin
+    hist = np.bincount(codes.ravel(), minlength=2 * n * 256 + 1)[:-1].reshape(n, 2, 256)
     bits = entropy_bits(hist)  # [n, 2]: as is, centered
     sampled = literal.sum(axis=1) * channels
     literal_bytes = literal.mean(axis=1) * seq * channels

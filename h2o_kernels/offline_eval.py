@@ -153,13 +153,12 @@ def evaluate(dump_dir: Path, options: EvalOptions, progress: Progress | None = N
     per_layer: dict[int, list[int]] = {}
     timing = {"encode": 0.0, "decode": 0.0}
     coded_units = 0
-    for index, group in enumerate(groups):
-        try:
-            outcome = _code_group(group, codecs, options, timing)
-        except (CodecError, DumpError, ValueError, TypeError, MemoryError) as exc:
-            selection.skip(_reason(exc), group.entries[0].source, str(exc))
-            outcome = None
-        if outcome is not None:
+    done = 0
+    for wave in _waves(groups):
+        for outcome in _code_wave(wave, codecs, options, timing, selection):
+            done += 1
+            if outcome is None:
+                continue
             coded_units += len(outcome)
             for layer_id, parts in outcome:
                 for kind, (raw, comp, framing, info, plain) in parts.items():
@@ -174,7 +173,7 @@ def evaluate(dump_dir: Path, options: EvalOptions, progress: Progress | None = N
                     layer[0] += raw
                     layer[1] += comp + framing
         if progress is not None:
-            progress(index + 1, len(groups), _ratios(tallies))
+            progress(done, len(groups), _ratios(tallies))
     elapsed = time.perf_counter() - started
     return _report(dump_dir, options, selection, groups, tallies, per_layer, timing, coded_units, elapsed)
 
@@ -288,10 +287,45 @@ def _chunks(entries: list[DumpEntry], chunk_seq: int, framing: int) -> list[_Uni
     return [_Unit(entries[0].layer_id, k[s:s + step], v[s:s + step], framing) for s in range(0, seq, step)]
 
 
-def _code_group(group: _Group, codecs: dict[str, FP16Codec], options: EvalOptions,
-                timing: dict[str, float]) -> list[tuple[int, dict]]:
-    """Encode (and verify) every unit of a group together; raise on the first failure."""
-    units = group.units()
+def _waves(groups: list[_Group]) -> Iterator[list[_Group]]:
+    """Consecutive groups of about ``_WAVE_BYTES`` raw bytes, coded together to amortise per-call costs."""
+    wave: list[_Group] = []
+    size = 0
+    for group in groups:
+        wave.append(group)
+        size += sum(entry.raw_bytes for entry in group.entries)
+        if size >= _WAVE_BYTES:
+            yield wave
+            wave, size = [], 0
+    if wave:
+        yield wave
+
+
+def _code_wave(wave: list[_Group], codecs: dict[str, FP16Codec], options: EvalOptions,
+               timing: dict[str, float], selection: _Selection) -> list[list[tuple[int, dict]] | None]:
+    """Each group's coded units, or None for a group that failed (and was counted as skipped).
+
+    The whole wave is coded at once; if anything in it fails, its groups are retried one by one so
+    that only the failing ones are skipped.
+    """
+    try:
+        return _code_groups(wave, codecs, options, timing)
+    except _FAILURES as exc:
+        if len(wave) == 1:
+            selection.skip(_reason(exc), wave[0].entries[0].source, str(exc))
+            return [None]
+    return [outcome for group in wave for outcome in _code_wave([group], codecs, options, timing, selection)]
+
+
+_FAILURES = (CodecError, DumpError, ValueError, TypeError, MemoryError)
+_WAVE_BYTES = 8 << 20
+
+
+def _code_groups(groups: list[_Group], codecs: dict[str, FP16Codec], options: EvalOptions,
+                 timing: dict[str, float]) -> list[list[tuple[int, dict]]]:
+    """Encode (and verify) every unit of the groups together; raise on the first failure."""
+    per_group = [group.units() for group in groups]
+    units = [unit for group_units in per_group for unit in group_units]
     results: list[tuple[int, dict]] = [(unit.layer_id, {}) for unit in units]
     for kind in ("k", "v"):
         tensors = [unit.k if kind == "k" else unit.v for unit in units]
@@ -308,7 +342,11 @@ def _code_group(group: _Group, codecs: dict[str, FP16Codec], options: EvalOption
         for (_, parts), unit, tensor, blob in zip(results, units, tensors, blobs):
             plain = _plain_zstd_bytes(tensor, codecs[kind]) if options.plain_baseline else 0
             parts[kind] = (tensor.nbytes, len(blob), unit.framing, inspect(blob), plain)
-    return results
+    out, start = [], 0
+    for group_units in per_group:
+        out.append(results[start:start + len(group_units)])
+        start += len(group_units)
+    return out
 
 
 def _plain_zstd_bytes(tensor: np.ndarray, codec: FP16Codec) -> int:

@@ -11,18 +11,17 @@ import struct
 import subprocess
 import sys
 import tracemalloc
-import zlib
 
 import numpy as np
 import pytest
+import xxhash
 import zstandard
 from h2o_test_helpers import realistic_kv, smooth_kv, words_of
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from h2o_kernels import codec as codec_module
-from h2o_kernels.codec import CODEC_NAME, FORMAT_VERSION, CodecError, FP16Codec, decode, inspect
+from h2o_kernels.codec import CODEC_NAME, FORMAT_VERSION, CodecError, FP16Codec, decode, decode_many, inspect
 from h2o_kernels.predictors import FORWARD, INVERSE, K_DEFAULT, PREDICTORS, V_DEFAULT, parse_predictors
 
 # --- the documented blob layout ------------------------------------------------------------------
@@ -48,14 +47,15 @@ SPECIAL_WORDS = [
 ]
 
 
-def tensor_crc(words: np.ndarray) -> int:
-    """The documented tensor CRC: CRC-32 of the shape (3 x u32 little-endian), then of the words."""
-    return zlib.crc32(words.astype("<u2").tobytes(), zlib.crc32(struct.pack("<III", *words.shape)))
+def tensor_check(words: np.ndarray) -> int:
+    """The documented tensor check: low 32 bits of XXH3-64 over the shape (3 x u32), then the words."""
+    return xxhash.xxh3_64_intdigest(struct.pack("<III", *words.shape) + words.astype("<u2").tobytes()) & U32_MAX
 
 
-def blob_crc(buf: bytes | bytearray, at: int) -> int:
-    """The documented blob CRC at offset ``at``: CRC-32 of the bytes before it, then of the payloads."""
-    return zlib.crc32(bytes(buf[at + 4:]), zlib.crc32(bytes(buf[:at])))
+def blob_check(buf: bytes | bytearray, at: int) -> int:
+    """The documented blob check at offset ``at``: XXH3-64 (low 32 bits) of the bytes before it, then
+    of the payloads."""
+    return xxhash.xxh3_64_intdigest(bytes(buf[:at]) + bytes(buf[at + 4:])) & U32_MAX
 
 
 def blocks_of(seq: int, block_seq: int) -> int:
@@ -86,7 +86,7 @@ def forge(blob: bytes, reseal: bool, crc_blocks: int | None = None, **fields) ->
             crc_blocks = blocks_of(seq, block_seq) if block_seq else 0
         at = IDS_AT + 2 * crc_blocks
         if at + 4 <= len(buf):
-            struct.pack_into("<I", buf, at, blob_crc(buf, at))
+            struct.pack_into("<I", buf, at, blob_check(buf, at))
     return bytes(buf)
 
 
@@ -154,7 +154,7 @@ def test_round_trip_is_bit_exact(words, hi, lo, block_seq, choose, level):
     assert info.version == FORMAT_VERSION
     assert info.shape == words.shape
     assert info.block_seq == block_seq
-    assert info.crc32 == tensor_crc(words)
+    assert info.check == tensor_check(words)
     assert info.header_bytes == IDS_AT + 2 * blocks + 4
     assert info.blob_bytes == len(blob)
     assert info.raw_bytes == words.nbytes
@@ -230,8 +230,6 @@ def test_encode_is_deterministic():
     assert FP16Codec().encode(x) == FP16Codec().encode(x)
 
 
-@pytest.mark.skipif(not hasattr(codec_module, "encode_many") and not hasattr(FP16Codec, "encode_many"),
-                    reason="no batch API in this build")
 def test_batch_api_matches_single_blob_api():
     rng = np.random.default_rng(6)
     tensors = [realistic_kv(rng, 40, 2, 8), smooth_kv(40, 2, 8), realistic_kv(rng, 13, 1, 3),
@@ -239,13 +237,13 @@ def test_batch_api_matches_single_blob_api():
     codec = FP16Codec(block_seq=16)
     blobs = codec.encode_many(tensors)
     assert blobs == [FP16Codec(block_seq=16).encode(t) for t in tensors]
-    decoded = codec_module.decode_many(blobs)
+    decoded = decode_many(blobs)
     for out, t in zip(decoded, tensors):
         assert np.array_equal(words_of(out), words_of(t))
     bad = bytearray(blobs[2])
     bad[-1] ^= 0x40
     with pytest.raises(CodecError):
-        codec_module.decode_many([blobs[0], bytes(bad), blobs[3]])
+        decode_many([blobs[0], bytes(bad), blobs[3]])
 
 
 # --- the documented format -----------------------------------------------------------------------
@@ -257,10 +255,10 @@ def test_blob_layout_matches_the_documented_header():
     magic, version, dtype, planes, reserved, seq, heads, dim, block_seq, crc = FIXED.unpack_from(blob)
     assert (magic, version, dtype, planes, reserved) == (b"H2KV", FORMAT_VERSION, 1, 2, 0)
     assert (seq, heads, dim, block_seq) == (70, 3, 5, 32)
-    assert crc == tensor_crc(words)
+    assert crc == tensor_check(words)
     blocks = 3
     crc_at = IDS_AT + 2 * blocks
-    assert struct.unpack_from("<I", blob, crc_at)[0] == blob_crc(blob, crc_at)
+    assert struct.unpack_from("<I", blob, crc_at)[0] == blob_check(blob, crc_at)
     hi_len, lo_len = PLANE.unpack_from(blob, 28)[1], PLANE.unpack_from(blob, 33)[1]
     assert crc_at + 4 + hi_len + lo_len == len(blob)
     info = inspect(blob)
@@ -285,9 +283,9 @@ def _hand_built_blob(words: np.ndarray, block_seq: int, predictor: str, zstd: bo
         table += PLANE.pack(1 if zstd else 0, len(payload))
         payloads.append(payload)
     ids = bytes([PREDICTORS.index(predictor)] * (2 * blocks))
-    head = FIXED.pack(b"H2KV", 1, 1, 2, 0, seq, heads, dim, block_seq, tensor_crc(words)) + table + ids
+    head = FIXED.pack(b"H2KV", 1, 1, 2, 0, seq, heads, dim, block_seq, tensor_check(words)) + table + ids
     body = b"".join(payloads)
-    return head + struct.pack("<I", zlib.crc32(body, zlib.crc32(head))) + body
+    return head + struct.pack("<I", xxhash.xxh3_64_intdigest(head + body) & U32_MAX) + body
 
 
 @pytest.mark.parametrize("predictor", PREDICTORS)
@@ -578,8 +576,7 @@ def test_enormous_forged_shapes_raise_without_allocating(fields, reseal):
 
 
 _RLIMIT_SCRIPT = """
-import resource, struct, sys, zlib
-import numpy as np
+import resource, sys
 from h2o_kernels.codec import CodecError, decode
 blob = bytearray(bytes.fromhex(sys.argv[1]))
 resource.setrlimit(resource.RLIMIT_AS, (768 << 20, 768 << 20))
