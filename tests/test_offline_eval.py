@@ -592,7 +592,8 @@ def test_mixed_npz_and_meta_and_broken_npz(std_dir, work_dir):
 def test_progress_callback(std_dir):
     calls = []
     result = evaluate(std_dir, EvalOptions(), progress=lambda done, total, t: calls.append((done, total, t)))
-    assert [c[0] for c in calls] == list(range(1, len(calls) + 1))
-    assert all(c[1] == len(calls) for c in calls) and len(calls) == 4
+    done = [c[0] for c in calls]
+    assert done == sorted(set(done)) and done[-1] == 4  # groups are reported as their wave finishes
+    assert all(c[1] == 4 for c in calls)
     assert calls[-1][2]["raw_bytes"] == result["raw_bytes"]
     assert calls[-1][2]["lossless_ratio"] == pytest.approx(result["weighted_lossless_ratio"])
