@@ -35,7 +35,7 @@ import numpy as np
 import xxhash
 import zstandard
 
-from .estimate import centering_pays, predictor_plan, sample_rows
+from .estimate import centering_pays, predictor_plan, sample_rows, worth_planning
 from .predictors import FORWARD, INVERSE, K_DEFAULT, PREDICTOR_IDS, PREDICTORS, Transform, parse_predictors
 
 CODEC_NAME = "h2o-fp16-predictive"
@@ -53,7 +53,7 @@ _PLANES = ("hi", "lo")
 # Estimator sampling per plane kind: rows per block, and how much better than raw a predictor must
 # look to be chosen (the estimates are noisy). Hi planes carry the structure; lo planes are mantissa
 # noise unless a predictor wins outright.
-_SAMPLING = ((4, 0.02), (1, 0.10))
+_SAMPLING = ((4, 0.02), (2, 0.10))
 _CENTER_MARGIN = 0.02
 
 Choose = Literal["estimate", "exhaustive"]
@@ -173,11 +173,11 @@ class FP16Codec:
             blobs.append(b"".join([head, _CHECK.pack(_check32(head, *payloads)), *payloads]))
         return blobs
 
-    def _frame(self, plane: np.ndarray, prefix: np.ndarray | None) -> tuple[int, bytes]:
-        """``(ZSTD, frame)`` for ``prefix + plane``, or ``(0, raw bytes)`` where zstd does not shrink it."""
+    def _frame(self, plane: np.ndarray, prefix: np.ndarray | None) -> tuple[int, bytes | memoryview]:
+        """``(ZSTD, frame)`` for ``prefix + plane``, or ``(0, its bytes)`` where zstd does not shrink it."""
         data = plane.ravel() if prefix is None else np.concatenate([prefix.ravel(), plane.ravel()])
         frame = self.zstd.compress(data)
-        return (ZSTD, frame) if len(frame) < data.nbytes else (0, data.tobytes())
+        return (ZSTD, frame) if len(frame) < data.nbytes else (0, memoryview(data))
 
     def _center_hi(self, hi: np.ndarray) -> list[np.ndarray | None]:
         """Channel-center the hi planes (``[n, seq, heads, dim]``) in place where the estimate says it
@@ -225,25 +225,32 @@ class FP16Codec:
         return np.stack([self._ids[kind][choice[kind]] for kind in range(kinds)])
 
     def _estimate_choice(self, planes: np.ndarray) -> np.ndarray:
-        """Index into each kind's predictor set: a one-row-per-block screen of both kinds at once
-        (where their sets agree), then the full estimate where the screen finds a gain."""
+        """Index into each kind's predictor set per tensor and block: ``raw`` unless a cheap screen
+        (both kinds at once where their sets agree) finds a plane worth the full estimate."""
         kinds, n, seq = planes.shape[:3]
-        margins = np.repeat([margin for _, margin in _SAMPLING], n)
-        flat = planes.reshape(kinds * n, *planes.shape[2:])
-        if self.predictors[0] == self.predictors[1]:
-            choice = predictor_plan(flat, self.predictors[0], self.block_seq, 1, margins).reshape(kinds, n, -1)
+        blocks = -(-seq // self.block_seq)
+        choice = np.zeros((kinds, n, blocks), dtype=np.intp)
+        margins = np.repeat([margin for _, margin in _SAMPLING], n).reshape(kinds, n)
+        screened = [self._raw_allowed[kind] and len(self.predictors[kind]) > 1 for kind in range(kinds)]
+        worth = np.ones((kinds, n), dtype=bool)
+        if all(screened) and self.predictors[0] == self.predictors[1]:
+            worth = worth_planning(planes.reshape(kinds * n, *planes.shape[2:]), self.predictors[0],
+                                   self.block_seq, margins.ravel()).reshape(kinds, n)
         else:
-            choice = np.stack([predictor_plan(planes[kind], names, self.block_seq, 1, margins[kind * n:][:n])
-                               for kind, names in enumerate(self.predictors)])
+            for kind in np.flatnonzero(screened):
+                worth[kind] = worth_planning(planes[kind], self.predictors[kind], self.block_seq, margins[kind])
         for kind, (rows, margin) in enumerate(_SAMPLING):
             names = self.predictors[kind]
-            if rows == 1 or len(names) == 1:
+            if len(names) == 1:
                 continue
-            refine = (self._ids[kind][choice[kind]] != 0).any(axis=1) if self._raw_allowed[kind] else slice(None)
-            if np.any(refine):
-                chosen = planes[kind][refine]
-                choice[kind][refine] = predictor_plan(chosen, names, self.block_seq, rows,
-                                                      np.full(len(chosen), margin))
+            if not self._raw_allowed[kind] or worth[kind].all():
+                choice[kind] = predictor_plan(planes[kind], names, self.block_seq, rows, margins[kind])
+            elif worth[kind].any():
+                chosen = planes[kind][worth[kind]]
+                choice[kind][worth[kind]] = predictor_plan(chosen, names, self.block_seq, rows,
+                                                           np.full(len(chosen), margin))
+            if self._raw_allowed[kind]:
+                choice[kind][~worth[kind]] = names.index("raw")
         return choice
 
 
@@ -315,7 +322,7 @@ def _decode_batch(items: list[tuple[memoryview, BlobInfo, np.ndarray]], shape: t
     n = len(items)
     planes = np.empty((len(_PLANES), n, *shape), dtype=np.uint8)
     channels = shape[1] * shape[2]
-    centered = []
+    centered, references = [], []
     for t, (view, info, _) in enumerate(items):
         offset = info.header_bytes
         for kind, plane_info in enumerate((info.hi, info.lo)):
@@ -325,16 +332,19 @@ def _decode_batch(items: list[tuple[memoryview, BlobInfo, np.ndarray]], shape: t
             offset += plane_info.payload_bytes
             planes[kind, t].reshape(-1)[:] = data[extra:]
             if extra:
-                centered.append((t, data[:extra].reshape(shape[1:])))
+                centered.append(t)
+                references.append(data[:extra].reshape(shape[1:]))
     ids = np.stack([item[2] for item in items], axis=1)  # [2, n, blocks]
     planes = _apply(planes.reshape(len(_PLANES) * n, *shape), ids.reshape(len(_PLANES) * n, -1), block_seq,
                     INVERSE).reshape(planes.shape)
-    for t, reference in centered:
-        hi = planes[0, t]
-        hi += reference
+    if centered:  # add the references back, then rotate right by one bit
+        hi = planes[0] if len(centered) == n else planes[0, centered]
+        hi += np.stack(references)[:, None]
         low_bit = hi << 7
         hi >>= 1
         hi |= low_bit
+        if len(centered) < n:
+            planes[0, centered] = hi
     words = planes[0].astype("<u2")
     words <<= 8
     words |= planes[1]
@@ -407,16 +417,16 @@ def _check_payload(payload: memoryview, zstd: bool, size: int, where: str) -> No
 
 
 def _decode_plane(payload: memoryview, entropy: str, size: int) -> np.ndarray:
-    """The plane bytes of a payload already checked by :func:`_check_payload`."""
+    """The plane bytes of a payload already checked by :func:`_check_payload` (and covered by the
+    blob check, so trailing bytes after its frame cannot have been added unnoticed)."""
     if entropy == "stored":
         return np.frombuffer(payload, dtype=np.uint8)
     try:
-        dctx = _DCTX.decompressobj()
-        data = dctx.decompress(payload)
+        data = _DCTX.decompress(payload)
     except zstandard.ZstdError as exc:
         raise CodecError(f"corrupt zstd payload: {exc}") from None
-    if len(data) != size or not dctx.eof or dctx.unused_data:
-        raise CodecError(f"zstd payload decoded to {len(data)} bytes (expected {size}) or left trailing bytes")
+    if len(data) != size:
+        raise CodecError(f"zstd payload decoded to {len(data)} bytes, expected {size}")
     return np.frombuffer(data, dtype=np.uint8)
 
 

@@ -23,12 +23,40 @@ def predictor_plan(planes: np.ndarray, candidates: tuple[str, ...], block_seq: i
     ``planes`` is ``uint8 [planes, seq, heads, dim]``. A plan other than all-``raw`` must look
     ``margin`` (per plane) cheaper than all-``raw`` to be taken.
     """
+    hist = _histograms(planes, candidates, block_seq, rows_per_block, per_block=True)  # [p, c, blocks, 256]
+    not_raw = np.array([name != "raw" for name in candidates])
+    factor = 1 + np.outer(margin, not_raw)  # [planes, candidates]
+    # Per block: entropy with the Miller-Madow correction (few samples under-count the support).
+    support = np.count_nonzero(hist, axis=3) - 1
+    per_block = (entropy_bits(hist) + support / (2 * np.log(2))) * factor[..., None]
+    mixed = np.argmin(per_block, axis=1)  # [planes, blocks]
+    mixed_hist = np.take_along_axis(hist, mixed[:, None, :, None], axis=1)[:, 0].sum(axis=1)
+    mixed_cost = entropy_bits(mixed_hist) * (1 + margin * not_raw[mixed].any(axis=1))
+    uniform_cost = entropy_bits(hist.sum(axis=2)) * factor  # [planes, candidates]
+    best_uniform = np.argmin(uniform_cost, axis=1)
+    use_mixed = mixed_cost < uniform_cost[np.arange(len(planes)), best_uniform]
+    return np.where(use_mixed[:, None], mixed, best_uniform[:, None])
+
+
+def worth_planning(planes: np.ndarray, candidates: tuple[str, ...], block_seq: int, margin: np.ndarray) -> np.ndarray:
+    """``bool [planes]``: a cheap screen (one row per block, whole-plane histograms) for planes where
+    some predictor other than ``raw`` looks ``margin`` cheaper; only those need :func:`predictor_plan`."""
+    hist = _histograms(planes, candidates, block_seq, 1, per_block=False)  # [planes, candidates, 1, 256]
+    cost = entropy_bits(hist[:, :, 0])
+    raw = cost[:, candidates.index("raw")]
+    return (cost * (1 + margin[:, None]) < raw[:, None]).any(axis=1)
+
+
+def _histograms(planes: np.ndarray, candidates: tuple[str, ...], block_seq: int, rows_per_block: int,
+                per_block: bool) -> np.ndarray:
+    """Byte histograms of each candidate's output on sampled rows: ``[planes, candidates, blocks, 256]``
+    (one block when not ``per_block``). Sampled rows repeating an earlier row count as 0 for raw."""
     n_planes, seq = planes.shape[:2]
     rows, prev_rows, first = sample_rows(seq, block_seq, rows_per_block)
     sample = planes[:, np.concatenate([rows, prev_rows])]
     cur, prev = sample[:, :len(rows)], sample[:, len(rows):]
     prev[:, first] = 0  # a block's first row has no predecessor
-    offsets = _bin_offsets(n_planes, len(candidates), seq, block_seq, rows_per_block)
+    offsets = _bin_offsets(n_planes, len(candidates), seq, block_seq, rows_per_block, per_block)
     codes = np.empty((n_planes, len(candidates), *cur.shape[1:]), dtype=offsets.dtype)
     pair_cur = FORWARD["pair_delta"](cur) if any(c.startswith("pair") for c in candidates) else None
     for i, name in enumerate(candidates):
@@ -44,21 +72,9 @@ def predictor_plan(planes: np.ndarray, candidates: tuple[str, ...], block_seq: i
         else:
             codes[:, i] = pair_cur - FORWARD["pair_delta"](prev)
     codes += offsets
-    blocks = -(-seq // block_seq)
+    blocks = -(-seq // block_seq) if per_block else 1
     hist = np.bincount(codes.ravel(), minlength=n_planes * len(candidates) * blocks * 256)
-    hist = hist.reshape(n_planes, len(candidates), blocks, 256)
-    not_raw = np.array([name != "raw" for name in candidates])
-    factor = 1 + np.outer(margin, not_raw)  # [planes, candidates]
-    # Per block: entropy with the Miller-Madow correction (few samples under-count the support).
-    support = np.count_nonzero(hist, axis=3) - 1
-    per_block = (entropy_bits(hist) + support / (2 * np.log(2))) * factor[..., None]
-    mixed = np.argmin(per_block, axis=1)  # [planes, blocks]
-    mixed_hist = np.take_along_axis(hist, mixed[:, None, :, None], axis=1)[:, 0].sum(axis=1)
-    mixed_cost = entropy_bits(mixed_hist) * (1 + margin * not_raw[mixed].any(axis=1))
-    uniform_cost = entropy_bits(hist.sum(axis=2)) * factor  # [planes, candidates]
-    best_uniform = np.argmin(uniform_cost, axis=1)
-    use_mixed = mixed_cost < uniform_cost[np.arange(n_planes), best_uniform]
-    return np.where(use_mixed[:, None], mixed, best_uniform[:, None])
+    return hist.reshape(n_planes, len(candidates), blocks, 256)
 
 
 def centering_pays(hi: np.ndarray, rotated_sample: np.ndarray, rows: np.ndarray, margin: float) -> np.ndarray:
@@ -135,10 +151,10 @@ def _block_sample(n: int, count: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _bin_offsets(n_planes: int, n_cand: int, seq: int, block_seq: int, count: int) -> np.ndarray:
-    """Per sampled row, the histogram offset of its (plane, candidate, block): ``[p, c, rows, 1, 1]``."""
-    block_of = sample_rows(seq, block_seq, count)[0] // block_seq
-    blocks = -(-seq // block_seq)
+def _bin_offsets(n_planes: int, n_cand: int, seq: int, block_seq: int, count: int, per_block: bool) -> np.ndarray:
+    """Per sampled row, the histogram offset of its (plane, candidate[, block]): ``[p, c, rows, 1, 1]``."""
+    block_of = sample_rows(seq, block_seq, count)[0] // block_seq if per_block else 0
+    blocks = -(-seq // block_seq) if per_block else 1
     plane_cand = np.arange(n_planes * n_cand).reshape(n_planes, n_cand, 1) * blocks
     dtype = np.uint16 if n_planes * n_cand * blocks <= 256 else np.uint32
     return ((plane_cand + block_of) << 8).astype(dtype)[..., None, None]
