@@ -48,10 +48,30 @@ def _real_streams(root: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 
 @pytest.fixture(scope="session")
-def kv_block():
-    """``kv_block(seq, "K"|"V") -> (fp16 [seq, kv_heads, head_dim], source)``, cached per session."""
+def kv_streams() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, K, V) per run x layer of the real dumps in ``H2O_BENCH_KV_DIR`` (empty without them)."""
     root = os.environ.get("H2O_BENCH_KV_DIR")
-    streams = _real_streams(Path(root)) if root and Path(root).is_dir() else []
+    return _real_streams(Path(root)) if root and Path(root).is_dir() else []
+
+
+@pytest.fixture(scope="session")
+def kv_windows(kv_streams):
+    """``kv_windows(seq, "K"|"V") -> ([fp16 [seq, kv_heads, head_dim]] * many, source)``: every full
+    ``seq``-token window of every layer (real), or 84 synthetic ones, as the offline evaluator codes them."""
+    def get(seq: int, kind: str) -> tuple[list[np.ndarray], str]:
+        windows = [np.ascontiguousarray(tensor[s:s + seq]) for _, k, v in kv_streams
+                   for tensor in [k if kind == "K" else v] for s in range(0, tensor.shape[0] - seq + 1, seq)]
+        if windows:
+            return windows, f"{len(kv_streams)} real layer streams"
+        return [synthetic_block(kind, seq + i)[:seq] for i in range(84)], "synthetic"
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def kv_block(kv_streams):
+    """``kv_block(seq, "K"|"V") -> (fp16 [seq, kv_heads, head_dim], source)``, cached per session."""
+    streams = kv_streams
     cache: dict[tuple[int, str], tuple[np.ndarray, str]] = {}
 
     def get(seq: int, kind: str) -> tuple[np.ndarray, str]:

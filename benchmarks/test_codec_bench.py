@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from h2o_kernels.codec import FP16Codec, decode, inspect
+from h2o_kernels.codec import FP16Codec, decode, decode_many, inspect
 from h2o_kernels.predictors import K_DEFAULT, V_DEFAULT
 
 SIZES = (192, 640)
@@ -94,3 +94,28 @@ def test_codec_is_not_worse_than_plain_planes(kv_block, seq):
         blob = FP16Codec(*PREDICTOR_SETS[kind]).encode(tensor)
         plain = sum(len(f) for f in plain_encode(zstandard.ZstdCompressor(level=3), tensor))
         assert len(blob) <= plain + inspect(blob).header_bytes + 64, (kind, len(blob), plain)
+
+
+@pytest.mark.parametrize("kind", ["K", "V"])
+@pytest.mark.parametrize("op", ["encode", "decode"])
+@pytest.mark.parametrize("coder", ["codec", "plain-zstd3"])
+def test_window_batch(benchmark, kv_windows, kind, op, coder):
+    """Many 192-token windows per call, as ``h2o-gate offline`` codes them (``encode_many``)."""
+    windows, source = kv_windows(192, kind)
+    raw = sum(w.nbytes for w in windows)
+    benchmark.group = "192-token windows, batched"
+    benchmark.name = f"{coder}-{op} {kind}"
+    if coder == "codec":
+        codec = FP16Codec(*PREDICTOR_SETS[kind])
+        blobs = codec.encode_many(windows)
+        run = (lambda: codec.encode_many(windows)) if op == "encode" else (lambda: decode_many(blobs))
+        size = sum(len(b) for b in blobs)
+    else:
+        cctx, dctx = zstandard.ZstdCompressor(level=3), zstandard.ZstdDecompressor()
+        frames = [plain_encode(cctx, w) for w in windows]
+        run = ((lambda: [plain_encode(cctx, w) for w in windows]) if op == "encode"
+               else (lambda: [plain_decode(dctx, f, w.shape) for f, w in zip(frames, windows)]))
+        size = sum(len(a) + len(b) for a, b in frames)
+    benchmark.pedantic(run, rounds=15, warmup_rounds=2)
+    benchmark.extra_info.update(source=source, windows=len(windows), raw_bytes=raw, ratio=round(raw / size, 4),
+                                mb_s=round(raw / 1e6 / benchmark.stats.stats.median, 1))

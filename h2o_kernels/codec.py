@@ -55,6 +55,7 @@ _PLANES = ("hi", "lo")
 # noise unless a predictor wins outright.
 _SAMPLING = ((4, 0.02), (2, 0.10))
 _CENTER_MARGIN = 0.02
+_BATCH_BYTES = 1 << 20
 
 Choose = Literal["estimate", "exhaustive"]
 
@@ -139,10 +140,11 @@ class FP16Codec:
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, w in enumerate(words):
             by_shape.setdefault(w.shape, []).append(i)
-        for indices in by_shape.values():
-            batch = np.stack([words[i] for i in indices]) if len(indices) > 1 else words[indices[0]][None]
-            for i, blob in zip(indices, self._encode_batch(batch)):
-                blobs[i] = blob
+        for shape, indices in by_shape.items():
+            for part in _batches(indices, shape):
+                batch = np.stack([words[i] for i in part]) if len(part) > 1 else words[part[0]][None]
+                for i, blob in zip(part, self._encode_batch(batch)):
+                    blobs[i] = blob
         return blobs
 
     def _encode_batch(self, words: np.ndarray) -> list[bytes]:
@@ -212,9 +214,8 @@ class FP16Codec:
         """Predictor id per plane kind, tensor and block: ``uint8 [2, n, blocks]``."""
         kinds, n, seq = planes.shape[:3]
         blocks = -(-seq // self.block_seq)
-        if planes.size == 0:
-            return np.repeat(np.stack([ids[:1] for ids in self._ids])[:, None], n * blocks, axis=1).reshape(
-                kinds, n, blocks)
+        if planes.size == 0:  # nothing to estimate: each kind's first predictor
+            return np.stack([np.full((n, blocks), ids[0], dtype=np.uint8) for ids in self._ids])
         if self.choose == "exhaustive":
             choice = np.array([[[np.argmin([len(self.zstd.compress(FORWARD[c](plane[b:b + self.block_seq])))
                                             for c in names]) for b in range(0, seq, self.block_seq)]
@@ -239,18 +240,14 @@ class FP16Codec:
         else:
             for kind in np.flatnonzero(screened):
                 worth[kind] = worth_planning(planes[kind], self.predictors[kind], self.block_seq, margins[kind])
-        for kind, (rows, margin) in enumerate(_SAMPLING):
-            names = self.predictors[kind]
-            if len(names) == 1:
-                continue
-            if not self._raw_allowed[kind] or worth[kind].all():
-                choice[kind] = predictor_plan(planes[kind], names, self.block_seq, rows, margins[kind])
-            elif worth[kind].any():
-                chosen = planes[kind][worth[kind]]
-                choice[kind][worth[kind]] = predictor_plan(chosen, names, self.block_seq, rows,
-                                                           np.full(len(chosen), margin))
+        for kind, names in enumerate(self.predictors):
+            todo = worth[kind]
+            if len(names) > 1 and todo.any():
+                kind_planes = planes[kind] if todo.all() else planes[kind][todo]
+                choice[kind][todo] = predictor_plan(kind_planes, names, self.block_seq, _SAMPLING[kind][0],
+                                                    margins[kind][todo])
             if self._raw_allowed[kind]:
-                choice[kind][~worth[kind]] = names.index("raw")
+                choice[kind][~todo] = names.index("raw")
         return choice
 
 
@@ -309,11 +306,19 @@ def decode_many(blobs: list[bytes | bytearray | memoryview], *,
         by_layout.setdefault((info.shape, info.block_seq), []).append(i)
     out: list[np.ndarray] = [np.empty(0)] * len(blobs)
     for (shape, block_seq), indices in by_layout.items():
-        for i, tensor in zip(indices, _decode_batch([parsed[i] for i in indices], shape, block_seq)):
-            if _tensor_check(tensor) != parsed[i][1].check:
-                raise CodecError(f"blob {i}: decoded tensor fails the blob's tensor check: the payload was altered")
-            out[i] = tensor.view("<f2")
+        for part in _batches(indices, shape):
+            for i, tensor in zip(part, _decode_batch([parsed[i] for i in part], shape, block_seq)):
+                if _tensor_check(tensor) != parsed[i][1].check:
+                    raise CodecError(f"blob {i}: decoded tensor fails the blob's tensor check: the payload was altered")
+                out[i] = tensor.view("<f2")
     return out
+
+
+def _batches(indices: list[int], shape: tuple[int, ...]) -> list[list[int]]:
+    """``indices`` cut into batches of about ``_BATCH_BYTES`` of tensor data: enough tensors to share
+    the per-call costs, few enough that the several passes over a batch stay in cache."""
+    per_batch = max(1, _BATCH_BYTES // max(1, 2 * int(np.prod(shape))))
+    return [indices[i:i + per_batch] for i in range(0, len(indices), per_batch)]
 
 
 def _decode_batch(items: list[tuple[memoryview, BlobInfo, np.ndarray]], shape: tuple[int, int, int],
