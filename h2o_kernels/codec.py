@@ -294,6 +294,13 @@ def decode_many(blobs: list[bytes | bytearray | memoryview], *,
 
     Raises :class:`CodecError` naming the first defective blob; ``max_output_bytes`` bounds each.
     """
+    return [tensor for tensor, _ in decode_with_info(blobs, max_output_bytes=max_output_bytes)]
+
+
+def decode_with_info(blobs: list[bytes | bytearray | memoryview], *,
+                     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> list[tuple[np.ndarray, BlobInfo]]:
+    """:func:`decode_many`, each tensor paired with its blob's :class:`BlobInfo` (what
+    :func:`inspect` would say, without parsing the blob twice)."""
     parsed = []
     by_layout: dict[tuple, list[int]] = {}
     for i, blob in enumerate(blobs):
@@ -304,13 +311,13 @@ def decode_many(blobs: list[bytes | bytearray | memoryview], *,
                              f"over max_output_bytes={max_output_bytes}")
         parsed.append((view, info, ids))
         by_layout.setdefault((info.shape, info.block_seq), []).append(i)
-    out: list[np.ndarray] = [np.empty(0)] * len(blobs)
+    out: list[tuple[np.ndarray, BlobInfo]] = [(np.empty(0), info) for _, info, _ in parsed]
     for (shape, block_seq), indices in by_layout.items():
         for part in _batches(indices, shape):
             for i, tensor in zip(part, _decode_batch([parsed[i] for i in part], shape, block_seq)):
                 if _tensor_check(tensor) != parsed[i][1].check:
                     raise CodecError(f"blob {i}: decoded tensor fails the blob's tensor check: the payload was altered")
-                out[i] = tensor.view("<f2")
+                out[i] = (tensor.view("<f2"), parsed[i][1])
     return out
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Literal
 
 import numpy as np
 
-from .codec import CODEC_NAME, FORMAT_VERSION, CodecError, FP16Codec, decode_many, inspect
+from .codec import CODEC_NAME, FORMAT_VERSION, CodecError, FP16Codec, decode_with_info, inspect
 from .kvdump import DumpEntry, DumpError, iter_dump_files, read_meta, read_npz
 from .predictors import K_DEFAULT, V_DEFAULT, parse_predictors
 
@@ -334,14 +334,17 @@ def _code_groups(groups: list[_Group], codecs: dict[str, FP16Codec], options: Ev
         t1 = time.perf_counter()
         timing["encode"] += t1 - t0
         if options.verify:
-            restored = decode_many(blobs)
+            restored = decode_with_info(blobs)
             timing["decode"] += time.perf_counter() - t1
-            for unit, tensor, back in zip(units, tensors, restored):
+            for unit, tensor, (back, _) in zip(units, tensors, restored):
                 if not np.array_equal(back.view(np.uint16), tensor.view(np.uint16)):
                     raise CodecError(f"{kind.upper()} of layer {unit.layer_id} did not round-trip bit-exactly")
-        for (_, parts), unit, tensor, blob in zip(results, units, tensors, blobs):
+            infos = [info for _, info in restored]
+        else:
+            infos = [inspect(blob) for blob in blobs]
+        for (_, parts), unit, tensor, blob, info in zip(results, units, tensors, blobs, infos):
             plain = _plain_zstd_bytes(tensor, codecs[kind]) if options.plain_baseline else 0
-            parts[kind] = (tensor.nbytes, len(blob), unit.framing, inspect(blob), plain)
+            parts[kind] = (tensor.nbytes, len(blob), unit.framing, info, plain)
     out, start = [], 0
     for group_units in per_group:
         out.append(results[start:start + len(group_units)])

@@ -474,28 +474,32 @@ def _patch_encode_to_fail(monkeypatch, exc_type=ValueError):
         monkeypatch.setattr(FP16Codec, "encode_many", failing(FP16Codec.encode_many))
 
 
-_ORIGINAL_DECODERS = {name: getattr(codec_module, name) for name in ("decode", "decode_many")
-                      if hasattr(codec_module, name)}
+_DECODERS = ("decode", "decode_many", "decode_with_info")
+_ORIGINAL_DECODERS = {name: getattr(codec_module, name) for name in _DECODERS}
 
 
 def _patch_decode_to_lie(monkeypatch, seq=FAIL_SEQ):
-    def lying(original, many):
+    def corrupt(t):
+        if t.shape[0] != seq:
+            return t
+        t = t.copy()
+        t.view(np.uint16)[0, 0, 0] ^= 1
+        return t
+
+    def lying(original, name):
         def wrapper(blobs, *args, **kwargs):
             out = original(blobs, *args, **kwargs)
-            tensors = out if many else [out]
-            fixed = []
-            for t in tensors:
-                if t.shape[0] == seq:
-                    t = t.copy()
-                    t.view(np.uint16)[0, 0, 0] ^= 1
-                fixed.append(t)
-            return fixed if many else fixed[0]
+            if name == "decode":
+                return corrupt(out)
+            if name == "decode_many":
+                return [corrupt(t) for t in out]
+            return [(corrupt(t), info) for t, info in out]
         return wrapper
 
     for module in (codec_module, offline_eval):
         for name, original in _ORIGINAL_DECODERS.items():
             if hasattr(module, name):
-                monkeypatch.setattr(module, name, lying(original, name == "decode_many"))
+                monkeypatch.setattr(module, name, lying(original, name))
 
 
 @pytest.mark.parametrize("exc_type", [ValueError, TypeError])
@@ -540,7 +544,7 @@ def test_without_verify_nothing_is_decoded(std_dir, monkeypatch):
         raise AssertionError("decode called with verify=False")
 
     for module in (codec_module, offline_eval):
-        for name in ("decode", "decode_many"):
+        for name in _DECODERS:
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, boom)
     result = evaluate(std_dir, EvalOptions(verify=False))
