@@ -35,7 +35,7 @@ import numpy as np
 import xxhash
 import zstandard
 
-from .estimate import centering_pays, predictor_plan, sample_rows, worth_planning
+from .estimate import centering_pays, predictor_plan, row_fingerprints, sample_rows, worth_planning
 from .predictors import FORWARD, INVERSE, K_DEFAULT, PREDICTOR_IDS, PREDICTORS, Transform, parse_predictors
 
 CODEC_NAME = "h2o-fp16-predictive"
@@ -142,19 +142,20 @@ class FP16Codec:
             by_shape.setdefault(w.shape, []).append(i)
         for shape, indices in by_shape.items():
             for part in _batches(indices, shape):
-                batch = np.stack([words[i] for i in part]) if len(part) > 1 else words[part[0]][None]
-                for i, blob in zip(part, self._encode_batch(batch)):
+                for i, blob in zip(part, self._encode_batch([words[i] for i in part])):
                     blobs[i] = blob
         return blobs
 
-    def _encode_batch(self, words: np.ndarray) -> list[bytes]:
-        """Blobs for ``words`` shaped ``[n, seq, heads, dim]`` (uint16)."""
-        n, seq, heads, dim = words.shape
+    def _encode_batch(self, words: list[np.ndarray]) -> list[bytes]:
+        """Blobs for same-shaped uint16 tensors ``[seq, heads, dim]``."""
+        n, (seq, heads, dim) = len(words), words[0].shape
         planes = np.empty((2, n, seq, heads, dim), dtype=np.uint8)  # hi planes, then lo planes
-        np.right_shift(words, 8, out=planes[0], casting="unsafe")
-        planes[1] = words
-        references = self._center_hi(planes[0]) if self.center else [None] * n
-        ids = self._choose(planes)
+        for t, tensor in enumerate(words):
+            np.right_shift(tensor, 8, out=planes[0, t], casting="unsafe")
+            planes[1, t] = tensor
+        fingerprints = row_fingerprints(planes.reshape(2 * n, seq, heads, dim)).reshape(2, n, seq)
+        references = self._center_hi(planes[0], fingerprints[0]) if self.center else [None] * n
+        ids = self._choose(planes, fingerprints)
         flat_ids = ids.reshape(2 * n, -1)
         coded = _apply(planes.reshape(2 * n, seq, heads, dim), flat_ids, self.block_seq, FORWARD).reshape(planes.shape)
         blobs = []
@@ -181,9 +182,10 @@ class FP16Codec:
         frame = self.zstd.compress(data)
         return (ZSTD, frame) if len(frame) < data.nbytes else (0, memoryview(data))
 
-    def _center_hi(self, hi: np.ndarray) -> list[np.ndarray | None]:
-        """Channel-center the hi planes (``[n, seq, heads, dim]``) in place where the estimate says it
-        pays; return each tensor's reference row (``[heads, dim]``), or None where it was not centered.
+    def _center_hi(self, hi: np.ndarray, fingerprints: np.ndarray) -> list[np.ndarray | None]:
+        """Channel-center the hi planes (``[n, seq, heads, dim]``, rows fingerprinted) in place where
+        the estimate says it pays; return each tensor's reference row (``[heads, dim]``), or None
+        where it was not centered.
 
         The hi byte (sign, exponent, top mantissa bits) is rotated left by one bit so that +x and -x
         sit next to each other, then each channel's rounded mean over the tensor is subtracted:
@@ -193,7 +195,7 @@ class FP16Codec:
         if seq < 2 or hi[0, 0].size == 0:
             return [None] * n
         rows = sample_rows(seq, self.block_seq, _SAMPLING[0][0])[0]
-        pays = np.flatnonzero(centering_pays(hi, _rotl(hi[:, rows]), rows, _CENTER_MARGIN))
+        pays = np.flatnonzero(centering_pays(hi, fingerprints, _rotl(hi[:, rows]), rows, _CENTER_MARGIN))
         if len(pays) == 0:
             return [None] * n
         chosen = hi[pays] if len(pays) < n else hi  # rotate in place, then subtract the means
@@ -210,7 +212,7 @@ class FP16Codec:
             references[t] = reference[i]
         return references
 
-    def _choose(self, planes: np.ndarray) -> np.ndarray:
+    def _choose(self, planes: np.ndarray, fingerprints: np.ndarray) -> np.ndarray:
         """Predictor id per plane kind, tensor and block: ``uint8 [2, n, blocks]``."""
         kinds, n, seq = planes.shape[:3]
         blocks = -(-seq // self.block_seq)
@@ -222,10 +224,10 @@ class FP16Codec:
                                 for plane in planes[kind]] for kind, names in enumerate(self.predictors)],
                               dtype=np.intp).reshape(kinds, n, blocks)
         else:
-            choice = self._estimate_choice(planes)
+            choice = self._estimate_choice(planes, fingerprints)
         return np.stack([self._ids[kind][choice[kind]] for kind in range(kinds)])
 
-    def _estimate_choice(self, planes: np.ndarray) -> np.ndarray:
+    def _estimate_choice(self, planes: np.ndarray, fingerprints: np.ndarray) -> np.ndarray:
         """Index into each kind's predictor set per tensor and block: ``raw`` unless a cheap screen
         (both kinds at once where their sets agree) finds a plane worth the full estimate."""
         kinds, n, seq = planes.shape[:3]
@@ -235,17 +237,17 @@ class FP16Codec:
         screened = [self._raw_allowed[kind] and len(self.predictors[kind]) > 1 for kind in range(kinds)]
         worth = np.ones((kinds, n), dtype=bool)
         if all(screened) and self.predictors[0] == self.predictors[1]:
-            worth = worth_planning(planes.reshape(kinds * n, *planes.shape[2:]), self.predictors[0],
-                                   self.block_seq, margins.ravel()).reshape(kinds, n)
+            worth = worth_planning(planes.reshape(kinds * n, *planes.shape[2:]), fingerprints.reshape(kinds * n, -1),
+                                   self.predictors[0], self.block_seq, margins.ravel()).reshape(kinds, n)
         else:
             for kind in np.flatnonzero(screened):
-                worth[kind] = worth_planning(planes[kind], self.predictors[kind], self.block_seq, margins[kind])
+                worth[kind] = worth_planning(planes[kind], fingerprints[kind], self.predictors[kind], self.block_seq,
+                                             margins[kind])
         for kind, names in enumerate(self.predictors):
             todo = worth[kind]
             if len(names) > 1 and todo.any():
-                kind_planes = planes[kind] if todo.all() else planes[kind][todo]
-                choice[kind][todo] = predictor_plan(kind_planes, names, self.block_seq, _SAMPLING[kind][0],
-                                                    margins[kind][todo])
+                choice[kind][todo] = predictor_plan(planes[kind][todo], fingerprints[kind][todo], names,
+                                                    self.block_seq, _SAMPLING[kind][0], margins[kind][todo])
             if self._raw_allowed[kind]:
                 choice[kind][~todo] = names.index("raw")
         return choice

@@ -16,14 +16,14 @@ import numpy as np
 from .predictors import FORWARD
 
 
-def predictor_plan(planes: np.ndarray, candidates: tuple[str, ...], block_seq: int, rows_per_block: int,
-                   margin: np.ndarray) -> np.ndarray:
+def predictor_plan(planes: np.ndarray, fingerprints: np.ndarray, candidates: tuple[str, ...], block_seq: int,
+                   rows_per_block: int, margin: np.ndarray) -> np.ndarray:
     """Index into ``candidates`` per plane and block (``[planes, blocks]``).
 
-    ``planes`` is ``uint8 [planes, seq, heads, dim]``. A plan other than all-``raw`` must look
-    ``margin`` (per plane) cheaper than all-``raw`` to be taken.
+    ``planes`` is ``uint8 [planes, seq, heads, dim]`` with its :func:`row_fingerprints`. A plan other
+    than all-``raw`` must look ``margin`` (per plane) cheaper than all-``raw`` to be taken.
     """
-    hist = _histograms(planes, candidates, block_seq, rows_per_block, per_block=True)  # [p, c, blocks, 256]
+    hist = _histograms(planes, fingerprints, candidates, block_seq, rows_per_block, per_block=True)
     not_raw = np.array([name != "raw" for name in candidates])
     factor = 1 + np.outer(margin, not_raw)  # [planes, candidates]
     # Per block: entropy with the Miller-Madow correction (few samples under-count the support).
@@ -38,17 +38,18 @@ def predictor_plan(planes: np.ndarray, candidates: tuple[str, ...], block_seq: i
     return np.where(use_mixed[:, None], mixed, best_uniform[:, None])
 
 
-def worth_planning(planes: np.ndarray, candidates: tuple[str, ...], block_seq: int, margin: np.ndarray) -> np.ndarray:
+def worth_planning(planes: np.ndarray, fingerprints: np.ndarray, candidates: tuple[str, ...], block_seq: int,
+                   margin: np.ndarray) -> np.ndarray:
     """``bool [planes]``: a cheap screen (one row per block, whole-plane histograms) for planes where
     some predictor other than ``raw`` looks ``margin`` cheaper; only those need :func:`predictor_plan`."""
-    hist = _histograms(planes, candidates, block_seq, 1, per_block=False)  # [planes, candidates, 1, 256]
+    hist = _histograms(planes, fingerprints, candidates, block_seq, 1, per_block=False)  # [p, c, 1, 256]
     cost = entropy_bits(hist[:, :, 0])
     raw = cost[:, candidates.index("raw")]
     return (cost * (1 + margin[:, None]) < raw[:, None]).any(axis=1)
 
 
-def _histograms(planes: np.ndarray, candidates: tuple[str, ...], block_seq: int, rows_per_block: int,
-                per_block: bool) -> np.ndarray:
+def _histograms(planes: np.ndarray, fingerprints: np.ndarray, candidates: tuple[str, ...], block_seq: int,
+                rows_per_block: int, per_block: bool) -> np.ndarray:
     """Byte histograms of each candidate's output on sampled rows: ``[planes, candidates, blocks, 256]``
     (one block when not ``per_block``). Sampled rows repeating an earlier row count as 0 for raw."""
     n_planes, seq = planes.shape[:2]
@@ -62,7 +63,7 @@ def _histograms(planes: np.ndarray, candidates: tuple[str, ...], block_seq: int,
     for i, name in enumerate(candidates):
         if name == "raw":
             codes[:, i] = cur
-            codes[:, i][repeated_rows(planes, rows)] = 0
+            codes[:, i][repeated_rows(fingerprints, rows)] = 0
         elif name == "delta_seq":
             codes[:, i] = cur - prev
         elif name == "xor_seq":
@@ -77,16 +78,17 @@ def _histograms(planes: np.ndarray, candidates: tuple[str, ...], block_seq: int,
     return hist.reshape(n_planes, len(candidates), blocks, 256)
 
 
-def centering_pays(hi: np.ndarray, rotated_sample: np.ndarray, rows: np.ndarray, margin: float) -> np.ndarray:
+def centering_pays(hi: np.ndarray, fingerprints: np.ndarray, rotated_sample: np.ndarray, rows: np.ndarray,
+                   margin: float) -> np.ndarray:
     """``bool [n]``: whether channel centering is estimated to shrink each hi plane.
 
-    ``hi`` is ``uint8 [n, seq, heads, dim]``, ``rotated_sample`` the rotated bytes of its sampled
-    ``rows``. The saving on rows zstd must code as literals has to exceed the reference row it costs
-    (8 bits a channel) plus ``margin`` of the plane's estimated size.
+    ``hi`` is ``uint8 [n, seq, heads, dim]`` with its :func:`row_fingerprints`, ``rotated_sample``
+    the rotated bytes of its sampled ``rows``. The saving on rows zstd must code as literals has to
+    exceed the reference row it costs (8 bits a channel) plus ``margin`` of the plane's estimated size.
     """
     n, seq = hi.shape[:2]
     channels = rotated_sample[0, 0].size
-    literal = ~repeated_rows(hi, rows)  # [n, rows]
+    literal = ~repeated_rows(fingerprints, rows)  # [n, rows]
     reference = np.rint(rotated_sample.mean(axis=1, dtype=np.float32)).astype(np.uint8)
     both = np.stack([hi[:, rows], rotated_sample - reference[:, None]], axis=1)  # [n, 2, rows, ...]
     dtype = np.uint16 if 2 * n < 256 else np.uint32
@@ -102,19 +104,21 @@ def centering_pays(hi: np.ndarray, rotated_sample: np.ndarray, rows: np.ndarray,
     return (sampled > 0) & (saving > 8 * channels + margin * per_byte[:, 0] * literal_bytes)
 
 
-def repeated_rows(planes: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``bool [planes, len(rows)]``: whether each sampled row repeats an earlier row of its plane.
-
-    Rows are compared by a fingerprint (a dot product of up to 16 spread-out bytes with fixed
-    random weights); a rare false match only skews an estimate, never the coding.
-    """
-    n, seq = planes.shape[:2]
-    flat = planes.reshape(n, seq, -1)
-    if seq < 2 or flat.shape[2] == 0:
-        return np.zeros((n, len(rows)), dtype=bool)
+def row_fingerprints(planes: np.ndarray) -> np.ndarray:
+    """``float32 [planes, seq]``: a fingerprint of every row of ``planes`` (``[planes, seq, ...]``):
+    up to 16 spread-out bytes dotted with fixed random weights. Equal rows give equal fingerprints; a
+    rare false match only skews an estimate, never the coding."""
+    flat = planes.reshape(*planes.shape[:2], int(np.prod(planes.shape[2:])))
+    if flat.shape[2] == 0:
+        return np.zeros(planes.shape[:2], dtype=np.float32)
     cols = _fingerprint_columns(flat.shape[2])
-    fingerprint = flat[..., cols].astype(np.float32) @ _FINGERPRINT_WEIGHTS[:len(cols)]  # [n, seq]
-    same = fingerprint[:, rows, None] == fingerprint[:, None, :]  # [n, rows, seq]
+    return flat[..., cols].astype(np.float32) @ _FINGERPRINT_WEIGHTS[:len(cols)]
+
+
+def repeated_rows(fingerprints: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``bool [planes, len(rows)]``: whether each sampled row repeats an earlier row of its plane."""
+    seq = fingerprints.shape[1]
+    same = fingerprints[:, rows, None] == fingerprints[:, None, :]  # [planes, rows, seq]
     return (same & (np.arange(seq) < rows[:, None])).any(axis=2)
 
 
