@@ -9,15 +9,12 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from gguf import GGUFReader, quants
 from threadpoolctl import ThreadpoolController
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-AttentionHook = Callable[[int, np.ndarray], None]
-"""``on_attention(layer, probs)``; probs: read-only float32 ``[num_heads, q_len, kv_len]``."""
 
 _controller: ThreadpoolController | None = None
 
@@ -98,8 +95,7 @@ class LlamaConfig:
 class KVCache:
     """Per-layer fp16 K/V, each ``[seq, kv_heads, head_dim]`` (K after RoPE).
 
-    Layers may be compacted independently (:meth:`keep`), so each layer has its own
-    length and an int64 array of the original positions of its entries.
+    Each layer has its own length; storage grows geometrically.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int = 256):
@@ -110,8 +106,7 @@ class KVCache:
         # cache every decode step would cost ~1/4 of the step time.
         self._k32 = [np.zeros(shape, np.float32) for _ in range(num_layers)]
         self._v32 = [np.zeros(shape, np.float32) for _ in range(num_layers)]
-        self._pos = [np.zeros(capacity, np.int64) for _ in range(num_layers)]
-        self._stores = (self._k, self._v, self._k32, self._v32, self._pos)
+        self._stores = (self._k, self._v, self._k32, self._v32)
         self._len = [0] * num_layers
         self.n_seen = 0  # tokens fed so far = absolute position of the next token
 
@@ -135,15 +130,12 @@ class KVCache:
     def v32(self, layer: int) -> np.ndarray:
         return self._v32[layer][: self._len[layer]]
 
-    def positions(self, layer: int) -> np.ndarray:
-        return self._pos[layer][: self._len[layer]]
-
-    def append(self, layer: int, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> None:
+    def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
         """Append ``[n, kv_heads, head_dim]`` entries (cast to fp16), growing geometrically."""
         n = self._len[layer]
         m = n + len(k)
-        if m > len(self._pos[layer]):
-            cap = max(m, 2 * len(self._pos[layer]))
+        if m > len(self._k[layer]):
+            cap = max(m, 2 * len(self._k[layer]))
             for store in self._stores:
                 new = np.empty((cap, *store[layer].shape[1:]), store[layer].dtype)
                 new[:n] = store[layer][:n]
@@ -152,18 +144,7 @@ class KVCache:
         self._v[layer][n:m] = v
         self._k32[layer][n:m] = self._k[layer][n:m]
         self._v32[layer][n:m] = self._v[layer][n:m]
-        self._pos[layer][n:m] = positions
         self._len[layer] = m
-
-    def keep(self, layer: int, indices: Sequence[int] | np.ndarray) -> None:
-        """Compact ``layer`` to the entries at strictly increasing ``indices``."""
-        idx = np.asarray(indices, dtype=np.int64)
-        if idx.ndim != 1 or (idx.size and (idx[0] < 0 or idx[-1] >= self._len[layer]
-                                           or np.any(np.diff(idx) <= 0))):
-            raise ValueError(f"indices must be strictly increasing in [0, {self._len[layer]})")
-        for store in self._stores:
-            store[layer][: idx.size] = store[layer][idx]
-        self._len[layer] = idx.size
 
 
 @dataclass
@@ -208,7 +189,6 @@ class LlamaModel:
         self.layers = layers
         self.norm = norm
         self.threads = threads
-        self.on_attention: AttentionHook | None = None
         c = config
         self._inv_freq = c.rope_theta ** (-np.arange(0, c.head_dim, 2) / c.head_dim)
         self.reset()
@@ -276,18 +256,6 @@ class LlamaModel:
         with _blas_threads(self.threads):
             return self._forward(np.array([token_id], dtype=np.int64), False)[0]
 
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int,
-                 stop_ids: Sequence[int] = ()) -> Iterator[int]:
-        """Greedy generation continuing the current cache; yields new token ids (a stop token
-        is yielded but not fed)."""
-        logits = self.prefill(prompt_ids)
-        for _ in range(max_new_tokens):
-            tok = int(np.argmax(logits))
-            yield tok
-            if tok in stop_ids:
-                return
-            logits = self.decode(tok)
-
     def _forward(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
         c, cache = self.config, self.cache
         T, nh, nkv, D, F = len(ids), c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
@@ -300,7 +268,7 @@ class LlamaModel:
             qkv = _rms_norm(x, L.attn_norm, c.rms_eps) @ L.wqkv
             q = _rope(qkv[:, : nh * D].reshape(T, nh, D), cos, sin) * scale
             k = _rope(qkv[:, nh * D: (nh + nkv) * D].reshape(T, nkv, D), cos, sin)
-            cache.append(li, k, qkv[:, (nh + nkv) * D:].reshape(T, nkv, D), pos)
+            cache.append(li, k, qkv[:, (nh + nkv) * D:].reshape(T, nkv, D))
             x = x + self._attend(li, q) @ L.wo
             gu = _rms_norm(x, L.ffn_norm, c.rms_eps) @ L.w_gate_up
             g = gu[:, :F]
@@ -323,10 +291,6 @@ class LlamaModel:
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
         s /= s.sum(axis=-1, keepdims=True)
-        if self.on_attention is not None:
-            probs = s.reshape(nh, T, S)
-            probs.flags.writeable = False
-            self.on_attention(layer, probs)
         o = (s @ v).reshape(nkv, g, T, D).transpose(2, 0, 1, 3)
         return o.reshape(T, nh * D)
 
