@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 from gguf import GGUFReader, quants
@@ -130,6 +130,31 @@ class KVCache:
     def v32(self, layer: int) -> np.ndarray:
         return self._v32[layer][: self._len[layer]]
 
+    def keep(self, layer: int, indices: np.ndarray) -> None:
+        """Compact ``layer`` to the entries at ``indices`` (strictly increasing), in order."""
+        idx = np.asarray(indices, dtype=np.intp)
+        n = self._len[layer]
+        if idx.ndim != 1 or (idx.size and (idx[0] < 0 or idx[-1] >= n or np.any(np.diff(idx) <= 0))):
+            raise ValueError(f"layer {layer}: kept indices must be strictly increasing in [0, {n})")
+        for store in self._stores:
+            store[layer][: idx.size] = store[layer][idx]
+        self._len[layer] = idx.size
+
+    def write(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Overwrite entries ``[start, start + len(k))`` of ``layer`` (e.g. a window restored from
+        its compressed copy, or zeroed while only the compressed copy is held)."""
+        stop = start + len(k)
+        if start < 0 or stop > self._len[layer] or k.shape != v.shape:
+            raise ValueError(f"layer {layer}: window [{start}, {stop}) outside [0, {self._len[layer]})")
+        self._k[layer][start:stop] = k
+        self._v[layer][start:stop] = v
+        self._k32[layer][start:stop] = self._k[layer][start:stop]
+        self._v32[layer][start:stop] = self._v[layer][start:stop]
+
+    def nbytes(self, layer: int) -> int:
+        """fp16 bytes of K and V held for ``layer``."""
+        return 2 * self._k[layer][: self._len[layer]].nbytes
+
     def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
         """Append ``[n, kv_heads, head_dim]`` entries (cast to fp16), growing geometrically."""
         n = self._len[layer]
@@ -173,11 +198,25 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, -1, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
 
 
+class LayerHooks(Protocol):
+    """Where a KV-cache policy (H2O eviction, runtime lossless) plugs into each layer of a forward."""
+
+    def before_append(self, layer: int) -> None:
+        """Before the layer appends this forward's K/V (apply a pending compaction, restore windows)."""
+
+    def after_attention(self, layer: int, probs: np.ndarray) -> None:
+        """The layer's softmax, read-only float32 ``[num_heads, q_len, kv_len]`` (the new keys last)."""
+
+    def after_layer(self, layer: int) -> None:
+        """After the layer's attention (schedule compression of cold windows)."""
+
+
 class LlamaModel:
     """LLaMA decoder with an internal :class:`KVCache`.
 
     ``prefill`` / ``decode`` feed tokens at positions ``cache.n_seen...``; ``reset`` clears
     the cache. BLAS runs with ``threads`` threads during forward passes (None: untouched).
+    ``hooks`` (a :class:`LayerHooks`) sees every layer of every forward.
     """
 
     def __init__(self, config: LlamaConfig, embed: np.ndarray, layers: list[LayerWeights],
@@ -189,6 +228,7 @@ class LlamaModel:
         self.layers = layers
         self.norm = norm
         self.threads = threads
+        self.hooks: LayerHooks | None = None
         c = config
         self._inv_freq = c.rope_theta ** (-np.arange(0, c.head_dim, 2) / c.head_dim)
         self.reset()
@@ -264,12 +304,17 @@ class LlamaModel:
         cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
         scale = np.float32(D ** -0.5)
         x = self.embed[ids].astype(np.float32)
+        hooks = self.hooks
         for li, L in enumerate(self.layers):
+            if hooks is not None:
+                hooks.before_append(li)
             qkv = _rms_norm(x, L.attn_norm, c.rms_eps) @ L.wqkv
             q = _rope(qkv[:, : nh * D].reshape(T, nh, D), cos, sin) * scale
             k = _rope(qkv[:, nh * D: (nh + nkv) * D].reshape(T, nkv, D), cos, sin)
             cache.append(li, k, qkv[:, (nh + nkv) * D:].reshape(T, nkv, D))
             x = x + self._attend(li, q) @ L.wo
+            if hooks is not None:
+                hooks.after_layer(li)
             gu = _rms_norm(x, L.ffn_norm, c.rms_eps) @ L.w_gate_up
             g = gu[:, :F]
             x = x + (g * (0.5 + 0.5 * np.tanh(0.5 * g)) * gu[:, F:]) @ L.w_down  # SiLU(g) * u
@@ -291,6 +336,10 @@ class LlamaModel:
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
         s /= s.sum(axis=-1, keepdims=True)
+        if self.hooks is not None:
+            probs = s.reshape(nh, T, S)
+            probs.flags.writeable = False
+            self.hooks.after_attention(layer, probs)
         o = (s @ v).reshape(nkv, g, T, D).transpose(2, 0, 1, 3)
         return o.reshape(T, nh * D)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from gguf import GGUFReader
@@ -18,7 +19,17 @@ class ModelSpecError(ValueError):
     """A model spec names no usable model; the message says what was expected."""
 
 
-def load_model(spec: str, threads: int | None = 1) -> tuple[LlamaModel, Tokenizer | None]:
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer (None for random-weight models), a short name and its size on disk."""
+
+    model: LlamaModel
+    tokenizer: Tokenizer | None
+    name: str
+    size_bytes: int
+
+
+def load_model(spec: str, threads: int | None = 1) -> LoadedModel:
     """Load ``spec``: the embedded SmolLM2 (fetched once), a GGUF file, or a HF-style config.json
     (random weights, no tokenizer: for fast tests)."""
     if spec == EMBEDDED_MODEL:
@@ -31,7 +42,8 @@ def load_model(spec: str, threads: int | None = 1) -> tuple[LlamaModel, Tokenize
     if path.suffix == ".json":
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
-            return LlamaModel.random(config, threads=threads), None
+            model = LlamaModel.random(config, threads=threads)
+            return LoadedModel(model, None, path.parent.name or path.stem, path.stat().st_size)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelSpecError(f"{path}: not valid JSON ({exc})") from None
         except (KeyError, TypeError, ValueError) as exc:
@@ -42,4 +54,5 @@ def load_model(spec: str, threads: int | None = 1) -> tuple[LlamaModel, Tokenize
         reader = GGUFReader(str(path))
     except Exception as exc:  # gguf raises ValueError/struct errors/OSError for foreign files
         raise ModelSpecError(f"{path}: not a readable GGUF file ({exc})") from None
-    return LlamaModel.from_gguf(reader, threads=threads), load_tokenizer(reader)
+    name = EMBEDDED_MODEL if spec == EMBEDDED_MODEL else path.stem
+    return LoadedModel(LlamaModel.from_gguf(reader, threads=threads), load_tokenizer(reader), name, path.stat().st_size)

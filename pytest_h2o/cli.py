@@ -3,6 +3,8 @@
 Subcommands:
 - ``offline``: the offline lossless evaluator over KV dumps (the original's options and JSON keys).
 - ``kv-dump``: run the reference model on real text and write its KV cache as dumps.
+- ``bench``: the llm_bench equivalent on the reference runtime (see :mod:`pytest_h2o.bench`).
+- ``sweep``: every point of a preset matrix, on the reference runtime or an external llm_bench.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from h2o_kernels.predictors import K_DEFAULT, V_DEFAULT
 
 from gates.reports import write_offline_markdown
 
+from .bench import __doc__ as bench_doc
+from .bench import add_arguments as add_bench_arguments
+from .sweep import __doc__ as sweep_doc
+from .sweep import add_arguments as add_sweep_arguments
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``h2o-gate`` console script; returns the exit status."""
@@ -32,6 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_kv_dump(sub.add_parser("kv-dump", help="run the reference model on real text and dump its KV cache",
                                 description="Prefill real text, generate greedily, and write the KV cache "
                                             "(prefill and decode stages) in the dump format."))
+    add_bench_arguments(sub.add_parser("bench", help="llm_bench on the reference runtime (H2O + runtime lossless)",
+                                       description=bench_doc.splitlines()[0]))
+    add_sweep_arguments(sub.add_parser("sweep", help="run every point of a preset matrix",
+                                       description=sweep_doc.splitlines()[0]))
     args = parser.parse_args(argv)
     return args.run(args, parser)
 
@@ -163,13 +174,13 @@ def _run_kv_dump(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         except (OSError, UnicodeDecodeError) as exc:
             parser.error(f"--text-file {args.text_file}: {exc}")
     try:
-        model, tokenizer = load_model(args.model, threads=args.threads)
+        loaded = load_model(args.model, threads=args.threads)
+        model, tokenizer = loaded.model, loaded.tokenizer
         ids = prompt_ids(tokenizer, text, args.prompt_tokens, model.config.vocab_size)
     except (ModelSpecError, ModelFetchError, ValueError) as exc:
         print(f"h2o-gate kv-dump: {exc}", file=sys.stderr)
         return 1
-    name = Path(args.model).stem if args.model != EMBEDDED_MODEL else EMBEDDED_MODEL
-    run_id = args.run_id or f"{name}-p{args.prompt_tokens}-g{args.gen_tokens}"
+    run_id = args.run_id or f"{loaded.name}-p{args.prompt_tokens}-g{args.gen_tokens}"
     result = capture_kv(model, ids, args.gen_tokens, args.out, run_id,
                         progress=lambda line: print(f"[h2o-gate kv-dump] {line}", file=sys.stderr, flush=True))
     if tokenizer is not None:

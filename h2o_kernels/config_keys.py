@@ -1,0 +1,63 @@
+"""Reading ``kv_*`` runtime config keys with the original's JSON typing and clamping rules.
+
+The original (MNN ``llmconfig.hpp``) reads an int key only when the JSON value is an integer (``32.0``
+falls back to the default), a bool key only when it is a JSON bool (``1`` falls back), a float key
+from any number, and a string key only from a string. We keep those defaults and clamps, but a value
+of the wrong JSON type is an error naming the key rather than a silent fall-back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A config key has a value of the wrong type; the message names the key and what was expected."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: its JSON type (``int``, ``float``, ``bool`` or ``str``), default and clamp."""
+
+    kind: type
+    default: Any
+    clamp: Callable[[Any], Any] = staticmethod(lambda value: value)  # type: ignore[assignment]
+
+
+def read_keys(config: dict[str, Any], keys: dict[str, Key], source: str = "config") -> dict[str, Any]:
+    """The clamped value of every key in ``keys`` (default where absent).
+
+    Raises :class:`ConfigError` naming ``source`` and the key when a present value has the wrong type.
+    """
+    out = {}
+    for name, key in keys.items():
+        value = config.get(name, key.default)
+        if name in config and not _fits(value, key.kind):
+            raise ConfigError(f"{source}: key {name!r} must be {_WORDS[key.kind]}, got {value!r}")
+        out[name] = key.clamp(key.kind(value))
+    return out
+
+
+def clamp(low: float | None = None, high: float | None = None) -> Callable[[Any], Any]:
+    """A clamp to ``[low, high]`` (either bound may be None)."""
+    def apply(value: Any) -> Any:
+        if low is not None and value < low:
+            value = type(value)(low)
+        if high is not None and value > high:
+            value = type(value)(high)
+        return value
+    return apply
+
+
+_WORDS = {int: "a JSON integer", float: "a JSON number", bool: "a JSON bool (true/false)", str: "a JSON string"}
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, str)

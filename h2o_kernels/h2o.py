@@ -1,0 +1,313 @@
+"""H2O heavy-hitter KV eviction (numpy), as the original runtime did it, with three fixes.
+
+Scores are exact softmax probabilities averaged over query heads and rows, kept per token (a block's
+score is the sum of its tokens', so scores survive compaction), with an EMA per decode step; prompt
+tokens may be scored at prefill. Every layer has its own scores and its own trigger clock counted in
+decode tokens, and the keep target is relative to the tokens seen, so eviction keeps the held cache
+near ``tokens_seen / R`` for the whole run. ``h2o_lossy`` is measured from the bytes really held.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from h2o_kernels.config_keys import Key, clamp, read_keys
+
+if TYPE_CHECKING:
+    from h2o_kernels.llama import KVCache
+
+_LOG_FORMAT = (
+    "[H2O] layer={layer} kv={kv} keep_ratio={keep:.4f} evict={evict} lossy_ratio={lossy:.4f} evict_us={us} "
+    "reserve_pairs={pairs} target={target:.3f} effective={effective:.3f} floor={floor:.3f} "
+    "quantized={quantized:.3f} recent={recent} sink={sink} block={block}"
+)
+
+
+def _mode(value: str) -> str:
+    return "static" if value == "static" else "adaptive"
+
+
+_CLAMPS: dict[str, Callable[[Any], Any]] = {
+    "layer_start": clamp(0),
+    "block_tokens": clamp(1),
+    "sink_tokens": clamp(0),
+    "recent_tokens": clamp(0),
+    "target_keep_ratio": clamp(0.0, 1.0),
+    "target_mode": _mode,
+    "target_lossy_ratio": clamp(1.0),
+    "ema_alpha": clamp(0.0, 1.0),
+    "update_interval": clamp(1),
+    "trigger_min_tokens": clamp(1),
+}
+
+
+@dataclass(frozen=True)
+class H2OConfig:
+    """The ``kv_h2o_*`` keys (field name = key without the prefix), defaults and clamps of the original.
+
+    ``prefill_scoring`` (``kv_h2o_prefill_scoring``, ours) scores prompt tokens at prefill; false gives
+    the original's behaviour (scores start at the first decode step). Values are clamped on construction.
+    """
+
+    enable: bool = False
+    layer_start: int = 2
+    layer_end: int = -1
+    block_tokens: int = 64
+    sink_tokens: int = 32
+    recent_tokens: int = 256
+    target_keep_ratio: float = 0.5
+    target_mode: str = "adaptive"
+    target_lossy_ratio: float = 3.0
+    ema_alpha: float = 0.9
+    update_interval: int = 16
+    trigger_min_tokens: int = 512
+    log_stats: bool = False
+    prefill_scoring: bool = True
+
+    def __post_init__(self) -> None:
+        for name, fix in _CLAMPS.items():
+            object.__setattr__(self, name, fix(getattr(self, name)))
+
+    @classmethod
+    def keys(cls) -> dict[str, Key]:
+        """The config keys read by :meth:`from_config` (``kv_h2o_<field>``)."""
+        return {f"kv_h2o_{f.name}": Key(type(f.default), f.default, _CLAMPS.get(f.name, lambda v: v))
+                for f in fields(cls)}
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], source: str = "config") -> H2OConfig:
+        """From a runtime config dict; raises ``ConfigError`` naming the key on a wrongly typed value."""
+        values = read_keys(cfg, cls.keys(), source)
+        return cls(**{name[len("kv_h2o_"):]: value for name, value in values.items()})
+
+    def layer_range(self, num_layers: int) -> range:
+        """Layers H2O may evict in a model of ``num_layers`` (clamped to [0, L-1]; empty if end < start)."""
+        last = num_layers - 1
+        start = min(self.layer_start, last)
+        end = last if self.layer_end < 0 else min(max(self.layer_end, 0), last)
+        return range(start, end + 1)
+
+    def keep_ratio(self) -> float:
+        """The float32 keep ratio: ``target_keep_ratio`` (static) or ``1 / target_lossy_ratio`` (adaptive)."""
+        if self.target_mode == "static":
+            return float(np.float32(self.target_keep_ratio))
+        return float(np.float32(1.0) / np.float32(self.target_lossy_ratio))
+
+
+@dataclass(frozen=True)
+class EvictionPlan:
+    """One trigger's decision for a layer whose cache holds ``kv`` tokens (§3.4-3.5, target vs tokens seen).
+
+    ``kept`` are the token indices into the current cache to keep, increasing; when the sink+recent floor
+    dominates the target (or nothing is evicted) it is every index.
+    """
+
+    kv: int
+    target0: int
+    floor: int
+    target: int
+    quantized: int
+    floor_dominates: bool
+    kept: np.ndarray
+    runs: int
+
+    @property
+    def final(self) -> int:
+        """Tokens the layer holds after the plan (``kv`` when floor-dominated)."""
+        return int(self.kept.size)
+
+    @property
+    def evicted(self) -> int:
+        return self.kv - self.final
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def plan_eviction(token_scores: np.ndarray, tokens_seen: int, config: H2OConfig) -> EvictionPlan:
+    """Plan which tokens of a layer's cache to keep, given one score per cached token.
+
+    Blocks of ``block_tokens`` are formed over the current cache (last one partial); the sink blocks and
+    the trailing blocks covering the recent tokens are the floor; the target is
+    ``clamp(ceil(ratio * tokens_seen), 1, kv)``, raised to the floor and quantized to whole blocks above
+    it; the best-scored other blocks (ties: earlier first) are added until the quantized target is met.
+    """
+    kv, B = int(token_scores.size), config.block_tokens
+    n_blocks = _ceil_div(kv, B)
+    sizes = np.full(n_blocks, B, dtype=np.int64)
+    sizes[-1] = kv - (n_blocks - 1) * B
+    keep = np.zeros(n_blocks, dtype=bool)
+    keep[: _ceil_div(min(kv, config.sink_tokens), B)] = True
+    keep[max(0, kv - config.recent_tokens) // B:] = True
+    floor = int(sizes[keep].sum())
+    target0 = min(max(math.ceil(np.float32(config.keep_ratio()) * np.float32(tokens_seen)), 1), kv)
+    target = max(target0, floor)
+    dominated = floor >= target0
+    quantized = floor if floor >= target else min(kv, floor + _ceil_div(target - floor, B) * B)
+    if dominated:
+        return EvictionPlan(kv, target0, floor, target, quantized, True, np.arange(kv), 1)
+    block_scores = np.add.reduceat(token_scores, np.arange(0, kv, B))
+    candidates = np.flatnonzero(~keep)
+    order = candidates[np.argsort(-block_scores[candidates], kind="stable")]
+    added = int(np.searchsorted(np.cumsum(sizes[order]), quantized - floor)) + 1  # floor < quantized here
+    keep[order[:added]] = True
+    runs = int(keep[0]) + int(np.count_nonzero(keep[1:] & ~keep[:-1]))
+    kept = np.flatnonzero(np.repeat(keep, sizes))
+    return EvictionPlan(kv, target0, floor, target, quantized, False, kept, runs)
+
+
+class H2OPolicy:
+    """Per-layer H2O scoring, triggering and compaction for one model, driven through LayerHooks calls.
+
+    Per layer and forward the runtime calls :meth:`apply_pending` (``before_append``) then
+    :meth:`after_attention`; :meth:`budget` tells the lossless stage how many tokens the layer keeps.
+    ``log`` receives the ``[H2O]`` lines when ``log_stats`` is set (default: appended to ``log_lines``).
+    """
+
+    def __init__(self, config: H2OConfig, num_layers: int, kv_heads: int, head_dim: int,
+                 bytes_per_elem: int = 2, log: Callable[[str], None] | None = None):
+        self.config = config
+        self.num_layers = num_layers
+        self.layers = config.layer_range(num_layers)
+        self.bytes_per_token = 2 * kv_heads * head_dim * bytes_per_elem
+        self.log_lines: list[str] = []
+        self._log = log if log is not None else self.log_lines.append
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (a new prompt)."""
+        n = self.num_layers
+        self._scores = [np.zeros(0) for _ in range(n)]
+        self._prefill_rows = [0] * n
+        self._seen = [0] * n
+        self._steps = [0] * n
+        self._last_trigger: list[int | None] = [None] * n
+        self._pending: list[tuple[int, np.ndarray] | None] = [None] * n
+        self._final: list[int | None] = [None] * n
+        self._bytes = {"full": 0, "held": 0, "model_full": 0, "model_held": 0}
+        self._trigger_ratios = (1.0, 1.0, 1.0)
+        self.evict_us = 0.0
+        self.evictions = 0
+        self.evicted_tokens = 0
+        self.dropped_plans = 0
+
+    def active(self, layer: int) -> bool:
+        """Whether H2O scores and evicts ``layer``."""
+        return self.config.enable and layer in self.layers
+
+    def scores(self, layer: int) -> np.ndarray:
+        """The layer's per-token scores, aligned with its cache after its last ``after_attention`` (copy)."""
+        return self._scores[layer].copy()
+
+    def pending(self, layer: int) -> np.ndarray | None:
+        """Kept indices of the plan the layer will apply at its next call, if any."""
+        plan = self._pending[layer]
+        return None if plan is None else plan[1]
+
+    def apply_pending(self, layer: int, cache: KVCache) -> int:
+        """Compact ``cache`` to the layer's pending plan; returns the tokens removed.
+
+        Call before the layer appends its new token. A plan made for another cache length is dropped
+        (counted in ``dropped_plans``).
+        """
+        plan, self._pending[layer] = self._pending[layer], None
+        if plan is None:
+            return 0
+        kv, kept = plan
+        if cache.length(layer) != kv:
+            self.dropped_plans += 1
+            return 0
+        cache.keep(layer, kept)
+        self._scores[layer] = self._scores[layer][kept]
+        self.evictions += 1
+        self.evicted_tokens += kv - kept.size
+        return kv - kept.size
+
+    def after_attention(self, layer: int, probs: np.ndarray, decode: bool | None = None) -> None:
+        """Score the layer's softmax ``[num_heads, q_len, kv_len]`` and, on a decode step, maybe plan.
+
+        ``decode`` defaults to "one query row after earlier tokens"; any other forward is prefill.
+        """
+        heads, rows, kv = probs.shape
+        if decode is None:
+            decode = rows == 1 and self._seen[layer] > 0
+        self._seen[layer] += rows
+        self._final[layer] = None
+        seen = self._seen[layer]
+        if decode:
+            self._steps[layer] += 1
+            self._sample(layer, seen, kv)
+        if not self.active(layer):
+            return
+        scores = np.zeros(kv)
+        n = min(kv, self._scores[layer].size)
+        scores[:n] = self._scores[layer][:n]
+        sums = probs.sum(axis=(0, 1), dtype=np.float64) / heads
+        if not decode:
+            if self.config.prefill_scoring:
+                done = self._prefill_rows[layer]
+                scores = (scores * done + sums) / (done + rows)
+                self._prefill_rows[layer] = done + rows
+            self._scores[layer] = scores
+            return
+        alpha = self.config.ema_alpha
+        self._scores[layer] = scores = alpha * scores + (1.0 - alpha) * (sums / rows)
+        last = self._last_trigger[layer]
+        if seen >= self.config.trigger_min_tokens and (
+                last is None or self._steps[layer] - last >= self.config.update_interval):
+            self._trigger(layer, scores, seen)
+
+    def budget(self, layer: int, kv: int) -> int:
+        """Tokens the lossless stage may use for the layer: the plan's ``final`` on a trigger step, else ``kv``."""
+        final = self._final[layer]
+        return kv if final is None else final
+
+    def metrics(self) -> dict[str, float]:
+        """Run metrics: honest held/full ratios over the H2O range and the model, last trigger's ratios."""
+        b = self._bytes
+        lossy = b["full"] / b["held"] if b["held"] else 1.0
+        effective, floor, quantized = self._trigger_ratios
+        return {
+            "h2o_keep": 1.0 / lossy,
+            "h2o_lossy": lossy,
+            "h2o_lossy_model": b["model_full"] / b["model_held"] if b["model_held"] else 1.0,
+            "h2o_target_keep_effective": effective,
+            "h2o_floor_keep": floor,
+            "h2o_quantized_keep": quantized,
+            "h2o_evict_us": self.evict_us,
+            "h2o_evictions": self.evictions,
+            "h2o_evicted_tokens": self.evicted_tokens,
+        }
+
+    def _sample(self, layer: int, seen: int, kv: int) -> None:
+        full, held = seen * self.bytes_per_token, kv * self.bytes_per_token
+        self._bytes["model_full"] += full
+        self._bytes["model_held"] += held
+        if layer in self.layers:
+            self._bytes["full"] += full
+            self._bytes["held"] += held
+
+    def _trigger(self, layer: int, scores: np.ndarray, seen: int) -> None:
+        start = time.perf_counter()
+        plan = plan_eviction(scores, seen, self.config)
+        us = (time.perf_counter() - start) * 1e6
+        self.evict_us += us
+        self._last_trigger[layer] = self._steps[layer]
+        self._final[layer] = plan.final
+        kv = plan.kv
+        if not plan.floor_dominates:
+            self._trigger_ratios = (plan.target / kv, plan.floor / kv, plan.quantized / kv)
+        self._pending[layer] = (kv, plan.kept) if plan.evicted > 0 else None
+        if plan.evicted > 0 and self.config.log_stats:
+            c, bpt = self.config, self.bytes_per_token
+            self._log(_LOG_FORMAT.format(
+                layer=layer, kv=kv, keep=plan.final / kv, evict=plan.evicted,
+                lossy=kv * bpt / (plan.final * bpt + 8 * plan.runs), us=int(us), pairs=plan.runs,
+                target=c.target_keep_ratio, effective=plan.target / kv, floor=plan.floor / kv,
+                quantized=plan.quantized / kv, recent=c.recent_tokens, sink=c.sink_tokens, block=c.block_tokens))

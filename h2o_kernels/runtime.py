@@ -1,0 +1,126 @@
+"""The reference decode runtime: a real model with H2O eviction and runtime lossless compression
+driven by the original's ``kv_*`` config keys, measured like llm_bench."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .h2o import H2OConfig, H2OPolicy
+from .kvdump import write_dump
+from .llama import LlamaModel
+from .lossless_runtime import LosslessConfig, LosslessRuntime
+
+NEUTRAL_METRICS = {"h2o_keep": 1.0, "h2o_lossy": 1.0, "h2o_lossless": 1.0}
+
+
+@dataclass
+class RunResult:
+    """One measured run: speeds, the policies' metrics and (when kept) the decode-step logits."""
+
+    prefill_tok_s: float
+    decode_tok_s: float
+    metrics: dict[str, float]
+    logits: np.ndarray | None
+
+
+class ReferenceRuntime:
+    """Runs prompt + teacher-forced continuation through ``model`` with the configured KV policies."""
+
+    def __init__(self, model: LlamaModel, config: dict[str, Any], source: str = "config",
+                 log: Callable[[str], None] | None = None) -> None:
+        c = model.config
+        self.model = model
+        self.h2o_config = H2OConfig.from_config(config, source)
+        self.lossless_config = LosslessConfig.from_config(config, source)
+        self.log = log
+        self.h2o = H2OPolicy(self.h2o_config, c.num_layers, c.num_kv_heads, c.head_dim,
+                             log=log if self.h2o_config.log_stats else None) if self.h2o_config.enable else None
+        self.lossless: LosslessRuntime | None = None
+        self._decoding = False
+        self._step = 0
+
+    def run(self, prompt: np.ndarray, continuation: np.ndarray, keep_logits: bool = False,
+            dump_dir: Path | None = None, run_id: str = "run") -> RunResult:
+        """Prefill ``prompt``, then feed ``continuation`` one token at a time (teacher forcing, the
+        same compute as generation). ``keep_logits`` keeps the logits predicting each continuation
+        token; ``dump_dir`` writes the final KV cache (prefill and decode stages) as dumps."""
+        model = self.model
+        model.reset(capacity=len(prompt) + len(continuation))
+        self._open_lossless()
+        if self.h2o is not None:
+            self.h2o.reset()
+        model.hooks = self if (self.h2o is not None or self.lossless is not None) else None
+        self._decoding, self._step = False, 0
+        try:
+            t0 = time.perf_counter()
+            last = model.prefill(prompt)
+            prefill_s = time.perf_counter() - t0
+            logits = [last] if keep_logits else []
+            self._decoding = True
+            t0 = time.perf_counter()
+            for step, token in enumerate(continuation[:-1] if keep_logits else continuation):
+                self._step = step + 1
+                out = model.decode(int(token))
+                if keep_logits:
+                    logits.append(out)
+            if keep_logits and len(continuation):
+                self._step += 1
+                model.decode(int(continuation[-1]))
+            decode_s = time.perf_counter() - t0
+        finally:
+            model.hooks = None
+        metrics = dict(NEUTRAL_METRICS)
+        if self.h2o is not None:
+            metrics.update(self.h2o.metrics())
+        if self.lossless is not None:
+            metrics.update(self.lossless.metrics())
+            self.lossless.restore_all()  # windows held compressed go back before anyone reads the cache
+            self.lossless.close()
+            self.lossless = None
+        if dump_dir is not None:
+            self._dump(dump_dir, run_id, len(prompt))
+        return RunResult(len(prompt) / prefill_s, len(continuation) / decode_s if len(continuation) else 0.0,
+                         metrics, np.stack(logits) if keep_logits and logits else None)
+
+    def _open_lossless(self) -> None:
+        if not self.lossless_config.runs:
+            return
+        c, h = self.model.config, self.h2o_config
+        self.lossless = LosslessRuntime(self.lossless_config, c.num_layers, h.layer_range(c.num_layers),
+                                        h.trigger_min_tokens, h.update_interval, self.model.cache,
+                                        log=self.log if h.log_stats else None)
+
+    def _dump(self, out_dir: Path, run_id: str, prompt_len: int) -> None:
+        cache = self.model.cache
+        for layer in range(cache.num_layers):
+            k, v = cache.k(layer), cache.v(layer)
+            split = min(prompt_len, len(k))
+            write_dump(out_dir, run_id=run_id, stage="prefill", layer_id=layer, seq_start=0, k=k[:split], v=v[:split])
+            if len(k) > split:
+                write_dump(out_dir, run_id=run_id, stage="decode", layer_id=layer, seq_start=split,
+                           k=k[split:], v=v[split:])
+
+    # LayerHooks --------------------------------------------------------------------------------
+    def before_append(self, layer: int) -> None:
+        # Restore windows held compressed first: a compaction moves rows, so it must see real data.
+        if self.lossless is not None:
+            self.lossless.before_append(layer)
+        if self._decoding and self.h2o is not None:
+            self.h2o.apply_pending(layer, self.model.cache)
+
+    def after_attention(self, layer: int, probs: np.ndarray) -> None:
+        if self.h2o is not None:  # scores, and on a decode step the trigger and the plan
+            self.h2o.after_attention(layer, probs, decode=self._decoding)
+
+    def after_layer(self, layer: int) -> None:
+        if not self._decoding or self.lossless is None:
+            return
+        cache = self.model.cache
+        kv = cache.length(layer)
+        budget = self.h2o.budget(layer, kv) if self.h2o is not None else kv
+        self.lossless.after_layer(layer, kv, budget, cache.n_seen + 1, self._step)

@@ -1,0 +1,143 @@
+"""``h2o-gate bench``: the llm_bench equivalent on the reference runtime.
+
+Runs ``-rep`` measured runs (after one discarded warm-up) of ``-p`` prompt tokens and ``-n``
+teacher-forced continuation tokens of real text, with the ``kv_*`` keys of ``-c``; writes the
+llm_bench markdown table to ``-fp`` and a JSON twin beside it; measures fidelity against a
+full-cache run of the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gates.bench_log import BenchRow, render_table
+from h2o_kernels.config_keys import ConfigError
+from h2o_kernels.fidelity import fidelity
+from h2o_kernels.kv_capture import prompt_ids
+from h2o_kernels.model_fetch import ModelFetchError
+from h2o_kernels.models import EMBEDDED_MODEL, LoadedModel, ModelSpecError, load_model
+from h2o_kernels.runtime import ReferenceRuntime
+
+SYNTHETIC_TOKEN = 16  # what llm_bench fed: n copies of one token id
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The bench options (llm_bench's names where it had them)."""
+    p.add_argument("-m", "--model", default=EMBEDDED_MODEL,
+                   help=f"'{EMBEDDED_MODEL}' (embedded SmolLM2-135M-Instruct), a .gguf file or a HF-style config.json")
+    p.add_argument("-c", "--config", type=Path, help="JSON with the kv_h2o_* / kv_lossless_* keys (default: all off)")
+    p.add_argument("-p", "--prompt-tokens", type=int, default=512)
+    p.add_argument("-n", "--gen-tokens", type=int, default=128, help="decode steps (teacher-forced text)")
+    p.add_argument("-rep", "--repeat", type=int, default=3, help="measured runs, after one discarded warm-up")
+    p.add_argument("-t", "--threads", type=int, default=1, help="BLAS threads (1 is fastest on small machines)")
+    p.add_argument("-fp", "--log-file", type=Path, help="write the llm_bench markdown table here (and a .json twin)")
+    p.add_argument("--text-file", type=Path, help="text for prompt and continuation (default: Python's pydoc help)")
+    p.add_argument("--synthetic", action="store_true", help="feed token id 16 over and over, as llm_bench did")
+    p.add_argument("--dump-kv", type=Path, help="write the first measured run's KV cache as dumps here")
+    p.add_argument("--no-fidelity", action="store_true", help="skip the full-cache reference run")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Execute ``h2o-gate bench``."""
+    if args.prompt_tokens < 1 or args.gen_tokens < 0 or args.repeat < 1:
+        parser.error("need -p >= 1, -n >= 0 and -rep >= 1")
+    config = read_config(args.config, parser)
+    try:
+        loaded = load_model(args.model, threads=args.threads)
+        prompt, continuation = bench_tokens(loaded, args.prompt_tokens, args.gen_tokens, args.text_file,
+                                            args.synthetic)
+        row, summary = run_bench(loaded, config, str(args.config or "defaults"), prompt, continuation,
+                                 args.repeat, args.threads, fidelity_run=not args.no_fidelity, dump_kv=args.dump_kv)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    except (ModelSpecError, ModelFetchError, ValueError, OSError) as exc:
+        print(f"h2o-gate bench: {exc}", file=sys.stderr)
+        return 1
+    table = render_table([row])
+    print(table, end="")
+    for name in ("h2o_fidelity_top1", "h2o_fidelity_ppl_delta", "h2o_fidelity_kl"):
+        if name in summary:
+            print(f"{name}: {summary[name]:.4f}")
+    if args.log_file is not None:
+        text = "synthetic" if args.synthetic else str(args.text_file or "pydoc_data.topics")
+        twin = write_log(args.log_file, row, summary, config, args.repeat, text)
+        print(f"[h2o-gate bench] wrote {args.log_file} and {twin}", file=sys.stderr)
+    return 0
+
+
+def run_bench(loaded: LoadedModel, config: dict[str, Any], source: str, prompt: np.ndarray,
+              continuation: np.ndarray, repeat: int, threads: int, fidelity_run: bool = True,
+              dump_kv: Path | None = None) -> tuple[BenchRow, dict[str, float]]:
+    """One warm-up and ``repeat`` measured runs of ``config``; fidelity against a full-cache run of
+    the same tokens. Raises ConfigError for bad ``kv_*`` keys."""
+    runtime = ReferenceRuntime(loaded.model, config, source=source, log=lambda line: print(line, flush=True))
+    row = BenchRow(loaded.name, _size(loaded.size_bytes), threads, len(prompt), len(continuation))
+    say = lambda line: print(f"[h2o-gate bench] {line}", file=sys.stderr, flush=True)  # noqa: E731
+    say(f"{source}: warm-up run ({len(prompt)} + {len(continuation)} tokens)")
+    runtime.run(prompt, continuation)
+    keep = fidelity_run and len(continuation) > 0
+    candidate_logits = None
+    for rep in range(repeat):
+        result = runtime.run(prompt, continuation, keep_logits=keep and rep == 0,
+                             dump_dir=dump_kv if rep == 0 else None, run_id=f"{loaded.name}-bench")
+        candidate_logits = result.logits if rep == 0 else candidate_logits
+        row.add_run(result.prefill_tok_s, result.decode_tok_s, result.metrics)
+        say(f"run {rep + 1}/{repeat}: prefill {result.prefill_tok_s:.1f} tok/s, decode {result.decode_tok_s:.2f} tok/s")
+    summary = row.summary()
+    if candidate_logits is not None:
+        say("full-cache reference run for fidelity")
+        reference = ReferenceRuntime(loaded.model, {}).run(prompt, continuation, keep_logits=True)
+        summary.update(fidelity(reference.logits, candidate_logits, continuation))
+    return row, summary
+
+
+def write_log(log_file: Path, row: BenchRow, summary: dict[str, float], config: dict[str, Any], repeat: int,
+              text: str) -> Path:
+    """Write the markdown table to ``log_file`` and its JSON twin beside it; return the twin's path."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.write_text(render_table([row]), encoding="utf-8")
+    twin = log_file.with_suffix(".json")
+    report = {"model": row.model, "model_size": row.model_size, "threads": row.threads,
+              "prompt_tokens": row.prompt_tokens, "gen_tokens": row.gen_tokens, "repeat": repeat, "text": text,
+              "config": config, **summary,
+              "runs": {"prefill_tps": row.prefill_tok_s, "decode_tps": row.decode_tok_s, **row.metrics}}
+    twin.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return twin
+
+
+def read_config(path: Path | None, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The ``-c`` JSON object (empty without one); a usage error names the file otherwise."""
+    if path is None:
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        parser.error(f"-c {path}: {exc.strerror or exc}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        parser.error(f"-c {path}: not valid JSON ({exc})")
+    if not isinstance(config, dict):
+        parser.error(f"-c {path}: expected a JSON object of kv_* keys, got {type(config).__name__}")
+    return config
+
+
+def bench_tokens(loaded: LoadedModel, prompt_tokens: int, gen_tokens: int, text_file: Path | None,
+                 synthetic: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt and continuation ids: real text by default, token 16 repeated with ``synthetic``."""
+    total = prompt_tokens + gen_tokens
+    if synthetic:
+        ids = np.full(total, SYNTHETIC_TOKEN, dtype=np.int64)
+    else:
+        text = text_file.read_text(encoding="utf-8") if text_file else None
+        ids = prompt_ids(loaded.tokenizer, text, total, loaded.model.config.vocab_size)
+    return ids[:prompt_tokens], ids[prompt_tokens:]
+
+
+def _size(size_bytes: int) -> str:
+    return f"{size_bytes / 2**30:.2f} GiB" if size_bytes >= 2**30 else f"{size_bytes / 2**20:.2f} MiB"

@@ -1,0 +1,61 @@
+"""Expanding preset matrices (the original v4 files) into runtime configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from presets.matrix import PresetError, expand, load_preset
+
+PRESETS = Path(__file__).resolve().parents[1] / "presets"
+
+
+def test_joint_scope_v4_expands_to_its_four_points():
+    points = expand(load_preset(PRESETS / "target_joint_scope_v4.json"))
+    assert [p.run_id for p in points] == [
+        "run_0001_p512_g128_k0.3_b32_lr3.0", "run_0002_p512_g128_k0.3_b32_lr3.2",
+        "run_0003_p512_g128_k0.33_b32_lr3.0", "run_0004_p512_g128_k0.33_b32_lr3.2"]
+    first = points[0]
+    assert (first.prompt_tokens, first.gen_tokens, first.repeat) == (512, 128, 3)
+    c = first.config
+    assert c["kv_h2o_enable"] is True and c["kv_h2o_target_keep_ratio"] == 0.3
+    assert (c["kv_h2o_block_tokens"], c["kv_h2o_sink_tokens"], c["kv_h2o_recent_tokens"]) == (32, 16, 96)
+    assert (c["kv_h2o_layer_start"], c["kv_h2o_layer_end"], c["kv_h2o_target_mode"]) == (2, -1, "adaptive")
+    assert (c["kv_h2o_update_interval"], c["kv_h2o_trigger_min_tokens"], c["kv_h2o_ema_alpha"]) == (16, 384, 0.9)
+    assert c["kv_lossless_scope"] == "front_n_and_h2o_kept" and c["kv_lossless_runtime_mode"] == "full"
+    assert c["kv_lossless_block_tokens"] == 128 and c["kv_h2o_target_lossy_ratio"] == 3.0
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in PRESETS.glob("*.json")))
+def test_every_shipped_preset_expands(name):
+    points = expand(load_preset(PRESETS / name), name)
+    assert points and len({p.run_id for p in points}) == len(points)
+    assert all(key.startswith("kv_") for p in points for key in p.config)
+
+
+def test_list_valued_kv_keys_become_dimensions():
+    points = expand({"h2o_keep_ratios": [0.3], "kv_lossless_runtime_mode": ["probe", "full", "store"]})
+    assert [p.config["kv_lossless_runtime_mode"] for p in points] == ["probe", "full", "store"]
+
+
+@pytest.mark.parametrize("preset, message", [
+    ({"prompts": []}, "empty sweep dimension"),
+    ({"kv_lossless_block_tokens": []}, "empty sweep dimension"),
+    ({"gens": 128}, "'gens' must be a list"),
+    ({"repeat": 0}, "'repeat' must be an integer >= 1"),
+])
+def test_bad_presets_are_rejected_before_anything_runs(preset, message):
+    with pytest.raises(PresetError, match=message):
+        expand(preset, "p.json")
+
+
+def test_unreadable_preset_names_the_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(PresetError, match="bad.json: not valid JSON"):
+        load_preset(bad)
+    bad.write_text(json.dumps([1, 2]))
+    with pytest.raises(PresetError, match="expected a JSON object"):
+        load_preset(bad)
