@@ -50,8 +50,10 @@ _CLAMPS: dict[str, Callable[[Any], Any]] = {
 class H2OConfig:
     """The ``kv_h2o_*`` keys (field name = key without the prefix), defaults and clamps of the original.
 
-    ``prefill_scoring`` (``kv_h2o_prefill_scoring``, ours) scores prompt tokens at prefill; false gives
-    the original's behaviour (scores start at the first decode step). Values are clamped on construction.
+    Ours: ``prefill_scoring`` (``kv_h2o_prefill_scoring``) scores prompt tokens at prefill; false gives
+    the original's behaviour (scores start at the first decode step). ``heavy_hitters`` false ranks the
+    blocks beyond sink and recent by recency instead of attention (the sink+recent "streaming"
+    baseline, for comparison). Values are clamped on construction.
     """
 
     enable: bool = False
@@ -68,6 +70,7 @@ class H2OConfig:
     trigger_min_tokens: int = 512
     log_stats: bool = False
     prefill_scoring: bool = True
+    heavy_hitters: bool = True
 
     def __post_init__(self) -> None:
         for name, fix in _CLAMPS.items():
@@ -134,9 +137,13 @@ def plan_eviction(token_scores: np.ndarray, tokens_seen: int, config: H2OConfig)
     """Plan which tokens of a layer's cache to keep, given one score per cached token.
 
     Blocks of ``block_tokens`` are formed over the current cache (last one partial); the sink blocks and
-    the trailing blocks covering the recent tokens are the floor; the target is
-    ``clamp(ceil(ratio * tokens_seen), 1, kv)``, raised to the floor and quantized to whole blocks above
-    it; the best-scored other blocks (ties: earlier first) are added until the quantized target is met.
+    the trailing blocks covering the recent tokens are the floor; the best-scored other blocks (ties:
+    earlier first) are added until the target is met. Static mode keeps
+    ``clamp(ceil(ratio * tokens_seen), 1, kv)`` tokens, quantized up to whole blocks above the floor, as
+    the original. Adaptive mode's contract is the lossy ratio *held*: the layer grows by one token a step
+    until its next trigger ``update_interval`` steps later, so it keeps
+    ``(tokens_seen + I/2) / R - I/2`` tokens, quantized down, and holds ``R`` times less than a full
+    cache on average rather than only just after each eviction.
     """
     kv, B = int(token_scores.size), config.block_tokens
     n_blocks = _ceil_div(kv, B)
@@ -146,17 +153,27 @@ def plan_eviction(token_scores: np.ndarray, tokens_seen: int, config: H2OConfig)
     keep[: _ceil_div(min(kv, config.sink_tokens), B)] = True
     keep[max(0, kv - config.recent_tokens) // B:] = True
     floor = int(sizes[keep].sum())
-    target0 = min(max(math.ceil(np.float32(config.keep_ratio()) * np.float32(tokens_seen)), 1), kv)
+    if config.target_mode == "static":
+        target0 = min(max(math.ceil(np.float32(config.keep_ratio()) * np.float32(tokens_seen)), 1), kv)
+    else:
+        half = config.update_interval / 2
+        target0 = min(max(math.floor((tokens_seen + half) / config.target_lossy_ratio - half), 1), kv)
     target = max(target0, floor)
     dominated = floor >= target0
-    quantized = floor if floor >= target else min(kv, floor + _ceil_div(target - floor, B) * B)
+    if floor >= target:
+        quantized = floor
+    elif config.target_mode == "static":
+        quantized = min(kv, floor + _ceil_div(target - floor, B) * B)
+    else:
+        quantized = floor + (target - floor) // B * B
     if dominated:
         return EvictionPlan(kv, target0, floor, target, quantized, True, np.arange(kv), 1)
-    block_scores = np.add.reduceat(token_scores, np.arange(0, kv, B))
+    block_scores = (np.add.reduceat(token_scores, np.arange(0, kv, B)) if config.heavy_hitters
+                    else np.arange(n_blocks, dtype=np.float64))
     candidates = np.flatnonzero(~keep)
     order = candidates[np.argsort(-block_scores[candidates], kind="stable")]
-    added = int(np.searchsorted(np.cumsum(sizes[order]), quantized - floor)) + 1  # floor < quantized here
-    keep[order[:added]] = True
+    if quantized > floor:
+        keep[order[:int(np.searchsorted(np.cumsum(sizes[order]), quantized - floor)) + 1]] = True
     runs = int(keep[0]) + int(np.count_nonzero(keep[1:] & ~keep[:-1]))
     kept = np.flatnonzero(np.repeat(keep, sizes))
     return EvictionPlan(kv, target0, floor, target, quantized, False, kept, runs)

@@ -95,7 +95,8 @@ class LlamaConfig:
 class KVCache:
     """Per-layer fp16 K/V, each ``[seq, kv_heads, head_dim]`` (K after RoPE).
 
-    Each layer has its own length; storage grows geometrically.
+    Each layer has its own length and the absolute position of every entry it holds (eviction
+    compacts layers independently); storage grows geometrically.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int = 256):
@@ -106,7 +107,8 @@ class KVCache:
         # cache every decode step would cost ~1/4 of the step time.
         self._k32 = [np.zeros(shape, np.float32) for _ in range(num_layers)]
         self._v32 = [np.zeros(shape, np.float32) for _ in range(num_layers)]
-        self._stores = (self._k, self._v, self._k32, self._v32)
+        self._pos = [np.zeros(capacity, np.int64) for _ in range(num_layers)]
+        self._stores = (self._k, self._v, self._k32, self._v32, self._pos)
         self._len = [0] * num_layers
         self.n_seen = 0  # tokens fed so far = absolute position of the next token
 
@@ -129,6 +131,10 @@ class KVCache:
 
     def v32(self, layer: int) -> np.ndarray:
         return self._v32[layer][: self._len[layer]]
+
+    def positions(self, layer: int) -> np.ndarray:
+        """Absolute token positions of the layer's entries."""
+        return self._pos[layer][: self._len[layer]]
 
     def keep(self, layer: int, indices: np.ndarray) -> None:
         """Compact ``layer`` to the entries at ``indices`` (strictly increasing), in order."""
@@ -169,6 +175,7 @@ class KVCache:
         self._v[layer][n:m] = v
         self._k32[layer][n:m] = self._k[layer][n:m]
         self._v32[layer][n:m] = self._v[layer][n:m]
+        self._pos[layer][n:m] = np.arange(self.n_seen, self.n_seen + m - n)
         self._len[layer] = m
 
 

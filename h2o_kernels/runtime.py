@@ -96,14 +96,15 @@ class ReferenceRuntime:
                                         log=self.log if h.log_stats else None)
 
     def _dump(self, out_dir: Path, run_id: str, prompt_len: int) -> None:
+        """Each layer's held prompt tokens as its ``prefill`` entry, its held later tokens as ``decode``."""
         cache = self.model.cache
         for layer in range(cache.num_layers):
             k, v = cache.k(layer), cache.v(layer)
-            split = min(prompt_len, len(k))
-            write_dump(out_dir, run_id=run_id, stage="prefill", layer_id=layer, seq_start=0, k=k[:split], v=v[:split])
-            if len(k) > split:
-                write_dump(out_dir, run_id=run_id, stage="decode", layer_id=layer, seq_start=split,
-                           k=k[split:], v=v[split:])
+            split = int(np.searchsorted(cache.positions(layer), prompt_len))
+            for stage, rows, start in (("prefill", slice(0, split), 0), ("decode", slice(split, None), prompt_len)):
+                if len(k[rows]):
+                    write_dump(out_dir, run_id=run_id, stage=stage, layer_id=layer, seq_start=start,
+                               k=k[rows], v=v[rows])
 
     # LayerHooks --------------------------------------------------------------------------------
     def before_append(self, layer: int) -> None:

@@ -19,6 +19,8 @@ import numpy as np
 from gates.bench_log import BenchRow, render_table
 from h2o_kernels.config_keys import ConfigError
 from h2o_kernels.fidelity import fidelity
+from h2o_kernels.h2o import H2OConfig
+from h2o_kernels.lossless_runtime import LosslessConfig
 from h2o_kernels.kv_capture import prompt_ids
 from h2o_kernels.model_fetch import ModelFetchError
 from h2o_kernels.models import EMBEDDED_MODEL, LoadedModel, ModelSpecError, load_model
@@ -50,6 +52,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error("need -p >= 1, -n >= 0 and -rep >= 1")
     config = read_config(args.config, parser)
     try:
+        check_config(config, str(args.config))
+    except ConfigError as exc:
+        parser.error(str(exc))
+    try:
         loaded = load_model(args.model, threads=args.threads)
         prompt, continuation = bench_tokens(loaded, args.prompt_tokens, args.gen_tokens, args.text_file,
                                             args.synthetic)
@@ -70,6 +76,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         twin = write_log(args.log_file, row, summary, config, args.repeat, text)
         print(f"[h2o-gate bench] wrote {args.log_file} and {twin}", file=sys.stderr)
     return 0
+
+
+def check_config(config: dict[str, Any], source: str) -> None:
+    """Raise ConfigError for a wrongly typed ``kv_*`` key, before any model is loaded."""
+    H2OConfig.from_config(config, source)
+    LosslessConfig.from_config(config, source)
 
 
 def run_bench(loaded: LoadedModel, config: dict[str, Any], source: str, prompt: np.ndarray,
