@@ -201,7 +201,7 @@ class H2OPolicy:
         """Forget everything (a new prompt)."""
         n = self.num_layers
         self._scores = [np.zeros(0) for _ in range(n)]
-        self._prefill_rows = [0] * n
+        self._prefill_counts = [np.zeros(0) for _ in range(n)]
         self._seen = [0] * n
         self._steps = [0] * n
         self._last_trigger: list[int | None] = [None] * n
@@ -268,9 +268,16 @@ class H2OPolicy:
         sums = probs.sum(axis=(0, 1), dtype=np.float64) / heads
         if not decode:
             if self.config.prefill_scoring:
-                done = self._prefill_rows[layer]
-                scores = (scores * done + sums) / (done + rows)
-                self._prefill_rows[layer] = done + rows
+                # Mean attention per query that can see the key: a causal prompt shows its early keys
+                # to more queries, and a plain sum would favour them for that alone.
+                seen_by = np.clip(seen - np.arange(kv), 0, rows).astype(np.float64)
+                counts = np.zeros(kv)
+                n_prev = min(kv, self._prefill_counts[layer].size)
+                counts[:n_prev] = self._prefill_counts[layer][:n_prev]
+                total = scores * counts + sums
+                counts += seen_by
+                scores = np.divide(total, counts, out=np.zeros(kv), where=counts > 0)
+                self._prefill_counts[layer] = counts
             self._scores[layer] = scores
             return
         alpha = self.config.ema_alpha

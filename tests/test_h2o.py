@@ -235,24 +235,25 @@ def causal(rows: np.ndarray) -> np.ndarray:
     return np.asarray(rows, np.float32)[None]
 
 
-def test_prefill_scoring_initialises_with_the_mean_over_query_rows():
+def test_prefill_scoring_initialises_with_the_mean_over_the_queries_that_see_each_key():
     probs = np.stack([causal([[1, 0, 0], [0.5, 0.5, 0], [0.2, 0.2, 0.6]])[0],
                       causal([[1, 0, 0], [0.1, 0.9, 0], [0.4, 0.4, 0.2]])[0]])
     policy, _ = make(ema_alpha=0.5, trigger_min_tokens=100)
     policy.after_attention(0, probs)
-    np.testing.assert_allclose(policy.scores(0), [3.2 / 6, 2.0 / 6, 0.8 / 6], rtol=1e-6)
+    # head-mean attention summed over rows (1.6, 1.0, 0.4), over the 3, 2 and 1 queries that see each key
+    np.testing.assert_allclose(policy.scores(0), [1.6 / 3, 1.0 / 2, 0.4], rtol=1e-6)
     policy.after_attention(0, np.full((1, 1, 4), 0.25, np.float32))  # first decode step: EMA from there
-    np.testing.assert_allclose(policy.scores(0), [3.2 / 12 + 0.125, 2.0 / 12 + 0.125, 0.8 / 12 + 0.125, 0.125])
+    np.testing.assert_allclose(policy.scores(0), [0.8 / 3 + 0.125, 0.25 + 0.125, 0.2 + 0.125, 0.125], rtol=1e-6)
     off, _ = make(prefill_scoring=False)
     off.after_attention(0, probs)
     np.testing.assert_array_equal(off.scores(0), [0.0, 0.0, 0.0])
 
 
-def test_chunked_prefill_scores_average_over_every_prompt_row():
+def test_chunked_prefill_scores_average_over_every_prompt_row_that_sees_the_key():
     policy, _ = make(trigger_min_tokens=100)
     policy.after_attention(0, causal([[1, 0], [0.5, 0.5]]))
     policy.after_attention(0, causal([[0.25, 0.25, 0.5]]), decode=False)
-    np.testing.assert_allclose(policy.scores(0), [1.75 / 3, 0.75 / 3, 0.5 / 3])
+    np.testing.assert_allclose(policy.scores(0), [1.75 / 3, 0.75 / 2, 0.5 / 1])
 
 
 def trigger_steps(policy: H2OPolicy, cache: KVCache, prompt: int, steps: int) -> dict[int, list[int]]:
