@@ -43,7 +43,7 @@ def test_online_sim_beats_plain_planes_on_real_kv(smollm2_dump: Path, tmp_path: 
 
 
 def test_bench_on_smollm2_with_eviction_and_runtime_lossless(tmp_path: Path) -> None:
-    config = {"kv_h2o_enable": True, "kv_h2o_block_tokens": 32, "kv_h2o_sink_tokens": 16, "kv_h2o_recent_tokens": 64,
+    config = {"kv_h2o_enable": True, "kv_h2o_block_tokens": 16, "kv_h2o_sink_tokens": 16, "kv_h2o_recent_tokens": 32,
               "kv_h2o_target_lossy_ratio": 3.0, "kv_h2o_trigger_min_tokens": 128, "kv_lossless_enable": True,
               "kv_lossless_codec": "gear_delta", "kv_lossless_runtime_enable": True, "kv_lossless_runtime_mode": "full",
               "kv_lossless_scope": "front_n_and_h2o_kept", "kv_lossless_block_tokens": 64,
