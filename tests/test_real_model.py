@@ -59,3 +59,15 @@ def test_bench_on_smollm2_with_eviction_and_runtime_lossless(tmp_path: Path) -> 
     assert report["h2o_lossless_fallback"] == 0
     assert 0.5 < report["h2o_fidelity_top1"] <= 1.0 and report["h2o_fidelity_ppl_delta"] < 0.5
     assert "prompt=256<br>decode=32" in log.read_text()
+
+
+def test_smollm2_reads_real_text_sensibly(tmp_path: Path) -> None:
+    """A wrong RoPE layout or tokenizer gives perplexity in the hundreds; the real model is near 18."""
+    from h2o_kernels.kv_capture import capture_kv, default_text, prompt_ids
+    from h2o_kernels.models import load_model
+
+    loaded = load_model("smollm2")
+    ids = prompt_ids(loaded.tokenizer, None, 400, loaded.model.config.vocab_size)
+    capture = capture_kv(loaded.model, ids, 8, tmp_path, "sanity")
+    assert 5 < capture.prompt_perplexity < 30
+    assert default_text().startswith(loaded.tokenizer.decode(ids[:50].tolist()))  # the tokenizer round-trips
