@@ -60,18 +60,20 @@ class ReferenceRuntime:
             t0 = time.perf_counter()
             last = model.prefill(prompt)
             prefill_s = time.perf_counter() - t0
-            logits = [last] if keep_logits else []
+            logits = [last] if keep_logits else []  # logits[i] predicts continuation[i]
             self._decoding = True
             t0 = time.perf_counter()
-            for step, token in enumerate(continuation[:-1] if keep_logits else continuation):
-                self._step = step + 1
+            for step, token in enumerate(continuation, start=1):
+                self._step = step
                 out = model.decode(int(token))
-                if keep_logits:
+                if keep_logits and step < len(continuation):
                     logits.append(out)
-            if keep_logits and len(continuation):
-                self._step += 1
-                model.decode(int(continuation[-1]))
             decode_s = time.perf_counter() - t0
+        except BaseException:
+            if self.lossless is not None:  # stop its workers; the run is lost anyway
+                self.lossless.close()
+                self.lossless = None
+            raise
         finally:
             model.hooks = None
         metrics = dict(NEUTRAL_METRICS)
