@@ -1,4 +1,4 @@
-"""``h2o-gate bench``: the llm_bench equivalent on the reference runtime.
+"""h2o-gate bench: the llm_bench equivalent on the reference runtime.
 
 Runs ``-rep`` measured runs (after one discarded warm-up) of ``-p`` prompt tokens and ``-n``
 teacher-forced continuation tokens of real text, with the ``kv_*`` keys of ``-c``; writes the

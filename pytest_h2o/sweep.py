@@ -1,4 +1,4 @@
-"""``h2o-gate sweep``: one config per point of a preset matrix, run on the reference runtime or on an
+"""h2o-gate sweep: one config per point of a preset matrix, run on the reference runtime or on an
 external llm_bench binary with the original's arguments; writes ``configs/``, ``logs/`` and
 ``manifest.json`` under ``--out-dir``."""
 
