@@ -1,6 +1,8 @@
-"""h2o-gate sweep: one config per point of a preset matrix, run on the reference runtime or on an
-external llm_bench binary with the original's arguments; writes ``configs/``, ``logs/`` and
-``manifest.json`` under ``--out-dir``."""
+"""h2o-gate sweep: run every point of a preset matrix.
+
+One config per point, run on the reference runtime or on an external llm_bench binary with the
+original's arguments; writes ``configs/``, ``logs/`` and ``manifest.json`` under ``--out-dir``.
+"""
 
 from __future__ import annotations
 
