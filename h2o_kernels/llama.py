@@ -28,6 +28,10 @@ def _blas_threads(n: int | None) -> contextlib.AbstractContextManager:
     return _controller.limit(limits=n, user_api="blas")
 
 
+class UnsupportedModelError(ValueError):
+    """The GGUF uses a feature this decoder does not implement (partial rotary, another tokenizer)."""
+
+
 def _open(source: str | Path | GGUFReader) -> GGUFReader:
     return source if isinstance(source, GGUFReader) else GGUFReader(str(source))
 
@@ -61,7 +65,7 @@ class LlamaConfig:
         hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
         head_dim = int(get("attention.key_length", hidden // heads))
         if int(get("rope.dimension_count", head_dim)) != head_dim:
-            raise NotImplementedError("partial rotary embeddings are not supported")
+            raise UnsupportedModelError("partial rotary embeddings are not supported")
         vocab = get("vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
         return cls(
             vocab_size=int(vocab), hidden_size=hidden,
@@ -359,7 +363,7 @@ def load_tokenizer(source: str | Path | GGUFReader) -> Tokenizer:
     gpt2). No BOS is added; control tokens (e.g. ``<|im_start|>``) are special tokens."""
     r = _open(source)
     if _field(r, "tokenizer.ggml.model") != "gpt2":
-        raise NotImplementedError("only gpt2-style (byte-level BPE) GGUF tokenizers are supported")
+        raise UnsupportedModelError("only gpt2-style (byte-level BPE) GGUF tokenizers are supported")
     tokens = _field(r, "tokenizer.ggml.tokens")
     merges = [tuple(m.split(" ", 1)) for m in _field(r, "tokenizer.ggml.merges")]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
@@ -371,7 +375,7 @@ def load_tokenizer(source: str | Path | GGUFReader) -> Tokenizer:
     elif pre in ("default", "gpt-2"):
         tok.pre_tokenizer = byte_level
     else:
-        raise NotImplementedError(f"unsupported pre-tokenizer {pre!r}")
+        raise UnsupportedModelError(f"unsupported pre-tokenizer {pre!r}")
     tok.decoder = decoders.ByteLevel()
     types = _field(r, "tokenizer.ggml.token_type", [])
     tok.add_special_tokens([tokens[i] for i, t in enumerate(types) if t in (3, 4)])  # control

@@ -9,7 +9,7 @@ from pathlib import Path
 from gguf import GGUFReader
 from tokenizers import Tokenizer
 
-from .llama import LlamaModel, load_tokenizer
+from .llama import LlamaModel, UnsupportedModelError, load_tokenizer
 from .model_fetch import smollm2_gguf_path
 
 EMBEDDED_MODEL = "smollm2"
@@ -55,4 +55,8 @@ def load_model(spec: str, threads: int | None = 1) -> LoadedModel:
     except Exception as exc:  # gguf raises ValueError/struct errors/OSError for foreign files
         raise ModelSpecError(f"{path}: not a readable GGUF file ({exc})") from None
     name = EMBEDDED_MODEL if spec == EMBEDDED_MODEL else path.stem
-    return LoadedModel(LlamaModel.from_gguf(reader, threads=threads), load_tokenizer(reader), name, path.stat().st_size)
+    try:
+        model, tokenizer = LlamaModel.from_gguf(reader, threads=threads), load_tokenizer(reader)
+    except (UnsupportedModelError, KeyError, TypeError) as exc:
+        raise ModelSpecError(f"{path}: not a usable llama-architecture GGUF ({exc})") from None
+    return LoadedModel(model, tokenizer, name, path.stat().st_size)

@@ -93,6 +93,17 @@ def test_bad_model_specs_say_what_was_expected(tmp_path: Path, capsys):
     not_gguf.write_bytes(b"definitely not gguf")
     with pytest.raises(ModelSpecError, match="not a readable GGUF"):
         load_model(str(not_gguf))
+    import gguf
+
+    incomplete = tmp_path / "incomplete.gguf"  # a valid GGUF file without the model's keys and tensors
+    writer = gguf.GGUFWriter(str(incomplete), "llama")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelSpecError, match="incomplete.gguf: not a usable llama-architecture GGUF"):
+        load_model(str(incomplete))
     assert main(["kv-dump", "-m", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "x")]) == 1
     assert "no such file" in capsys.readouterr().err
 
