@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 from tokenizers import Tokenizer
 
+from .fidelity import log_softmax
 from .kvdump import write_dump
 from .llama import LlamaModel
 
@@ -35,9 +36,7 @@ def prompt_ids(tokenizer: Tokenizer | None, text: str | None, count: int, vocab_
 
 def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
     """Teacher-forced perplexity of ``ids[1:]`` given logits ``[n, vocab]`` for ``ids``."""
-    lg = logits[:-1].astype(np.float64)
-    lg -= lg.max(axis=-1, keepdims=True)
-    logp = lg[np.arange(len(ids) - 1), ids[1:]] - np.log(np.exp(lg).sum(axis=-1))
+    logp = log_softmax(logits[:-1])[np.arange(len(ids) - 1), ids[1:]]
     return float(np.exp(-logp.mean()))
 
 
