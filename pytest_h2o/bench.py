@@ -61,8 +61,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                             args.synthetic)
         row, summary = run_bench(loaded, config, str(args.config or "defaults"), prompt, continuation,
                                  args.repeat, args.threads, fidelity_run=not args.no_fidelity, dump_kv=args.dump_kv)
-    except ConfigError as exc:
-        parser.error(str(exc))
     except (ModelSpecError, ModelFetchError, ValueError, OSError) as exc:
         print(f"h2o-gate bench: {exc}", file=sys.stderr)
         return 1
