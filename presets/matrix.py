@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+import jsonschema
+
+PRESET_DIR = Path(__file__).resolve().parent
+SCHEMA_PATH = PRESET_DIR / "preset.schema.json"
 
 # preset list key -> config key (None: a bench argument, not a config key), original default
 DIMENSIONS: dict[str, tuple[str | None, list[Any]]] = {
@@ -48,6 +55,53 @@ class Point:
     gen_tokens: int
     repeat: int
     config: dict[str, Any]
+    label: str = ""
+
+
+def available_presets() -> list[str]:
+    """File names of the presets shipped in this package."""
+    return sorted(p.name for p in PRESET_DIR.glob("*.json") if p != SCHEMA_PATH)
+
+
+def find_preset(name: str | Path) -> Path:
+    """A preset path: an existing file as given, else a bare name (with or without ``.json``) in this package."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.parent == Path("."):
+        for candidate in (PRESET_DIR / path.name, PRESET_DIR / f"{path.name}.json"):
+            if candidate.is_file() and candidate != SCHEMA_PATH:
+                return candidate
+    raise PresetError(f"{name}: no such preset file, and not a bundled preset "
+                      f"(bundled: {', '.join(available_presets())})")
+
+
+@lru_cache(maxsize=1)
+def _validator() -> jsonschema.protocols.Validator:
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    return jsonschema.Draft202012Validator(schema)
+
+
+def validate(preset: Any, source: str = "preset") -> None:
+    """Check ``preset`` against ``preset.schema.json``; :class:`PresetError` names the key and what was expected."""
+    errors = sorted(_validator().iter_errors(preset), key=lambda e: (list(e.absolute_path), e.message))
+    if not errors:
+        return
+    lines = []
+    for error in errors[:5]:
+        key = "".join(f"[{part}]" if isinstance(part, int) else (f".{part}" if i else str(part))
+                      for i, part in enumerate(error.absolute_path))
+        if error.validator == "additionalProperties":
+            unknown = sorted(k for k in set(error.instance) - set(error.schema.get("properties", {}))
+                             if not any(re.match(pattern, k) for pattern in error.schema.get("patternProperties", {})))
+            lines.append(f"unknown key(s) {', '.join(map(repr, unknown))}: expected the preset keys of "
+                         f"{SCHEMA_PATH.name} or kv_h2o_* / kv_lossless_* config keys")
+        elif error.validator == "anyOf":
+            lines.append(f"key {key!r}: expected a scalar or a non-empty list of scalars, got {error.instance!r}")
+        else:
+            lines.append(f"key {key!r}: {error.message}" if key else error.message)
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    raise PresetError(f"{source}: invalid preset: " + "; ".join(lines) + more)
 
 
 def load_preset(path: Path) -> dict[str, Any]:
@@ -64,26 +118,24 @@ def load_preset(path: Path) -> dict[str, Any]:
 
 
 def expand(preset: dict[str, Any], source: str = "preset") -> list[Point]:
-    """Every point of ``preset``; raise :class:`PresetError` on an empty or non-list dimension."""
-    dims: dict[str, list[Any]] = {}
-    for key, (_, default) in DIMENSIONS.items():
-        values = preset.get(key, default)
-        if key == "h2o_target_lossy_ratios" and key not in preset and "h2o_target_lossy_ratio" in preset:
-            values = [preset["h2o_target_lossy_ratio"]]
-        dims[key] = _as_list(values, key, source)
-    extra = {key: _as_list(value, key, source) for key, value in preset.items()
-             if key.startswith("kv_") and isinstance(value, list)}
-    empty = [key for key, values in {**dims, **extra}.items() if not values]
-    if empty:
-        raise PresetError(f"{source}: empty sweep dimension(s) {', '.join(empty)}: 0 runs would be produced")
+    """Every point of ``preset``; raise :class:`PresetError` on an empty dimension or a key the schema rejects."""
+    if isinstance(preset, dict):
+        empty = [key for key, value in preset.items() if value == []]
+        if empty:
+            raise PresetError(f"{source}: empty sweep dimension(s) {', '.join(empty)}: 0 runs would be produced")
+    validate(preset, source)
+    dims: dict[str, list[Any]] = {key: preset.get(key, default) for key, (_, default) in DIMENSIONS.items()}
+    if "h2o_target_lossy_ratios" not in preset and "h2o_target_lossy_ratio" in preset:
+        dims["h2o_target_lossy_ratios"] = [preset["h2o_target_lossy_ratio"]]
+    extra = {key: value for key, value in preset.items() if key.startswith("kv_") and isinstance(value, list)}
     repeat = preset.get("repeat", 3)
-    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
-        raise PresetError(f"{source}: key 'repeat' must be an integer >= 1, got {repeat!r}")
     base = {"kv_h2o_enable": True}
     base.update({config_key: preset.get(key, default) for key, (config_key, default) in SCALARS.items()})
     base.update({key: value for key, value in preset.items() if key.startswith("kv_") and key not in extra})
     points = []
     names = list(dims) + list(extra)
+    varying = [key for key in names if key in ("h2o_keep_ratios", "h2o_target_lossy_ratios")
+               or len({**dims, **extra}[key]) > 1]
     for index, combo in enumerate(itertools.product(*dims.values(), *extra.values()), start=1):
         values = dict(zip(names, combo))
         config = dict(base)
@@ -92,11 +144,21 @@ def expand(preset: dict[str, Any], source: str = "preset") -> list[Point]:
         config.update({key: values[key] for key in extra})
         run_id = (f"run_{index:04d}_p{values['prompts']}_g{values['gens']}_k{values['h2o_keep_ratios']}"
                   f"_b{values['h2o_block_tokens']}_lr{values['h2o_target_lossy_ratios']}")
-        points.append(Point(run_id, int(values["prompts"]), int(values["gens"]), repeat, config))
+        label = "-".join(f"{_SHORT.get(key, key.removeprefix('kv_'))}{_label_value(key, values[key])}"
+                         for key in varying)
+        points.append(Point(run_id, int(values["prompts"]), int(values["gens"]), repeat, config, label))
     return points
 
 
-def _as_list(value: Any, key: str, source: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise PresetError(f"{source}: key {key!r} must be a list, got {value!r}")
-    return value
+_SHORT = {"prompts": "p", "gens": "g", "h2o_keep_ratios": "keep", "h2o_block_tokens": "b", "h2o_sink_tokens": "sink",
+          "h2o_recent_tokens": "recent", "h2o_ema_alphas": "ema", "h2o_update_intervals": "every",
+          "h2o_trigger_min_tokens": "trig", "h2o_target_lossy_ratios": "lr"}
+
+
+def _label_value(key: str, value: Any) -> str:
+    """Point labels print keep with two decimals and the lossy target with one, as the presets write them."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        digits = 2 if key == "h2o_keep_ratios" else 1
+        text = f"{value:.{digits}f}"
+        return text if float(text) == value else repr(value)
+    return str(value).lower() if isinstance(value, bool) else str(value)

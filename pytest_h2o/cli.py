@@ -5,6 +5,9 @@ Subcommands:
 - ``kv-dump``: run the reference model on real text and write its KV cache as dumps.
 - ``bench``: the llm_bench equivalent on the reference runtime (see :mod:`pytest_h2o.bench`).
 - ``sweep``: every point of a preset matrix, on the reference runtime or an external llm_bench.
+- ``parse-log``, ``analyze``, ``full-eval``: llm_bench logs to CSV, the quality gate over CSV + offline
+  JSONs, and both plus the offline runs in one command (see :mod:`pytest_h2o.analyze_cli`).
+- ``history``: the trend of stored gate runs across commits, as a table and a plot.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ from h2o_kernels.predictors import K_DEFAULT, V_DEFAULT
 
 from gates.reports import write_offline_markdown
 
+from .analyze_cli import add_analyze_arguments, add_full_eval_arguments, add_parse_log_arguments
 from .bench import __doc__ as bench_doc
 from .bench import add_arguments as add_bench_arguments
+from .history_cli import __doc__ as history_doc
+from .history_cli import add_arguments as add_history_arguments
 from .sweep import __doc__ as sweep_doc
 from .sweep import add_arguments as add_sweep_arguments
 
@@ -43,6 +49,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        description=bench_doc.splitlines()[0]))
     add_sweep_arguments(sub.add_parser("sweep", help="run every point of a preset matrix",
                                        description=sweep_doc.splitlines()[0]))
+    add_parse_log_arguments(sub.add_parser("parse-log", help="llm_bench markdown logs to one CSV",
+                                           description="Parse llm_bench markdown logs into a CSV "
+                                                       "(the original parse_h2o_v4_log.py)."))
+    add_analyze_arguments(sub.add_parser("analyze", help="quality gate over the CSV and offline lossless JSONs",
+                                         description="Gate parsed runs and offline lossless ratios; write "
+                                                     "summary.md (the original analyze_h2o_v4.py). "
+                                                     "Exit 0 pass, 1 fail, 2 usage error."))
+    add_full_eval_arguments(sub.add_parser("full-eval", help="parse + offline upper/online-sim + analyze in one go",
+                                           description="RUN_DIR/logs and KV dumps to RUN_DIR/summary.md "
+                                                       "(the original run_full_eval.sh)."))
+    add_history_arguments(sub.add_parser("history", help="trend of stored gate runs across commits",
+                                         description=history_doc.splitlines()[0]))
     args = parser.parse_args(argv)
     return args.run(args, parser)
 

@@ -46,7 +46,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         points = expand(load_preset(args.preset), str(args.preset))
     except PresetError as exc:
         parser.error(str(exc))
-    base = _base_config(args.base_config, parser) if args.base_config else {}
+    try:
+        base = read_base_config(args.base_config) if args.base_config else {}
+    except ValueError as exc:
+        parser.error(f"--base-config {exc}")
     configs, logs = args.out_dir / "configs", args.out_dir / "logs"
     configs.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
@@ -67,7 +70,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.dry_run:
             pass
         elif args.llm_bench:
-            rc = subprocess.run(_llm_bench_command(args, point, config_path, log_path), check=False).returncode
+            command = llm_bench_command(args.llm_bench, args.threads, point, config_path, log_path, args.backend,
+                                        args.attention_option)
+            rc = subprocess.run(command, check=False).returncode
         else:
             assert loaded is not None
             try:
@@ -90,23 +95,26 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 2 if failed else 0
 
 
-def _llm_bench_command(args: argparse.Namespace, point: Point, config: Path, log: Path) -> list[str]:
-    return [args.llm_bench, "-m", str(config), "-a", args.backend, "-t", str(args.threads), "-qatten",
-            str(args.attention_option), "-kv", "true", "-p", str(point.prompt_tokens), "-n", str(point.gen_tokens),
-            "-rep", str(point.repeat), "-fp", str(log)]
+def llm_bench_command(binary: str, threads: int, point: Point, config: Path, log: Path, backend: str = "cpu",
+                      attention_option: int = 0) -> list[str]:
+    """The original's llm_bench call for one point."""
+    return [binary, "-m", str(config), "-a", backend, "-t", str(threads), "-qatten", str(attention_option),
+            "-kv", "true", "-p", str(point.prompt_tokens), "-n", str(point.gen_tokens), "-rep", str(point.repeat),
+            "-fp", str(log)]
 
 
-def _base_config(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """The llm_bench base config with ``base_dir`` made absolute (MNN joins base_dir + file names)."""
+def read_base_config(path: Path) -> dict[str, Any]:
+    """The llm_bench base config with ``base_dir`` made absolute (MNN joins base_dir + file names);
+    ValueError names the file when it is not a JSON object."""
     try:
-        base = json.loads(path.read_text(encoding="utf-8"))
+        base = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        parser.error(f"--base-config {path}: {exc}")
+        raise ValueError(f"{path}: {exc}") from None
     if not isinstance(base, dict):
-        parser.error(f"--base-config {path}: expected a JSON object")
+        raise ValueError(f"{path}: expected a JSON object")
     raw = base.get("base_dir", "")
     base_dir = Path(raw) if isinstance(raw, str) and raw else Path(".")
     if not base_dir.is_absolute():
-        base_dir = path.resolve().parent / base_dir
+        base_dir = Path(path).resolve().parent / base_dir
     base["base_dir"] = os.fspath(base_dir.resolve()) + os.sep
     return base

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from presets.matrix import PresetError, expand, load_preset
+from presets.matrix import PresetError, available_presets, expand, find_preset, load_preset
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 
@@ -28,7 +28,7 @@ def test_joint_scope_v4_expands_to_its_four_points():
     assert c["kv_lossless_block_tokens"] == 128 and c["kv_h2o_target_lossy_ratio"] == 3.0
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in PRESETS.glob("*.json")))
+@pytest.mark.parametrize("name", available_presets())
 def test_every_shipped_preset_expands(name):
     points = expand(load_preset(PRESETS / name), name)
     assert points and len({p.run_id for p in points}) == len(points)
@@ -43,8 +43,11 @@ def test_list_valued_kv_keys_become_dimensions():
 @pytest.mark.parametrize("preset, message", [
     ({"prompts": []}, "empty sweep dimension"),
     ({"kv_lossless_block_tokens": []}, "empty sweep dimension"),
-    ({"gens": 128}, "'gens' must be a list"),
-    ({"repeat": 0}, "'repeat' must be an integer >= 1"),
+    ({"gens": 128}, "key 'gens': 128 is not of type 'array'"),
+    ({"repeat": 0}, "key 'repeat': 0 is less than the minimum of 1"),
+    ({"repeat": 3, "h2o_keep_ratio": [0.3]}, "unknown key.*'h2o_keep_ratio'"),
+    ({"h2o_target_mode": "fast"}, "key 'h2o_target_mode': 'fast' is not one of"),
+    ({"kv_lossless_scope": {"a": 1}}, "key 'kv_lossless_scope': expected a scalar or a non-empty list"),
 ])
 def test_bad_presets_are_rejected_before_anything_runs(preset, message):
     with pytest.raises(PresetError, match=message):
@@ -59,3 +62,22 @@ def test_unreadable_preset_names_the_file(tmp_path):
     bad.write_text(json.dumps([1, 2]))
     with pytest.raises(PresetError, match="expected a JSON object"):
         load_preset(bad)
+
+
+def test_points_are_labelled_by_the_dimensions_that_vary():
+    points = expand(load_preset(PRESETS / "target_ratio_v4.json"))
+    assert points[0].label == "keep0.28-b8-lr3.0"
+    assert [p.label for p in expand(load_preset(PRESETS / "target_joint_scope_v4.json"))] == [
+        "keep0.30-lr3.0", "keep0.30-lr3.2", "keep0.33-lr3.0", "keep0.33-lr3.2"]
+    assert expand({"h2o_keep_ratios": [0.125]})[0].label == "keep0.125-lr3.0"
+
+
+def test_a_bare_name_finds_the_bundled_preset(tmp_path):
+    assert find_preset("target_joint_scope_v4.json") == PRESETS.resolve() / "target_joint_scope_v4.json"
+    assert find_preset("target_joint_scope_v4").name == "target_joint_scope_v4.json"
+    own = tmp_path / "mine.json"
+    own.write_text("{}")
+    assert find_preset(own) == own
+    with pytest.raises(PresetError, match="nope.json: no such preset file.*target_joint_scope_v4.json"):
+        find_preset("nope.json")
+    assert "preset.schema.json" not in available_presets()

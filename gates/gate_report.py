@@ -1,0 +1,172 @@
+"""A gate run's report: verdicts per configuration and overall, as a plain dict, markdown and files.
+
+:func:`build_report` applies the rules to metric rows; :func:`write_reports` writes ``summary.md``
+(the original's sections and its ``- overall_pass: true|false`` line, plus a per-configuration
+table), ``summary.json``, ``h2o_metrics.csv``, ``cases.jsonl`` and the PNG plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from .rules import RULES, GateMode, Thresholds, check_row, config_passes, overall_independent, overall_joint
+
+SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    # (metric, header, format)
+    ("h2o_lossy", "lossy", "{:.3f}"),
+    ("lossless_online", "lossless online", "{:.4f}"),
+    ("lossless_scope", "lossless scope", "{:.4f}"),
+    ("total_ratio", "total", "{:.3f}"),
+    ("decode_tps", "decode tok/s", "{:.2f}"),
+    ("decode_drop", "drop", "{:+.3f}"),
+    ("h2o_lossless_decomp_us", "decomp us", "{:.0f}"),
+    ("h2o_lossless_queue_peak", "queue peak", "{:.0f}"),
+    ("h2o_lossless_fallback", "fallback", "{:.0f}"),
+    ("h2o_fidelity_top1", "top1", "{:.3f}"),
+    ("h2o_fidelity_ppl_delta", "ppl delta", "{:+.3f}"),
+)
+
+
+def build_report(rows: Mapping[str, Mapping[str, Any]], thresholds: Thresholds, mode: GateMode = "joint",
+                 baselines: Mapping[str, float | None] | None = None, meta: Mapping[str, Any] | None = None) -> dict:
+    """Apply every rule to each configuration's metric row and decide ``overall_pass`` in ``mode``.
+
+    ``baselines`` maps a configuration to its same-run decode baseline (tok/s); ``thresholds.decode_baseline``
+    overrides it. Both verdicts are kept: ``overall`` in the chosen mode, ``joint`` and ``independent``.
+    """
+    baselines = dict(baselines or {})
+    configs = []
+    verdicts = {}
+    for name, row in rows.items():
+        rules = check_row(row, thresholds, baselines.get(name), name)
+        verdicts[name] = rules
+        metrics = dict(row)
+        drop = rules["decode_pass"].value
+        if drop is not None:
+            metrics["decode_drop"] = drop
+        if baselines.get(name) is not None:
+            metrics["baseline_decode_tps"] = baselines[name]
+        configs.append({"name": name, "passed": config_passes(rules), "metrics": metrics,
+                        "verdicts": {rule: v.as_dict() for rule, v in rules.items()}})
+    joint = overall_joint(verdicts)
+    independent, best = overall_independent(rows, thresholds, baselines)
+    chosen = joint if mode == "joint" else independent
+    return {
+        **dict(meta or {}),
+        "mode": mode,
+        "thresholds": thresholds.as_dict(),
+        "configs": configs,
+        "overall": {"passed": chosen.passed, "mode": chosen.mode, "passing": chosen.passing, "reason": chosen.reason},
+        "joint": {"passed": joint.passed, "passing": joint.passing, "reason": joint.reason},
+        "independent": {"passed": independent.passed, "reason": independent.reason,
+                        "verdicts": {rule: v.as_dict() for rule, v in best.items()}},
+    }
+
+
+def rule_verdicts(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"<config>::<rule>": verdict}`` for every configuration and rule of a report."""
+    return {f"{c['name']}::{rule}": v for c in report["configs"] for rule, v in c["verdicts"].items()}
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """``summary.md``: inputs, targets, best rows, the gate lines (``- overall_pass: ...``) and a
+    per-configuration table."""
+    t = report["thresholds"]
+    lines = ["# H2O v4 Quality Gate Summary", ""]
+    for key in ("preset", "runtime", "model", "commit", "out_dir", "started"):
+        if report.get(key) not in (None, ""):
+            lines.append(f"- {key.replace('_', ' ').capitalize()}: `{report[key]}`")
+    lines += ["", "## Targets", "",
+              f"- lossy_target: {t['lossy_target']}", f"- lossless_target: {t['lossless_target']}",
+              f"- decode_drop_target: {t['decode_drop_target']}",
+              f"- decode_baseline: {t['decode_baseline'] if t['decode_baseline'] is not None else 'same-run'}",
+              f"- require_runtime_decomp: {str(t['require_runtime_decomp']).lower()}",
+              f"- max_lossless_queue_peak: {t['max_queue_peak']}", f"- max_lossless_fallback: {t['max_fallback']}",
+              f"- min_top1: {t['min_top1']}", f"- max_ppl_delta: {t['max_ppl_delta']}", ""]
+    independent = report["independent"]["verdicts"]
+    lines += ["## Best Rows (original per-metric best of)", ""]
+    for rule in RULES:
+        if rule in independent:
+            v = independent[rule]
+            lines.append(f"- {rule}: {_bool(v['passed'])}{'' if v['enabled'] else ' (not enforced)'} - {v['reason']}")
+    lines += ["", "## Gate", ""]
+    chosen = report["overall"]
+    passing = {c["name"] for c in report["configs"] if c["passed"]}
+    rules, shown = independent, "each rule on its own best row"
+    if report["mode"] == "joint" and report["configs"]:
+        best = min(report["configs"], key=lambda c: sum(v["enabled"] and not v["passed"]
+                                                         for v in c["verdicts"].values()))
+        rules, shown = best["verdicts"], f"configuration {best['name']}"
+    for rule in RULES:
+        if rule in rules:
+            lines.append(f"- {rule}: {_bool(rules[rule]['passed'])}")
+    lines.append(f"- overall_pass: {_bool(chosen['passed'])}")
+    lines += ["", f"Rule lines: {shown}. Mode `{report['mode']}`: {chosen['reason']}."]
+    if report["mode"] == "joint":
+        lines.append(f"Passing configurations: {', '.join(chosen['passing']) or 'none'}.")
+        original = _bool(report["independent"]["passed"])
+        lines.append(f"The original's per-metric best of would say overall_pass: {original}.")
+    else:
+        lines.append(f"Joint verdict (one configuration passing every rule): {_bool(report['joint']['passed'])}"
+                     f" ({', '.join(report['joint']['passing']) or 'none'}).")
+    lines += ["", "## Configurations", "", _table(report["configs"], passing), ""]
+    failures = [f"- {c['name']}::{rule}: {v['reason']}" for c in report["configs"]
+                for rule, v in c["verdicts"].items() if v["enabled"] and not v["passed"]]
+    if failures:
+        lines += ["## Failing Rules", "", *failures, ""]
+    return "\n".join(lines)
+
+
+def _table(configs: list[dict[str, Any]], passing: set[str]) -> str:
+    header = ["config", *(h for _, h, _ in SUMMARY_COLUMNS), "pass"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * len(SUMMARY_COLUMNS) + ":---:|"]
+    for c in configs:
+        m = c["metrics"]
+        cells = [c["name"]] + [fmt.format(m[key]) if isinstance(m.get(key), (int, float)) else "-"
+                               for key, _, fmt in SUMMARY_COLUMNS]
+        failed = [rule for rule, v in c["verdicts"].items() if v["enabled"] and not v["passed"]]
+        cells.append("yes" if c["name"] in passing else "no: " + ", ".join(failed))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def write_reports(report: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    """Write ``summary.md``, ``summary.json``, ``h2o_metrics.csv``, ``cases.jsonl`` and the plots
+    into ``out_dir``; return the paths written."""
+    from .plots import plot_per_layer, plot_ratio_vs_speed
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "summary.md", out_dir / "summary.json", out_dir / "h2o_metrics.csv", out_dir / "cases.jsonl"]
+    written[0].write_text(render_markdown(report), encoding="utf-8")
+    written[1].write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    _write_metrics_csv(report, written[2])
+    with open(written[3], "w", encoding="utf-8") as handle:
+        for c in report["configs"]:
+            for rule, v in c["verdicts"].items():
+                handle.write(json.dumps({"config": c["name"], "case": f"{c['name']}::{rule}", **v}) + "\n")
+        handle.write(json.dumps({"config": None, "case": "overall_pass", "rule": "overall_pass",
+                                 **report["overall"]}) + "\n")
+    for plot in (plot_ratio_vs_speed(report, out_dir / "ratio_vs_decode.png"),
+                 plot_per_layer(report, out_dir / "per_layer_lossless.png")):
+        if plot is not None:
+            written.append(plot)
+    return written
+
+
+def _write_metrics_csv(report: Mapping[str, Any], path: Path) -> None:
+    columns: list[str] = ["config", "passed"]
+    for c in report["configs"]:
+        columns.extend(k for k, v in c["metrics"].items() if k not in columns and not isinstance(v, (dict, list)))
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for c in report["configs"]:
+            writer.writerow({"config": c["name"], "passed": c["passed"], **c["metrics"]})

@@ -1,0 +1,61 @@
+"""PNG plots of a gate report (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_ratio_vs_speed(report: Mapping[str, Any], path: Path) -> Path | None:
+    """Total (lossy x lossless) ratio against decode tok/s, one point per configuration; the lossy
+    target and the decode baseline as guides. None when no configuration has both numbers."""
+    points = [(c["name"], c["metrics"].get("decode_tps"), c["metrics"].get("total_ratio"), c["passed"])
+              for c in report["configs"]]
+    points = [p for p in points if isinstance(p[1], (int, float)) and isinstance(p[2], (int, float))]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for i, (name, x, y, ok) in enumerate(points):
+        ax.scatter([x], [y], color="tab:green" if ok else "tab:red", zorder=3)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4 - 11 * (i % 3)), fontsize=8)
+    baselines = {c["metrics"].get("baseline_decode_tps") for c in report["configs"]} - {None}
+    fixed = report["thresholds"].get("decode_baseline")
+    for base in sorted(baselines | ({fixed} if fixed else set())):
+        ax.axvline(base, color="grey", linestyle="--", linewidth=1)
+        drop = report["thresholds"]["decode_drop_target"]
+        ax.axvspan(base * (1 - drop), base, color="grey", alpha=0.1)
+    return _finish(fig, ax, path, f"{report.get('preset', 'gate')}: compression vs decode speed "
+                   "(green: passes every rule)", "decode speed (tok/s); dashed: baseline, band: allowed drop",
+                   "total ratio (h2o_lossy x lossless over scope)",
+                   ("lossy target", report["thresholds"]["lossy_target"]))
+
+
+def plot_per_layer(report: Mapping[str, Any], path: Path) -> Path | None:
+    """Online-sim lossless ratio per layer, one line per configuration; None without per-layer data."""
+    series = [(c["name"], c["metrics"].get("per_layer_lossless")) for c in report["configs"]]
+    series = [(name, data) for name, data in series if isinstance(data, dict) and data]
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for name, data in series:
+        layers = sorted(data, key=int)
+        ax.plot([int(layer) for layer in layers], [data[layer] for layer in layers], marker=".", label=name)
+    return _finish(fig, ax, path, f"{report.get('preset', 'gate')}: lossless ratio per layer", "layer",
+                   "lossless ratio (online-sim, held KV)", ("lossless target", report["thresholds"]["lossless_target"]))
+
+
+def _finish(fig: Any, ax: Any, path: Path, title: str, xlabel: str, ylabel: str, target: tuple[str, float]) -> Path:
+    """Target line, labels, legend and grid; save to ``path`` and free the figure."""
+    ax.axhline(target[1], color="grey", linestyle=":", linewidth=1, label=f"{target[0]} {target[1]:g}")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,214 @@
+"""The gate rules as plain functions over metric rows (``dict[str, float]``), usable without pytest.
+
+A metric row holds one configuration's run-level numbers under the llm_bench column names
+(``h2o_lossy``, ``h2o_lossless_decomp_us``, ...) plus ``decode_tps``, ``lossless_online`` (the
+offline online-sim ratio over the front_n layers) and, when measured, ``h2o_fidelity_top1`` and
+``h2o_fidelity_ppl_delta``. The rule names and default targets are the original v4 gate's;
+``fidelity_pass`` is ours.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Mapping
+
+RULES: tuple[str, ...] = ("lossy_pass", "lossless_online_pass", "decode_pass", "runtime_decomp_pass",
+                          "runtime_queue_peak_pass", "runtime_fallback_pass", "fidelity_pass")
+GateMode = Literal["joint", "independent"]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Targets and limits; a negative limit (or ``None``) turns its rule off, as in the original."""
+
+    lossy_target: float = 3.0
+    lossless_target: float = 1.3
+    decode_drop_target: float = 0.05
+    decode_baseline: float | None = None  # fixed tok/s; None: the same-run baseline
+    require_runtime_decomp: bool = True
+    max_queue_peak: float = -1.0
+    max_fallback: float = -1.0
+    min_top1: float | None = None
+    max_ppl_delta: float | None = None
+
+    def as_dict(self) -> dict[str, float | bool | None]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One rule on one configuration: ``enabled`` False means reported, not enforced."""
+
+    rule: str
+    passed: bool
+    enabled: bool
+    value: float | None
+    target: float | None
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Overall:
+    """``overall_pass`` and the configurations it rests on."""
+
+    passed: bool
+    mode: GateMode
+    passing: list[str] = field(default_factory=list)
+    reason: str = ""
+
+
+def _num(row: Mapping[str, float], key: str) -> float | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _fmt(value: float | None) -> str:
+    return "missing" if value is None else f"{value:.4g}"
+
+
+def decode_drop(decode_tps: float | None, baseline_tps: float | None) -> float | None:
+    """``(baseline - decode) / baseline``; None when either is unknown or the baseline is not positive."""
+    if decode_tps is None or baseline_tps is None or baseline_tps <= 0:
+        return None
+    return (baseline_tps - decode_tps) / baseline_tps
+
+
+def check_row(row: Mapping[str, float], t: Thresholds, baseline_tps: float | None = None,
+              name: str = "config") -> dict[str, Verdict]:
+    """Every rule on one metric row. ``baseline_tps`` is the decode baseline (``t.decode_baseline``
+    wins when set); a reason is one line naming value, target and configuration."""
+    out: dict[str, Verdict] = {}
+
+    def at_least(rule: str, key: str, target: float, label: str) -> None:
+        value = _num(row, key)
+        ok = value is not None and value >= target
+        out[rule] = Verdict(rule, ok, True, value, target,
+                            f"{label} {_fmt(value)} {'>=' if ok else '<'} {target:g} ({name})")
+
+    at_least("lossy_pass", "h2o_lossy", t.lossy_target, "h2o_lossy")
+    source = row.get("lossless_online_source", "online_sim")
+    at_least("lossless_online_pass", "lossless_online", t.lossless_target, f"lossless_online[{source}]")
+
+    baseline = t.decode_baseline if t.decode_baseline is not None else baseline_tps
+    decode = _num(row, "decode_tps")
+    drop = decode_drop(decode, baseline)
+    if baseline is None or baseline <= 0:
+        out["decode_pass"] = Verdict("decode_pass", True, False, None, t.decode_drop_target,
+                                     f"no decode baseline: decode {_fmt(decode)} tok/s not gated ({name})")
+    else:
+        ok = drop is not None and drop <= t.decode_drop_target
+        out["decode_pass"] = Verdict("decode_pass", ok, True, drop, t.decode_drop_target,
+                                     f"decode drop {_fmt(drop)} ({_fmt(decode)} vs baseline {baseline:.4g} tok/s) "
+                                     f"{'<=' if ok else '>'} {t.decode_drop_target:g} ({name})")
+
+    decomp = _num(row, "h2o_lossless_decomp_us")
+    ok = decomp is not None and decomp > 0
+    out["runtime_decomp_pass"] = Verdict("runtime_decomp_pass", ok or not t.require_runtime_decomp,
+                                         t.require_runtime_decomp, decomp, 0.0,
+                                         f"h2o_lossless_decomp_us {_fmt(decomp)} {'>' if ok else '<='} 0 ({name})")
+    for rule, key, limit in (("runtime_queue_peak_pass", "h2o_lossless_queue_peak", t.max_queue_peak),
+                             ("runtime_fallback_pass", "h2o_lossless_fallback", t.max_fallback)):
+        value = _num(row, key)
+        if limit < 0:
+            out[rule] = Verdict(rule, True, False, value, None, f"{key} {_fmt(value)}, no limit set ({name})")
+        else:
+            ok = value is not None and value <= limit
+            out[rule] = Verdict(rule, ok, True, value, limit,
+                                f"{key} {_fmt(value)} {'<=' if ok else '>'} {limit:g} ({name})")
+    out["fidelity_pass"] = _fidelity(row, t, name)
+    return out
+
+
+def _fidelity(row: Mapping[str, float], t: Thresholds, name: str) -> Verdict:
+    top1, ppl = _num(row, "h2o_fidelity_top1"), _num(row, "h2o_fidelity_ppl_delta")
+    text = f"top1 {_fmt(top1)}, ppl delta {_fmt(ppl)}"
+    enabled = t.min_top1 is not None or t.max_ppl_delta is not None
+    if not enabled:
+        return Verdict("fidelity_pass", True, False, top1, None, f"{text}, no limit set ({name})")
+    failures = []
+    if t.min_top1 is not None and (top1 is None or top1 < t.min_top1):
+        failures.append(f"top1 {_fmt(top1)} < {t.min_top1:g}")
+    if t.max_ppl_delta is not None and (ppl is None or ppl > t.max_ppl_delta):
+        failures.append(f"ppl delta {_fmt(ppl)} > {t.max_ppl_delta:g}")
+    limits = ", ".join(part for part in (f"top1 >= {t.min_top1:g}" if t.min_top1 is not None else "",
+                                         f"ppl delta <= {t.max_ppl_delta:g}" if t.max_ppl_delta is not None else "")
+                       if part)
+    reason = f"{'; '.join(failures)} ({name})" if failures else f"{text} within {limits} ({name})"
+    return Verdict("fidelity_pass", not failures, True, top1, t.min_top1, reason)
+
+
+def config_passes(verdicts: Mapping[str, Verdict]) -> bool:
+    """Whether every enabled rule passes."""
+    return all(v.passed for v in verdicts.values() if v.enabled)
+
+
+def overall_joint(verdicts: Mapping[str, Mapping[str, Verdict]]) -> Overall:
+    """Ours: at least one configuration passes every enabled rule at once."""
+    passing = [name for name, rules in verdicts.items() if config_passes(rules)]
+    if passing:
+        return Overall(True, "joint", passing, f"{len(passing)}/{len(verdicts)} configurations pass every rule")
+    if not verdicts:
+        return Overall(False, "joint", [], "no configurations")
+    failed = {name: [r for r, v in rules.items() if v.enabled and not v.passed] for name, rules in verdicts.items()}
+    detail = "; ".join(f"{name}: {', '.join(rules)}" for name, rules in failed.items())
+    return Overall(False, "joint", [], f"no configuration passes every rule ({detail})")
+
+
+def best_of(rows: Mapping[str, Mapping[str, float]], t: Thresholds,
+            baselines: Mapping[str, float | None] | None = None) -> dict[str, Verdict]:
+    """The original's per-metric "best of": each rule on the best row for its metric (max lossy,
+    max lossless_online, max decode, max decomp_us; max queue peak and fallback against their limits)."""
+    if not rows:
+        return {}
+    baselines = baselines or {}
+
+    def best(key: str, pick=max) -> tuple[str, float | None]:
+        present = [(name, _num(row, key)) for name, row in rows.items() if _num(row, key) is not None]
+        if not present:
+            return next(iter(rows)), None
+        return pick(present, key=lambda item: item[1])
+
+    combined: dict[str, float | str] = {}
+    names: dict[str, str] = {}
+    for key in ("h2o_lossy", "lossless_online", "h2o_lossless_decomp_us", "h2o_lossless_queue_peak",
+                "h2o_lossless_fallback", "h2o_fidelity_top1"):
+        names[key], value = best(key)
+        if value is not None:
+            combined[key] = value
+    names["h2o_fidelity_ppl_delta"], ppl = best("h2o_fidelity_ppl_delta", min)
+    if ppl is not None:
+        combined["h2o_fidelity_ppl_delta"] = ppl
+    # decode: the row with the smallest drop against its own baseline
+    drops = [(name, decode_drop(_num(row, "decode_tps"), t.decode_baseline or baselines.get(name)))
+             for name, row in rows.items()]
+    drops = [(name, d) for name, d in drops if d is not None]
+    decode_name = min(drops, key=lambda item: item[1])[0] if drops else next(iter(rows))
+    combined["decode_tps"] = rows[decode_name].get("decode_tps", math.nan)
+    combined["lossless_online_source"] = rows[names["lossless_online"]].get("lossless_online_source", "online_sim")
+    verdicts = check_row(combined, t, baselines.get(decode_name), "best of")
+    rule_keys = {"lossy_pass": "h2o_lossy", "lossless_online_pass": "lossless_online",
+                 "runtime_decomp_pass": "h2o_lossless_decomp_us", "runtime_queue_peak_pass": "h2o_lossless_queue_peak",
+                 "runtime_fallback_pass": "h2o_lossless_fallback", "fidelity_pass": "h2o_fidelity_top1"}
+    out = {}
+    for rule, v in verdicts.items():
+        source = decode_name if rule == "decode_pass" else names[rule_keys[rule]]
+        reason = v.reason.replace("(best of)", f"(best: {source})")
+        out[rule] = Verdict(rule, v.passed, v.enabled, v.value, v.target, reason)
+    return out
+
+
+def overall_independent(rows: Mapping[str, Mapping[str, float]], t: Thresholds,
+                        baselines: Mapping[str, float | None] | None = None) -> tuple[Overall, dict[str, Verdict]]:
+    """The original's ``overall_pass``: every rule passes on its own best row (possibly different rows)."""
+    verdicts = best_of(rows, t, baselines)
+    failed = [rule for rule, v in verdicts.items() if v.enabled and not v.passed]
+    passed = bool(verdicts) and not failed
+    reason = "every rule passes on its best row" if passed else f"failing: {', '.join(failed) or 'no rows'}"
+    return Overall(passed, "independent", [], reason), verdicts

@@ -1,0 +1,106 @@
+"""Trends over stored gate runs (:mod:`gates.history` records): a markdown table and a PNG plot.
+
+The table has one row per run and reads every metric from one *representative* configuration of
+that run, so a row never mixes configurations (the flaw of a per-metric best of): the first
+configuration that passes every rule, else the one that passes the most enabled rules (ties: the
+preset's order), unless a configuration is named. The plot shows every configuration, one line each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .history import preset_matches, record_time, short_commit
+
+DEFAULT_TREND_METRICS: tuple[str, ...] = ("h2o_lossy", "lossless_online", "total_ratio", "decode_vs_baseline")
+
+
+def representative_config(record: Mapping[str, Any], config: str | None = None) -> str | None:
+    """The configuration a trend row reads: ``config`` if the run has it, else the first passing one,
+    else the one passing the most enabled rules; None for a run without configurations (or without ``config``)."""
+    configs = record.get("configs", {})
+    if config is not None:
+        return config if config in configs else None
+    passing = [name for name, c in configs.items() if c.get("passed")]
+    if passing:
+        return passing[0]
+
+    def score(name: str) -> int:
+        return sum(1 for v in configs[name].get("verdicts", {}).values() if v.get("enabled") and v.get("passed"))
+
+    return max(configs, key=score, default=None)  # max keeps the first of equal scores
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def _commit_label(record: Mapping[str, Any]) -> str:
+    return short_commit(record) + ("+" if record.get("git", {}).get("dirty") else "")
+
+
+def trend_table(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], preset: str | None = None,
+                config: str | None = None) -> str:
+    """Markdown: one row per run (oldest first) with time, commit (``+``: uncommitted changes), overall
+    verdict, the representative configuration and its value of each metric (``-`` when absent)."""
+    rows = [r for r in records if preset_matches(r, preset)]
+    header = ["#", "time (UTC)", "commit", "preset", "pass", "config", *metrics]
+    lines = ["| " + " | ".join(header) + " |", "|---:|---|---|---|:---:|---|" + "---:|" * len(metrics)]
+    for index, record in enumerate(rows, 1):
+        name = representative_config(record, config)
+        values = record.get("configs", {}).get(name, {}).get("metrics", {}) if name else {}
+        cells = [str(index), record_time(record).strftime("%Y-%m-%d %H:%M:%S"), _commit_label(record),
+                 str(record.get("preset") or "-"), "yes" if record.get("overall", {}).get("passed") else "no",
+                 name or "-", *(_fmt(values.get(m)) for m in metrics)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _series(records: Sequence[Mapping[str, Any]], metric: str) -> dict[str, list[tuple[int, float]]]:
+    """``{config: [(run index, value), ...]}`` for one metric."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for index, record in enumerate(records):
+        for name, c in record.get("configs", {}).items():
+            value = c.get("metrics", {}).get(metric)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out.setdefault(name, []).append((index, float(value)))
+    return out
+
+
+def plot_trend(records: Sequence[Mapping[str, Any]], path: Path, metrics: Sequence[str],
+               preset: str | None = None) -> Path | None:
+    """One subplot per metric, x = run order labelled by short commit (red: the run failed the gate),
+    one line per configuration. None when no run has any of the metrics."""
+    rows = [r for r in records if preset_matches(r, preset)]
+    series = {m: _series(rows, m) for m in metrics}
+    shown = [m for m in metrics if series[m]]
+    if not shown:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(shown), 1, sharex=True, squeeze=False,
+                             figsize=(max(6.0, 0.6 * len(rows) + 3), 2.6 * len(shown) + 0.8), dpi=110)
+    for ax, metric in zip(axes[:, 0], shown):
+        for name, points in series[metric].items():
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=4, label=name)
+        ax.set_ylabel(metric, fontsize=8)
+        ax.grid(alpha=0.3)
+    bottom = axes[-1, 0]
+    bottom.set_xticks(range(len(rows)))
+    bottom.set_xticklabels([_commit_label(r)[:8] for r in rows], rotation=45, ha="right", fontsize=7)
+    for label, record in zip(bottom.get_xticklabels(), rows):
+        if not record.get("overall", {}).get("passed"):
+            label.set_color("tab:red")
+    bottom.set_xlabel("run (commit; red: gate failed)")
+    axes[0, 0].legend(loc="best", fontsize=7)
+    axes[0, 0].set_title(f"{preset or 'all presets'}: trend over {len(rows)} runs")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

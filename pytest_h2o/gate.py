@@ -1,0 +1,121 @@
+"""One gate run inside a pytest session: the preset's points, the thresholds, and the measurement,
+run once per session however many items and xdist workers ask for it.
+
+The first process that needs numbers takes a file lock in the run folder, measures every
+configuration and writes ``results.json``; every other process (and every later item) reads that file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from filelock import FileLock
+
+from gates.gate_report import build_report
+from gates.rules import GateMode, Thresholds
+from h2o_kernels.config_keys import ConfigError
+from presets.matrix import Point, PresetError, expand, find_preset, load_preset
+
+from .bench import check_config
+from .gate_run import RunSpec, measure
+
+RESULTS = "results.json"
+
+
+class GateSetupError(ValueError):
+    """The gate cannot be set up (bad preset, bad option); the message names the file or option."""
+
+
+@dataclass
+class Gate:
+    """A preset turned into configurations, with the thresholds and where to measure."""
+
+    preset_path: Path
+    points: list[Point]
+    thresholds: Thresholds
+    mode: GateMode
+    spec: RunSpec
+    progress: Callable[[str], None] = print
+    meta: dict[str, Any] = field(default_factory=dict)
+    _results: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.preset_path.name
+
+    @property
+    def out_dir(self) -> Path:
+        return self.spec.out_dir
+
+    def results(self) -> dict[str, Any]:
+        """The measured numbers, measuring first if no process has yet (under the run folder's lock)."""
+        if self._results is None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            path = self.out_dir / RESULTS
+            with FileLock(str(self.out_dir / ".measure.lock")):
+                if not path.is_file():
+                    self._write_atomic(path, self._measure())
+            self._results = json.loads(path.read_text(encoding="utf-8"))
+        return self._results
+
+    def measured(self) -> bool:
+        """Whether some process of this session has written the results."""
+        return (self.out_dir / RESULTS).is_file()
+
+    def report(self) -> dict[str, Any]:
+        """The gate report (verdicts per configuration and overall) over the measured numbers."""
+        results = self.results()
+        rows = {p.label: results["configs"].get(p.label, {"error": results.get("fatal", "not measured")})
+                for p in self.points}
+        meta = {"preset": self.name, "preset_path": str(self.preset_path), "runtime": results.get("runtime"),
+                "model": results.get("model"), "out_dir": str(self.out_dir), "started": results.get("started"),
+                "elapsed_s": results.get("elapsed_s"), "warnings": results.get("warnings", []),
+                "fatal": results.get("fatal"), **self.meta}
+        return build_report(rows, self.thresholds, self.mode, results.get("baselines", {}), meta)
+
+    def _measure(self) -> dict[str, Any]:
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        t0 = time.perf_counter()
+        try:
+            results = measure(self.points, self.spec, self._progress)
+        except Exception as exc:  # noqa: BLE001 - one failure must fail every item with its reason, not crash
+            (self.out_dir / "measure_error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+            results = {"fatal": f"{type(exc).__name__}: {exc}", "configs": {}, "baselines": {}, "warnings": []}
+        results.update(started=started, elapsed_s=time.perf_counter() - t0)
+        return results
+
+    def _progress(self, line: str) -> None:
+        with open(self.out_dir / "progress.log", "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+        self.progress(line)
+
+    @staticmethod
+    def _write_atomic(path: Path, data: dict[str, Any]) -> None:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def load_points(preset: str | Path, overrides: dict[str, Any]) -> tuple[Path, list[Point]]:
+    """Find, validate and expand a preset, apply ``kv_*`` overrides, and check every configuration's
+    keys; GateSetupError names the file and the key."""
+    try:
+        path = find_preset(preset)
+        points = expand(load_preset(path), str(path))
+    except PresetError as exc:
+        raise GateSetupError(str(exc)) from None
+    if overrides:
+        points = [Point(p.run_id, p.prompt_tokens, p.gen_tokens, p.repeat, {**p.config, **overrides}, p.label)
+                  for p in points]
+    for point in points:
+        try:
+            check_config(point.config, f"{path} ({point.label})")
+        except ConfigError as exc:
+            raise GateSetupError(str(exc)) from None
+    return path, points

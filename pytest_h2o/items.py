@@ -1,0 +1,115 @@
+"""The collected tree of a gate run: ``<preset>::<configuration>::<rule>`` items and ``<preset>::overall_pass``.
+
+Items only read the gate's report; the first one to need numbers triggers the (single) measurement.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gates.history import CompareSpec, regressions
+from gates.rules import RULES
+
+from .compare import HistorySetup
+from .gate import Gate
+
+
+class GateFailure(AssertionError):
+    """A rule did not hold; the message is its one-line reason."""
+
+
+class PresetCollector(pytest.Collector):
+    """The preset: one child per configuration, then ``overall_pass`` and any history comparisons."""
+
+    def __init__(self, *, gate: Gate, history: HistorySetup, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gate, self.history = gate, history
+
+    def collect(self) -> list[pytest.Item | pytest.Collector]:
+        children: list[pytest.Item | pytest.Collector] = [
+            ConfigCollector.from_parent(self, name=point.label, gate=self.gate) for point in self.gate.points]
+        children.append(OverallItem.from_parent(self, name="overall_pass", gate=self.gate))
+        children += [CompareItem.from_parent(self, name=f"compare[{spec}]", gate=self.gate, history=self.history,
+                                             spec=spec) for spec in self.history.specs]
+        return children
+
+    def reportinfo(self):
+        return self.gate.preset_path, None, self.name
+
+
+class ConfigCollector(pytest.Collector):
+    """One configuration of the preset: one item per rule."""
+
+    def __init__(self, *, gate: Gate, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gate = gate
+
+    def collect(self) -> list[pytest.Item]:
+        return [RuleItem.from_parent(self, name=rule, gate=self.gate, config_name=self.name, rule=rule)
+                for rule in RULES]
+
+
+class _GateItem(pytest.Item):
+    def __init__(self, *, gate: Gate, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gate = gate
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None):  # type: ignore[override]
+        if isinstance(excinfo.value, GateFailure):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.gate.preset_path, None, self.nodeid.split("::", 1)[-1]
+
+
+class RuleItem(_GateItem):
+    """``<preset>::<configuration>::<rule>``: fails with the rule's one-line reason; skipped when the
+    rule is off (its value still reported)."""
+
+    def __init__(self, *, config_name: str, rule: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.config_name, self.rule = config_name, rule
+
+    def runtest(self) -> None:
+        report = self.gate.report()
+        config = next(c for c in report["configs"] if c["name"] == self.config_name)
+        error = config["metrics"].get("error") or report.get("fatal")
+        if error:
+            raise GateFailure(f"{self.config_name}: not measured: {error}")
+        verdict = config["verdicts"][self.rule]
+        if not verdict["enabled"]:
+            pytest.skip(f"not enforced: {verdict['reason']}")
+        if not verdict["passed"]:
+            raise GateFailure(f"{self.rule}: {verdict['reason']}")
+
+
+class OverallItem(_GateItem):
+    """``<preset>::overall_pass``: the gate's verdict in the chosen mode; the message names the
+    passing configuration, or why none passes."""
+
+    def runtest(self) -> None:
+        overall = self.gate.report()["overall"]
+        if not overall["passed"]:
+            raise GateFailure(f"overall_pass ({overall['mode']}): {overall['reason']}")
+
+
+class CompareItem(_GateItem):
+    """``<preset>::compare[METRIC:TOL%]``: fails when a configuration regressed beyond tolerance
+    against the stored run; skipped when the store holds nothing to compare with."""
+
+    def __init__(self, *, history: HistorySetup, spec: CompareSpec, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.history, self.spec = history, spec
+
+    def runtest(self) -> None:
+        if self.history.previous is None:
+            pytest.skip(self.history.missing)
+        bad = regressions(self.history.compare(self.gate.report(), [self.spec]))
+        if bad:
+            raise GateFailure("; ".join(
+                f"{c.config}: {c.basis} {c.old:.4g} -> {c.new:.4g} ({c.change:+.2f}"
+                f"{' pp' if c.unit == 'pp' else '%'}, tolerance {c.tolerance:g}) {c.note}".rstrip()
+                if not c.missing else f"{c.config}: {c.note}" for c in bad))

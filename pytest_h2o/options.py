@@ -1,0 +1,143 @@
+"""The plugin's settings: command-line options, ini keys and environment variables, in that order.
+
+Every setting has a ``--h2o-*`` option and an ``h2o_*`` ini key; the ones the original kit's shell
+scripts read from the environment keep their names (``LOSSY_TARGET``, ``KV_LOSSLESS_SCOPE``, ...),
+the others read ``H2O_*``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: option flag, ini key, environment variable, parser and default."""
+
+    name: str  # dest and ini key, e.g. "h2o_lossy_target"
+    env: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    config_key: str | None = None  # a kv_* key this setting overrides in every configuration
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _limit(text: str) -> float | None:
+    """A float where a negative value means off, as the original's limits."""
+    value = float(text)
+    return None if value < 0 else value
+
+
+def _baseline(text: str) -> float | None:
+    """A fixed decode baseline; <= 0 means none (the same-run baseline), as the original skipped it."""
+    value = float(text)
+    return value if value > 0 else None
+
+
+def _store(text: str) -> Path | None:
+    return None if text.strip().lower() in ("off", "none", "") else Path(text)
+
+
+def _mode(text: str) -> str:
+    if text not in ("joint", "independent"):
+        raise ValueError(f"expected joint or independent, got {text!r}")
+    return text
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("h2o_preset", "H2O_PRESET", str, None, "preset matrix: a JSON path or a bundled name "
+            "(e.g. target_joint_scope_v4.json); turns the preset into gate tests"),
+    Setting("h2o_out", "H2O_OUT", Path, None, "report folder (default: a fresh .h2o/runs/<timestamp>)"),
+    Setting("h2o_model", "H2O_MODEL", str, "smollm2", "reference runtime model: smollm2, a .gguf or a config.json"),
+    Setting("h2o_text_file", "H2O_TEXT_FILE", Path, None, "text for prompts (default: Python's pydoc help)"),
+    Setting("h2o_threads", "H2O_THREADS", int, 1, "BLAS threads of the reference runtime / llm_bench -t"),
+    Setting("h2o_gate_mode", "H2O_GATE_MODE", _mode, "joint", "joint: one configuration passes every rule; "
+            "independent: the original's per-metric best of"),
+    Setting("h2o_kv_dumps", "H2O_KV_DUMPS", Path, None, "KV dumps for the online-sim instead of the run's own"),
+    Setting("h2o_llm_bench", "H2O_LLM_BENCH", str, None, "run this external llm_bench binary per configuration"),
+    Setting("h2o_base_config", "H2O_BASE_CONFIG", Path, None, "with --h2o-llm-bench: the model's base config"),
+    Setting("h2o_logs", "H2O_LOGS", Path, None, "gate existing llm_bench logs (a folder of <run_id>.log) or a CSV"),
+    Setting("h2o_lossy_target", "LOSSY_TARGET", float, 3.0, "lossy_pass: h2o_lossy >= this"),
+    Setting("h2o_lossless_target", "LOSSLESS_TARGET", float, 1.3, "lossless_online_pass: online-sim >= this"),
+    Setting("h2o_decode_drop_target", "DECODE_DROP_TARGET", float, 0.05, "decode_pass: drop <= this"),
+    Setting("h2o_decode_baseline", "DECODE_BASELINE", _baseline, None,
+            "fixed decode baseline tok/s (default: measured in the same run; <= 0 means same-run)"),
+    Setting("h2o_require_runtime_decomp", "REQUIRE_RUNTIME_DECOMP", _bool, True,
+            "runtime_decomp_pass: require h2o_lossless_decomp_us > 0"),
+    Setting("h2o_max_queue_peak", "MAX_LOSSLESS_QUEUE_PEAK", float, -1.0, "runtime_queue_peak_pass limit (< 0: off)"),
+    Setting("h2o_max_fallback", "MAX_LOSSLESS_FALLBACK", float, -1.0, "runtime_fallback_pass limit (< 0: off)"),
+    Setting("h2o_min_top1", "H2O_MIN_TOP1", _limit, None, "fidelity_pass: top-1 agreement >= this (< 0: off)"),
+    Setting("h2o_max_ppl_delta", "H2O_MAX_PPL_DELTA", float, None, "fidelity_pass: perplexity delta <= this "
+            "(0.07 = +7%)"),
+    Setting("h2o_runtime_mode", "KV_LOSSLESS_RUNTIME_MODE", str, None, "override kv_lossless_runtime_mode",
+            "kv_lossless_runtime_mode"),
+    Setting("h2o_scope", "KV_LOSSLESS_SCOPE", str, None, "override kv_lossless_scope", "kv_lossless_scope"),
+    Setting("h2o_kept_sample_layers", "KV_LOSSLESS_KEPT_SAMPLE_LAYERS", int, None,
+            "override kv_lossless_kept_sample_layers", "kv_lossless_kept_sample_layers"),
+    Setting("h2o_kept_sample_token_interval", "KV_LOSSLESS_KEPT_SAMPLE_TOKEN_INTERVAL", int, None,
+            "override kv_lossless_kept_sample_token_interval", "kv_lossless_kept_sample_token_interval"),
+    Setting("h2o_history", "H2O_HISTORY", _store, Path(".h2o/history"), "history store; 'off' disables it"),
+    Setting("h2o_compare", "H2O_COMPARE", str, None, "compare with a stored run: latest, a commit or a record path"),
+    Setting("h2o_compare_fail", "H2O_COMPARE_FAIL", str, None,
+            "fail on a regression beyond tolerance, METRIC:TOL% (comma-separated or repeated)"),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """Register every setting as an option in the ``h2o`` group and as an ini key."""
+    group = parser.getgroup("h2o", "pytest-h2o KV-cache compression gate")
+    for s in SETTINGS:
+        text = f"{s.help} [env {s.env}]"
+        if s.name == "h2o_compare":
+            group.addoption(s.flag, dest=s.name, nargs="?", const="latest", default=None, help=text)
+        elif s.name == "h2o_compare_fail":
+            group.addoption(s.flag, dest=s.name, action="append", default=None, help=text)
+        else:
+            group.addoption(s.flag, dest=s.name, default=None, help=text)
+        parser.addini(s.name, f"{s.help} (option {s.flag})", default=None)
+
+
+def resolve(config: pytest.Config, name: str) -> Any:
+    """The setting's value: option, else ini, else environment, else default. A value that does not
+    parse is a usage error naming where it came from."""
+    s = BY_NAME[name]
+    raw = config.getoption(s.name)
+    source = s.flag
+    if s.name == "h2o_compare_fail" and raw:
+        raw = ",".join(raw)
+    if raw is None:
+        raw, source = config.getini(s.name), f"ini {s.name}"
+        raw = raw if raw not in (None, "", []) else None
+        if isinstance(raw, list):
+            raw = ",".join(raw)
+    if raw is None:
+        raw, source = os.environ.get(s.env) or None, f"${s.env}"
+    if raw is None:
+        return s.default
+    try:
+        value = s.parse(str(raw))
+    except ValueError as exc:
+        raise pytest.UsageError(f"{source}={raw!r}: {exc}") from None
+    if isinstance(value, Path) and not value.is_absolute():
+        base = config.rootpath if source.startswith("ini") else config.invocation_params.dir
+        value = base / value
+    return value

@@ -1,0 +1,63 @@
+"""What the plugin shows of a gate report: the terminal table and the junit properties."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping
+
+from gates.gate_report import SUMMARY_COLUMNS
+
+# per-configuration metrics written as junit properties (besides every rule's verdict and value)
+JUNIT_METRICS = ("h2o_lossy", "lossless_online", "lossless_scope", "total_ratio", "decode_tps", "baseline_decode_tps",
+                 "decode_drop", "h2o_lossless", "h2o_lossless_decomp_us", "h2o_lossless_queue_peak",
+                 "h2o_lossless_fallback", "h2o_fidelity_top1", "h2o_fidelity_ppl_delta", "h2o_fidelity_kl")
+
+
+def junit_properties(report: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """Run-level numbers, then ``<config>.<metric>`` and ``<config>::<rule>`` entries, as
+    ``<testsuite>`` properties (valid under the default xunit2 family, where ``<testcase>``
+    properties are not)."""
+    yield "h2o_preset", str(report.get("preset"))
+    yield "h2o_runtime", str(report.get("runtime"))
+    yield "h2o_model", str(report.get("model"))
+    yield "h2o_gate_mode", str(report["mode"])
+    yield "h2o_overall_pass", _b(report["overall"]["passed"])
+    yield "h2o_passing_configs", ",".join(report["overall"]["passing"])
+    for key, value in report["thresholds"].items():
+        yield f"h2o_threshold.{key}", str(value)
+    for c in report["configs"]:
+        m = c["metrics"]
+        for key in JUNIT_METRICS:
+            if isinstance(m.get(key), (int, float)):
+                yield f"{c['name']}.{key}", f"{m[key]:.6g}"
+        for rule, v in c["verdicts"].items():
+            state = ("pass" if v["passed"] else "fail") if v["enabled"] else "off"
+            value = "" if v["value"] is None else f" value={v['value']:.6g}"
+            yield f"{c['name']}::{rule}", f"{state}{value}"
+
+
+def terminal_lines(report: Mapping[str, Any], comparison: str | None = None) -> list[str]:
+    """The end-of-run table: one row per configuration, then the verdict."""
+    header = ["config", *(h for _, h, _ in SUMMARY_COLUMNS), "verdict"]
+    rows = [header]
+    for c in report["configs"]:
+        m = c["metrics"]
+        failed = [rule.removesuffix("_pass") for rule, v in c["verdicts"].items() if v["enabled"] and not v["passed"]]
+        rows.append([c["name"], *(fmt.format(m[key]) if isinstance(m.get(key), (int, float)) else "-"
+                                  for key, _, fmt in SUMMARY_COLUMNS),
+                     "PASS" if c["passed"] else "fail: " + ",".join(failed)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i in (0, len(header) - 1) else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    overall = report["overall"]
+    lines.append(f"overall_pass: {_b(overall['passed'])} ({overall['mode']}: {overall['reason']})")
+    if report["mode"] == "joint":
+        lines.append(f"original per-metric best of: overall_pass {_b(report['independent']['passed'])}")
+    for warning in report.get("warnings", []):
+        lines.append(warning)
+    if comparison:
+        lines += ["", comparison]
+    return lines
+
+
+def _b(value: bool) -> str:
+    return "true" if value else "false"

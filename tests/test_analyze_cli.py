@@ -1,0 +1,329 @@
+"""``h2o-gate parse-log``, ``analyze`` and ``full-eval`` in process, on hand-written llm_bench logs
+(the v4 table format of the original) and tiny KV dumps; expected numbers are computed by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gates.log_parse import metric_row, read_csv
+from h2o_kernels.kvdump import write_dump
+from pytest_h2o.analyze_cli import check_offline, config_names
+from pytest_h2o.cli import main
+
+V4_HEADER = ("model", "modelSize", "backend", "threads", "precision", "llm_demo", "speed(tok/s)", "h2o_keep",
+             "h2o_lossy", "h2o_lossless", "h2o_target_keep_effective", "h2o_floor_keep", "h2o_quantized_keep",
+             "h2o_evict_us", "h2o_codec_us", "h2o_lossless_raw_mb", "h2o_lossless_comp_mb", "h2o_lossless_comp_us",
+             "h2o_lossless_decomp_us", "h2o_lossless_queue_peak", "h2o_lossless_fallback")
+
+
+def table_line(cells: list[str] | tuple[str, ...]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+HEADER_LINES = [table_line(V4_HEADER), table_line(["---"] + ["---:"] * (len(V4_HEADER) - 1))]
+
+
+def bench_row(lossy: float, lossless: float, decode: float, decomp: float = 590.0, queue: float = 1.0,
+              fallback: float = 0.0, prompt: int = 512) -> str:
+    """One v4 llm_bench row (the sample's layout) with the gated numbers chosen by the test."""
+    return table_line([
+        "llama2_mnn", "3.85 GiB", "CPU", "4", "Low", f"prompt={prompt}<br>decode=128",
+        f"48.31 ± 0.42<br>{decode:.2f} ± 0.03", "0.3138 ± 0.0000", f"{lossy:.3f} ± 0.000",
+        f"{lossless:.3f} ± 0.002", "0.3138 ± 0.0000", "0.1891 ± 0.0000", "0.3138 ± 0.0000", "41.00 ± 3.61",
+        "2150.33 ± 80.12", "1.00 ± 0.00", "0.71 ± 0.00", "2150.33 ± 80.12", f"{decomp:.2f} ± 20.03",
+        f"{queue:.2f} ± 0.00", f"{fallback:.2f} ± 0.00"])
+
+
+def write_log(path: Path, *rows: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([*HEADER_LINES, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+def write_json(path: Path, ratio: float) -> Path:
+    path.write_text(json.dumps({"weighted_lossless_ratio": ratio, "raw_bytes": 100}), encoding="utf-8")
+    return path
+
+
+def make_csv(tmp_path: Path, logs: dict[str, list[str]]) -> Path:
+    """Write ``logs/<name>.log`` for each entry and parse them with ``h2o-gate parse-log``."""
+    for name, rows in logs.items():
+        write_log(tmp_path / "logs" / f"{name}.log", *rows)
+    csv_path = tmp_path / "h2o_metrics.csv"
+    assert main(["parse-log", "--log-dir", str(tmp_path / "logs"), "--out-csv", str(csv_path)]) == 0
+    return csv_path
+
+
+def analyze(tmp_path: Path, csv_path: Path, *extra: str) -> int:
+    return main(["analyze", "--csv", str(csv_path), "--out", str(tmp_path / "summary.md"),
+                 "--out-json", str(tmp_path / "summary.json"), *extra])
+
+
+def summary(tmp_path: Path) -> tuple[str, dict]:
+    report = json.loads((tmp_path / "summary.json").read_text())
+    return (tmp_path / "summary.md").read_text(), report
+
+
+def configs(report: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in report["configs"]}
+
+
+def failing(report: dict) -> dict[str, list[str]]:
+    return {c["name"]: sorted(r for r, v in c["verdicts"].items() if v["enabled"] and not v["passed"])
+            for c in report["configs"]}
+
+
+def usage_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+# --- parse-log -------------------------------------------------------------------------------------
+
+
+def test_parse_log_reads_a_file_named_twice_once(tmp_path, capsys):
+    log = write_log(tmp_path / "logs" / "a.log", bench_row(3.2, 1.1, 6.3), bench_row(3.3, 1.2, 6.4, prompt=1024))
+    out = tmp_path / "m.csv"
+    again = tmp_path / "logs" / ".." / "logs" / "a.log"
+    assert main(["parse-log", "--log-dir", str(log.parent), "--log-files", f"{again},{log}",
+                 "--out-csv", str(out)]) == 0
+    rows = read_csv(out)
+    assert [metric_row(r)["prompt_tokens"] for r in rows] == [512.0, 1024.0]
+    assert "2 rows from 1 of 1 files" in capsys.readouterr().out
+
+
+def test_parse_log_drops_rows_of_the_wrong_width_and_keeps_cells_as_text(tmp_path):
+    good = bench_row(3.186, 1.401, 6.15)
+    short = good.rsplit("|", 2)[0] + "|"  # one cell fewer
+    wide = good + " extra |"
+    log = write_log(tmp_path / "w.log", short, good, wide)
+    out = tmp_path / "m.csv"
+    assert main(["parse-log", "--log-files", str(log), "--out-csv", str(out)]) == 0
+    (row,) = read_csv(out)
+    assert row["h2o_lossy"] == "3.186 ± 0.000" and row["log_file"] == str(log)
+    metrics = metric_row(row)
+    assert (metrics["h2o_lossy"], metrics["h2o_lossless"], metrics["decode_tps"], metrics["prefill_tps"]) == (
+        3.186, 1.401, 6.15, 48.31)
+
+
+def test_parse_log_drops_a_repeated_table_header(tmp_path):
+    log = tmp_path / "twice.log"
+    log.write_text("\n".join([*HEADER_LINES, bench_row(3.2, 1.1, 6.3), *HEADER_LINES, bench_row(3.4, 1.1, 6.1)]))
+    out = tmp_path / "m.csv"
+    assert main(["parse-log", "--log-files", str(log), "--out-csv", str(out)]) == 0
+    assert [metric_row(r)["h2o_lossy"] for r in read_csv(out)] == [3.2, 3.4]
+
+
+def test_parse_log_without_rows_fails_naming_what_was_searched(tmp_path, capsys):
+    empty = tmp_path / "logs"
+    empty.mkdir()
+    (empty / "notes.log").write_text("no table here\n")
+    out = tmp_path / "m.csv"
+    assert main(["parse-log", "--log-dir", str(empty), "--out-csv", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "no llm_bench table rows" in err and str(empty) in err and "1 log files" in err
+    assert not out.exists()
+
+
+def test_parse_log_unreadable_file_is_named(tmp_path, capsys):
+    missing = tmp_path / "gone.log"
+    assert main(["parse-log", "--log-files", str(missing), "--out-csv", str(tmp_path / "m.csv")]) == 1
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_parse_log_needs_some_input(tmp_path, capsys):
+    assert "--log-dir" in usage_error(capsys, ["parse-log", "--out-csv", str(tmp_path / "m.csv")])
+
+
+# --- analyze ---------------------------------------------------------------------------------------
+
+
+def test_analyze_passes_on_hand_computed_numbers(tmp_path, capsys):
+    csv_path = make_csv(tmp_path, {"good": [bench_row(3.2, 1.1, 6.30)]})
+    online = write_json(tmp_path / "online.json", 1.35)
+    upper = write_json(tmp_path / "upper.json", 1.60)
+    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", str(online),
+                   "--offline-lossless-json", str(upper)) == 0
+    captured = capsys.readouterr()
+    assert "[WARN]" not in captured.err
+    assert "overall_pass: true" in captured.out and "lossy_pass: true" in captured.out
+    md, report = summary(tmp_path)
+    assert "- overall_pass: true" in md
+    metrics = configs(report)["good"]["metrics"]
+    assert metrics["lossless_online"] == 1.35 and metrics["lossless_online_source"] == "online_sim"
+    assert math.isclose(metrics["decode_drop"], (6.60 - 6.30) / 6.60)  # 0.04545 <= 0.05
+    assert math.isclose(metrics["total_ratio"], 3.2 * 1.35)
+    assert report["thresholds"]["decode_baseline"] == 6.6
+
+
+def test_analyze_fails_on_decode_drop_just_over_target(tmp_path, capsys):
+    csv_path = make_csv(tmp_path, {"slow": [bench_row(3.2, 1.1, 6.25)]})  # drop 0.0530
+    online = write_json(tmp_path / "online.json", 1.35)
+    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", str(online)) == 1
+    assert "overall_pass: false" in capsys.readouterr().out
+    md, report = summary(tmp_path)
+    assert "- overall_pass: false" in md
+    assert failing(report) == {"slow": ["decode_pass"]}
+    assert math.isclose(configs(report)["slow"]["metrics"]["decode_drop"], (6.60 - 6.25) / 6.60)
+    # a baseline <= 0 turns the decode gate off
+    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", str(online), "--decode-baseline", "0") == 0
+
+
+def test_analyze_lossy_just_under_target_fails(tmp_path):
+    csv_path = make_csv(tmp_path, {"r": [bench_row(2.999, 1.1, 6.6)]})
+    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json",
+                   str(write_json(tmp_path / "o.json", 1.35))) == 1
+    assert failing(summary(tmp_path)[1]) == {"r": ["lossy_pass"]}
+
+
+def test_lossless_online_falls_back_to_upper_bound_then_runtime(tmp_path, capsys):
+    csv_path = make_csv(tmp_path, {"r": [bench_row(3.2, 1.1, 6.5)]})
+    upper = write_json(tmp_path / "upper.json", 1.60)
+    missing = tmp_path / "online_missing.json"
+    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", str(missing),
+                   "--offline-lossless-json", str(upper)) == 0
+    err = capsys.readouterr().err
+    assert "[WARN]" in err and str(missing) in err and "1.6000" in err
+    metrics = configs(summary(tmp_path)[1])["r"]["metrics"]
+    assert (metrics["lossless_online"], metrics["lossless_online_source"]) == (1.60, "upper_bound")
+    # neither JSON: the row's own runtime h2o_lossless (1.1 < 1.3: fails)
+    assert analyze(tmp_path, csv_path) == 1
+    assert "[WARN]" in capsys.readouterr().err
+    md, report = summary(tmp_path)
+    metrics = configs(report)["r"]["metrics"]
+    assert (metrics["lossless_online"], metrics["lossless_online_source"]) == (1.1, "runtime")
+    assert failing(report) == {"r": ["lossless_online_pass"]}
+    assert "lossless_online[runtime]" in md
+
+
+def test_joint_needs_one_configuration_passing_everything(tmp_path, capsys):
+    csv_path = make_csv(tmp_path, {"lossy": [bench_row(3.5, 1.1, 5.0)], "fast": [bench_row(2.5, 1.1, 6.6)]})
+    online = str(write_json(tmp_path / "o.json", 1.35))
+    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", online, "--gate-mode", "independent") == 0
+    md, report = summary(tmp_path)
+    assert "- overall_pass: true" in md and report["joint"]["passed"] is False
+    capsys.readouterr()
+    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", online) == 1
+    out = capsys.readouterr().out
+    assert "overall_pass: false (joint" in out and "original best-of: true" in out
+    md, report = summary(tmp_path)
+    assert "- overall_pass: false" in md
+    assert failing(report) == {"lossy": ["decode_pass"], "fast": ["lossy_pass"]}
+
+
+def test_optional_limits_and_runtime_decomp(tmp_path):
+    csv_path = make_csv(tmp_path, {"r": [bench_row(3.2, 1.1, 6.5, decomp=0.0, queue=3.0, fallback=1.0)]})
+    online = str(write_json(tmp_path / "o.json", 1.35))
+    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", online) == 1
+    assert failing(summary(tmp_path)[1]) == {"r": ["runtime_decomp_pass"]}
+    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", online, "--no-require-runtime-decomp") == 0
+    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", online, "--no-require-runtime-decomp",
+                   "--max-lossless-queue-peak", "2", "--max-lossless-fallback", "0") == 1
+    assert failing(summary(tmp_path)[1]) == {"r": ["runtime_fallback_pass", "runtime_queue_peak_pass"]}
+    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", online, "--no-require-runtime-decomp",
+                   "--max-lossless-queue-peak", "3", "--max-lossless-fallback", "1") == 0
+
+
+def test_configurations_are_named_by_log_stem(tmp_path):
+    csv_path = make_csv(tmp_path, {"two": [bench_row(3.2, 1.1, 6.5), bench_row(3.1, 1.1, 6.4, prompt=1024)],
+                                   "x/run": [bench_row(3.0, 1.1, 6.5)], "y/run": [bench_row(3.3, 1.1, 6.5)]})
+    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json",
+                   str(write_json(tmp_path / "o.json", 1.35))) == 0
+    metrics = {name: c["metrics"] for name, c in configs(summary(tmp_path)[1]).items()}
+    assert sorted(metrics) == ["two#1", "two#2", "x/run", "y/run"]
+    assert (metrics["two#1"]["prompt_tokens"], metrics["two#2"]["prompt_tokens"]) == (512.0, 1024.0)
+    assert (metrics["x/run"]["h2o_lossy"], metrics["y/run"]["h2o_lossy"]) == (3.0, 3.3)
+    assert config_names([{"model": "m"}, {"model": "m"}]) == ["row1", "row2"]
+
+
+@pytest.mark.parametrize("text, needle", [("{not json", "not readable JSON"),
+                                          ('{"lossless_ratio": 1.4}', "weighted_lossless_ratio"),
+                                          ('{"weighted_lossless_ratio": "1.4"}', "weighted_lossless_ratio")])
+def test_bad_offline_json_is_a_usage_error_naming_the_file(tmp_path, capsys, text, needle):
+    csv_path = make_csv(tmp_path, {"r": [bench_row(3.2, 1.1, 6.5)]})
+    bad = tmp_path / "bad_online.json"
+    bad.write_text(text)
+    err = usage_error(capsys, ["analyze", "--csv", str(csv_path), "--offline-lossless-online-json", str(bad),
+                               "--out", str(tmp_path / "s.md")])
+    assert str(bad) in err and needle in err
+    assert not (tmp_path / "s.md").exists()
+
+
+def test_missing_csv_is_a_usage_error(tmp_path, capsys):
+    missing = tmp_path / "none.csv"
+    assert str(missing) in usage_error(capsys, ["analyze", "--csv", str(missing), "--out", str(tmp_path / "s.md")])
+
+
+# --- full-eval -------------------------------------------------------------------------------------
+
+
+def write_kv_dumps(out_dir: Path, layers: int = 3) -> Path:
+    """Random-walk fp16 K/V on a coarse grid (compressible), a prefill and a decode entry per layer."""
+    rng = np.random.default_rng(7)
+    for layer in range(layers):
+        for stage, start, seq in (("prefill", 0, 40), ("decode", 40, 8)):
+            base = rng.integers(-16, 16, size=(1, 2, 16)) / 8
+            k, v = ((base + np.cumsum(rng.integers(-2, 3, size=(seq, 2, 16)) / 64, axis=0)).astype(np.float16)
+                    for _ in range(2))
+            write_dump(out_dir, run_id="tiny", stage=stage, layer_id=layer, seq_start=start, k=k, v=v)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def kv_dir(tmp_path_factory) -> Path:
+    return write_kv_dumps(tmp_path_factory.mktemp("kv"))
+
+
+def full_eval(run_dir: Path, kv: Path, *extra: str) -> int:
+    return main(["full-eval", "--run-dir", str(run_dir), "--kv-dumps", str(kv), "--online-chunk-seq", "16", *extra])
+
+
+def test_full_eval_end_to_end(tmp_path, kv_dir, capsys):
+    write_log(tmp_path / "logs" / "run_0001.log", bench_row(3.2, 1.1, 6.5), bench_row(3.1, 1.1, 6.4, prompt=1024))
+    assert full_eval(tmp_path, kv_dir, "--lossless-target", "1.0") == 0
+    err = capsys.readouterr().err
+    assert all(f"[{i}/4]" in err for i in range(1, 5))
+    upper = json.loads((tmp_path / "offline_lossless_upper.json").read_text())
+    online = json.loads((tmp_path / "offline_lossless_online_grouped.json").read_text())
+    assert (upper["entry_mode"], upper["aggregate_by_stage"], upper["selected_layers"]) == ("aggregate", True, [0, 1])
+    assert (online["entry_mode"], online["online_chunk_seq"], online["online_framing_bytes"]) == (
+        "chunked_grouped", 16, 8)
+    assert online["selected_layers"] == [0, 1] and online["online_chunks"] > 0
+    for result in (upper, online):
+        assert result["weighted_lossless_ratio"] == result["raw_bytes"] / result["compressed_bytes"] > 1.0
+        assert result["roundtrip_verified"] is True
+    assert len(read_csv(tmp_path / "h2o_metrics.csv")) == 2
+    md, report = summary(tmp_path)
+    assert "- overall_pass: true" in md
+    metrics = configs(report)["run_0001#1"]["metrics"]
+    assert metrics["lossless_online"] == online["weighted_lossless_ratio"]
+    assert metrics["lossless_online_source"] == "online_sim"
+    assert math.isclose(metrics["total_ratio"], 3.2 * online["weighted_lossless_ratio"])
+    # the same run with an unreachable lossless target fails on that rule alone
+    assert full_eval(tmp_path, kv_dir, "--lossless-target", "100") == 1
+    assert failing(summary(tmp_path)[1]) == {"run_0001#1": ["lossless_online_pass"],
+                                             "run_0001#2": ["lossless_online_pass"]}
+
+
+def test_full_eval_without_logs_or_dumps_fails(tmp_path, kv_dir, capsys):
+    assert full_eval(tmp_path, kv_dir) == 1
+    assert str(tmp_path / "logs") in capsys.readouterr().err
+    write_log(tmp_path / "logs" / "r.log", bench_row(3.2, 1.1, 6.5))
+    assert full_eval(tmp_path, tmp_path / "no_dumps") == 1
+    assert "no_dumps" in capsys.readouterr().err
+    assert not (tmp_path / "summary.md").exists()
+
+
+def test_offline_accounting_check():
+    good = {"raw_bytes": 300, "compressed_bytes": 200, "weighted_lossless_ratio": 1.5, "roundtrip_verified": True}
+    assert check_offline(good) is None
+    assert "raw/comp" in check_offline({**good, "weighted_lossless_ratio": 1.6})
+    assert "nothing compressed" in check_offline({**good, "compressed_bytes": 0})
+    assert "verified" in check_offline({**good, "roundtrip_verified": False})

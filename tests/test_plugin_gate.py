@@ -1,0 +1,252 @@
+"""The gate plugin, tested the standard way with pytester: a preset becomes items, verdicts, junit,
+reports and history. A tiny random-weight model (config.json) keeps every run to seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 300}
+PRESET = {
+    "prompts": [64], "gens": [32], "repeat": 2,
+    "h2o_keep_ratios": [0.30, 0.50], "h2o_block_tokens": [4], "h2o_sink_tokens": [4], "h2o_recent_tokens": [8],
+    "h2o_ema_alphas": [0.9], "h2o_update_intervals": [4], "h2o_trigger_min_tokens": [32],
+    "h2o_layer_start": 1, "h2o_layer_end": -1, "h2o_target_mode": "static", "h2o_target_lossy_ratios": [3.0],
+    "kv_lossless_enable": True, "kv_lossless_codec": "gear_delta", "kv_lossless_scope": "front_n_and_h2o_kept",
+    "kv_lossless_front_n": 1, "kv_lossless_runtime_enable": True, "kv_lossless_runtime_mode": "full",
+    "kv_lossless_block_tokens": 16, "kv_lossless_hot_recent_tokens": 8, "kv_lossless_hot_sink_tokens": 4,
+}
+# loose targets the tiny model meets; each test tightens the one it is about
+EASY = ["--h2o-lossy-target=1.2", "--h2o-lossless-target=1.0", "--h2o-decode-drop-target=0.9"]
+CONFIGS = ("keep0.30-lr3.0", "keep0.50-lr3.0")
+# in-process pytester re-imports the plugin's packages, already imported by this session
+INI = "[pytest]\nh2o_model = model.json\nfilterwarnings = ignore::pytest.PytestAssertRewriteWarning\n"
+RULES = ("lossy_pass", "lossless_online_pass", "decode_pass", "runtime_decomp_pass", "runtime_queue_peak_pass",
+         "runtime_fallback_pass", "fidelity_pass")
+
+
+@pytest.fixture
+def gate_dir(pytester: pytest.Pytester) -> Path:
+    (pytester.path / "model.json").write_text(json.dumps(TINY))
+    (pytester.path / "tiny.json").write_text(json.dumps(PRESET))
+    pytester.makeini(INI)
+    return pytester.path
+
+
+def run_gate(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest("--h2o-preset=tiny.json", "--h2o-out=out", *args)
+
+
+def test_items_and_their_ids(pytester, gate_dir):
+    result = pytester.runpytest("--h2o-preset=tiny.json", "--collect-only", "-q")
+    ids = [line for line in result.outlines if line.startswith("tiny.json::")]
+    assert ids == [f"tiny.json::{c}::{r}" for c in CONFIGS for r in RULES] + ["tiny.json::overall_pass"]
+    assert not (gate_dir / ".h2o" / "runs").exists() or not any((gate_dir / ".h2o" / "runs").rglob("results.json"))
+
+
+def test_a_passing_gate_writes_reports_junit_and_history(pytester, gate_dir):
+    result = pytester.runpytest_subprocess("--h2o-preset=tiny.json", "--h2o-out=out", *EASY, "--junitxml=report.xml",
+                                           "-W", "error::pytest.PytestWarning")
+    result.assert_outcomes(passed=2 * 4 + 1, skipped=2 * 3)
+    result.stdout.fnmatch_lines(["*h2o gate*", "config*lossy*verdict", "keep0.30-lr3.0 *PASS",
+                                 "overall_pass: true (joint: 2/2 configurations pass every rule)"])
+    out = gate_dir / "out"
+    for name in ("summary.md", "summary.json", "h2o_metrics.csv", "cases.jsonl", "results.json",
+                 "ratio_vs_decode.png", "per_layer_lossless.png"):
+        assert (out / name).is_file(), name
+    assert "- overall_pass: true" in (out / "summary.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["overall"]["passing"] == list(CONFIGS)
+    root = ET.parse(gate_dir / "report.xml").getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    props = {p.get("name"): p.get("value") for p in suite.find("properties")}
+    assert props["h2o_overall_pass"] == "true"
+    assert props["keep0.30-lr3.0::lossy_pass"].startswith("pass value=")
+    lossy = float(props["keep0.30-lr3.0.h2o_lossy"])
+    assert lossy == pytest.approx(summary["configs"][0]["metrics"]["h2o_lossy"], rel=1e-5) and lossy > 1.2
+    assert all(case.find("properties") is None for case in suite.iter("testcase"))  # valid xunit2
+    assert len(list((gate_dir / ".h2o" / "history").glob("*.json"))) == 1
+    # each configuration ran once, plus the baseline: one log each
+    assert sorted(p.name for p in (out / "logs").glob("*.log")) == [
+        "baseline_p64_g32.log", "run_0001_p64_g32_k0.3_b4_lr3.0.log", "run_0002_p64_g32_k0.5_b4_lr3.0.log"]
+
+
+def test_a_failing_rule_fails_its_item_with_a_one_line_reason(pytester, gate_dir):
+    result = run_gate(pytester, "--h2o-lossy-target=50", "--h2o-lossless-target=1.0", "--h2o-decode-drop-target=0.9")
+    result.assert_outcomes(passed=2 * 3, failed=2 + 1, skipped=2 * 3)
+    result.stdout.fnmatch_lines([
+        "_* keep0.30-lr3.0::lossy_pass _*", "lossy_pass: h2o_lossy * < 50 (keep0.30-lr3.0)",
+        "_* overall_pass _*", "overall_pass (joint): no configuration passes every rule (keep0.30-lr3.0: lossy_pass; *",
+        "FAILED tiny.json::keep0.30-lr3.0::lossy_pass - lossy_pass: h2o_lossy *"])
+    assert "- overall_pass: false" in (gate_dir / "out" / "summary.md").read_text()
+
+
+def test_thresholds_come_from_options_then_ini_then_environment(pytester, gate_dir, monkeypatch):
+    pytester.makeini(INI + "h2o_lossy_target = 40\n")
+    monkeypatch.setenv("LOSSY_TARGET", "30")
+    monkeypatch.setenv("LOSSLESS_TARGET", "1.0")
+    monkeypatch.setenv("DECODE_DROP_TARGET", "0.9")
+    result = run_gate(pytester, "-k", "lossy_pass")
+    result.stdout.fnmatch_lines(["*h2o_lossy * < 40 (keep0.30-lr3.0)*"])
+    summary = json.loads((gate_dir / "out" / "summary.json").read_text())
+    assert summary["thresholds"]["lossy_target"] == 40 and summary["thresholds"]["lossless_target"] == 1.0
+    result = pytester.runpytest("--h2o-preset=tiny.json", "--h2o-out=out2", "--h2o-lossy-target=1.2", "-k", "lossy")
+    result.assert_outcomes(passed=2)
+
+
+def test_environment_overrides_of_the_original_scripts_reach_the_configs(pytester, gate_dir, monkeypatch):
+    monkeypatch.setenv("KV_LOSSLESS_RUNTIME_MODE", "store")
+    monkeypatch.setenv("MAX_LOSSLESS_FALLBACK", "0")
+    result = run_gate(pytester, *EASY, "-k", "keep0.50 and fallback")
+    result.assert_outcomes(passed=1)
+    log = json.loads((gate_dir / "out" / "logs" / "run_0002_p64_g32_k0.5_b4_lr3.0.json").read_text())
+    assert log["config"]["kv_lossless_runtime_mode"] == "store"
+
+
+@pytest.mark.parametrize("preset, message", [
+    ({"prompts": [64], "h2o_keep_ratio": [0.3]}, "*bad.json: invalid preset: unknown key(s) 'h2o_keep_ratio'*"),
+    ({"prompts": [0]}, "*bad.json: invalid preset: key 'prompts?0?': 0 is less than the minimum of 1*"),
+    ({"kv_lossless_runtime_mode": 3}, "*bad.json*kv_lossless_runtime_mode*"),
+])
+def test_a_bad_preset_is_a_usage_error_naming_file_and_key(pytester, gate_dir, preset, message):
+    (gate_dir / "bad.json").write_text(json.dumps(preset))
+    result = pytester.runpytest("--h2o-preset=bad.json")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_a_bad_threshold_value_names_its_source(pytester, gate_dir, monkeypatch):
+    monkeypatch.setenv("MAX_LOSSLESS_QUEUE_PEAK", "eight")
+    result = pytester.runpytest("--h2o-preset=tiny.json")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*$MAX_LOSSLESS_QUEUE_PEAK='eight'*"])
+
+
+def test_bundled_presets_are_found_by_bare_name(pytester):
+    result = pytester.runpytest("--h2o-preset=target_joint_scope_v4.json", "--collect-only", "-q")
+    result.stdout.fnmatch_lines(["target_joint_scope_v4.json::keep0.30-lr3.0::lossy_pass",
+                                 "target_joint_scope_v4.json::keep0.33-lr3.2::fidelity_pass",
+                                 "target_joint_scope_v4.json::overall_pass"])
+
+
+def test_joint_needs_one_configuration_passing_everything_independent_does_not(pytester, gate_dir):
+    # keep 0.30 alone reaches the lossy target, keep 0.50 alone the top-1 agreement limit
+    args = ("--h2o-lossy-target=2.5", "--h2o-min-top1=0.7", "--h2o-lossless-target=1.0", "--h2o-decode-baseline=1e-6")
+    joint = run_gate(pytester, *args, "-k", "overall")
+    joint.assert_outcomes(failed=1)
+    summary = json.loads((gate_dir / "out" / "summary.json").read_text())
+    assert [c["passed"] for c in summary["configs"]] == [False, False]
+    assert summary["independent"]["passed"]
+    independent = pytester.runpytest("--h2o-preset=tiny.json", "--h2o-out=out2", *args,
+                                     "--h2o-gate-mode=independent", "-k", "overall")
+    independent.assert_outcomes(passed=1)
+    assert "- overall_pass: true" in (gate_dir / "out2" / "summary.md").read_text()
+
+
+def test_explicit_test_paths_still_run_beside_the_gate(pytester, gate_dir):
+    pytester.makepyfile(test_own="def test_own():\n    pass\n")
+    assert run_gate(pytester, "--collect-only", "-q").stdout.str().count("test_own") == 0
+    result = run_gate(pytester, "--collect-only", "-q", "test_own.py")
+    result.stdout.fnmatch_lines(["test_own.py::test_own", "tiny.json::overall_pass"])
+
+
+def test_xdist_workers_give_the_same_verdicts_and_measure_once(pytester, gate_dir):
+    args = (*EASY, "--h2o-decode-baseline=1e-6", "-p", "xdist")
+    single = pytester.runpytest_subprocess("--h2o-preset=tiny.json", "--h2o-out=single", *args)
+    single.assert_outcomes(passed=9, skipped=6)
+    spread = pytester.runpytest_subprocess("--h2o-preset=tiny.json", "--h2o-out=spread", *args, "-n", "2")
+    spread.assert_outcomes(passed=9, skipped=6)
+    spread.stdout.fnmatch_lines(["*h2o gate*", "overall_pass: true*"])
+
+    def verdicts(folder: str) -> dict:
+        summary = json.loads((gate_dir / folder / "summary.json").read_text())
+        return {(c["name"], rule): v["passed"] for c in summary["configs"] for rule, v in c["verdicts"].items()}
+
+    assert verdicts("spread") == verdicts("single")
+    assert len(list((gate_dir / "spread" / "logs").glob("*.log"))) == 3  # two configurations and the baseline, once
+    assert len(list((gate_dir / ".h2o" / "history").glob("*.json"))) == 2  # the controller alone appends
+
+
+FAKE_LLM_BENCH = """#!{python}
+import json, os, sys
+args = sys.argv[1:]
+opts = dict(zip(args[::2], args[1::2]))
+config = json.load(open(opts["-m"]))
+speed = float(os.environ.get("FAKE_SPEED_SCALE", "1"))
+h2o = config.get("kv_h2o_enable", False)
+keep = config.get("kv_h2o_target_keep_ratio", 1.0) if h2o else 1.0
+lossy = float(os.environ.get("FAKE_LOSSY_SCALE", "1")) / keep
+decode = speed * (9.8 if h2o else 10.0)
+lossless = config.get("kv_lossless_enable", False)
+cols = ["h2o_keep", "h2o_lossy", "h2o_lossless", "h2o_lossless_decomp_us", "h2o_lossless_queue_peak",
+        "h2o_lossless_fallback"]
+values = [keep, lossy, 1.4 if lossless else 1.0, 120.0 if lossless else 0.0, 3.0, 0.0]
+with open(opts["-fp"], "w") as f:
+    f.write("| model | llm_demo | speed(tok/s) | " + " | ".join(cols) + " |\\n")
+    f.write("| --- " * (len(cols) + 3) + "|\\n")
+    f.write("| fake | prompt=%s<br>decode=%s | %.2f ± 1.00<br>%.2f ± 0.10 | "
+            % (opts["-p"], opts["-n"], 100 * speed, decode)
+            + " | ".join("%.4f ± 0.0000" % v for v in values) + " |\\n")
+"""
+
+
+@pytest.fixture
+def fake_llm_bench(gate_dir: Path) -> Path:
+    path = gate_dir / "llm_bench"
+    path.write_text(FAKE_LLM_BENCH.format(python=sys.executable))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    (gate_dir / "base.json").write_text(json.dumps({"llm_model": "llm.mnn", "base_dir": "."}))
+    return path
+
+
+def run_external(pytester: pytest.Pytester, out: str, *args: str) -> pytest.RunResult:
+    return pytester.runpytest("--h2o-preset=tiny.json", f"--h2o-out={out}", "--h2o-llm-bench=llm_bench",
+                              "--h2o-base-config=base.json", *args)
+
+
+def test_an_external_llm_bench_is_run_per_configuration_and_its_log_gated(pytester, gate_dir, fake_llm_bench):
+    result = run_external(pytester, "ext")
+    result.assert_outcomes(passed=1 + 4 + 3, failed=1, skipped=2 * 3)
+    result.stdout.fnmatch_lines(["*lossy_pass: h2o_lossy 2 < 3 (keep0.50-lr3.0)*",
+                                 "*no KV dumps; lossless_online is the runtime h2o_lossless 1.4*"])
+    summary = json.loads((gate_dir / "ext" / "summary.json").read_text())
+    first = summary["configs"][0]["metrics"]
+    assert first["decode_drop"] == pytest.approx(0.02) and first["baseline_decode_tps"] == 10.0
+    assert summary["overall"]["passing"] == ["keep0.30-lr3.0"]
+    config = json.loads((gate_dir / "ext" / "configs" / "run_0001_p64_g32_k0.3_b4_lr3.0.json").read_text())
+    assert config["llm_model"] == "llm.mnn" and config["base_dir"] == str(gate_dir) + os.sep
+    # the logs it wrote gate the same way without running anything
+    again = pytester.runpytest("--h2o-preset=tiny.json", "--h2o-out=again", f"--h2o-logs={gate_dir / 'ext' / 'logs'}")
+    again.assert_outcomes(passed=1 + 4 + 3, failed=1, skipped=2 * 3)
+    assert json.loads((gate_dir / "again" / "summary.json").read_text())["overall"] == summary["overall"]
+
+
+def test_history_compare_catches_an_injected_regression(pytester, gate_dir, fake_llm_bench, monkeypatch):
+    run_external(pytester, "first").assert_outcomes(passed=8, failed=1, skipped=6)
+    monkeypatch.setenv("FAKE_SPEED_SCALE", "0.5")  # a machine half as fast: not a regression
+    slower = run_external(pytester, "slower", "--h2o-compare", "--h2o-compare-fail=decode_tps:5%")
+    slower.assert_outcomes(passed=9, failed=1, skipped=6)
+    monkeypatch.setenv("FAKE_LOSSY_SCALE", "0.9")  # 10% less lossy compression
+    worse = run_external(pytester, "worse", "--h2o-compare-fail=h2o_lossy:5%,decode_tps:5%")
+    worse.assert_outcomes(passed=8 + 1, failed=1 + 1, skipped=6)  # lossy compare fails, decode compare passes
+    worse.stdout.fnmatch_lines(["*compare?h2o_lossy:5%?*",
+                                "keep0.30-lr3.0: h2o_lossy 3.333 -> 3 (-10.00%, tolerance 5)*"])
+    assert "REGRESSION" in (gate_dir / "worse" / "comparison.md").read_text()
+    first = json.loads(next((gate_dir / ".h2o" / "history").glob("*.json")).read_text())
+    first_path = sorted((gate_dir / ".h2o" / "history").glob("*.json"))[0]
+    within = run_external(pytester, "within", f"--h2o-compare={first_path}", "--h2o-compare-fail=h2o_lossy:15%")
+    within.assert_outcomes(passed=8 + 1, failed=1, skipped=6)
+    assert first["preset"] == "tiny.json"
+
+
+def test_compare_with_an_empty_store_skips_saying_why(pytester, gate_dir, fake_llm_bench):
+    result = run_external(pytester, "first", "--h2o-compare-fail=h2o_lossy:5%", "-k", "compare", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*no stored run*"])
