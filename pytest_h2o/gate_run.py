@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from gates.bench_log import BenchRow
-from gates.log_parse import metric_row, parse_log, read_csv
+from gates.log_parse import find_logs, metric_row, parse_log, read_csv
 from h2o_kernels.fidelity import fidelity
 from h2o_kernels.h2o import H2OConfig
 from h2o_kernels.lossless_runtime import LosslessConfig
@@ -177,14 +177,17 @@ def _external(run_id: str, config: dict, point: Point, spec: RunSpec, progress: 
 
 # existing logs ---------------------------------------------------------------------------------------
 def _read_logs(points: list[Point], spec: RunSpec, warnings: list[str]):
+    """Rows by run id (the log's stem). A gate run's own folder also gives each log's JSON twin
+    (fidelity) and ``kv/<run_id>`` dumps (the online-sim)."""
     source = Path(spec.logs)
-    if source.is_file():
-        rows = read_csv(source)
-    else:
-        rows = [row for path in sorted(source.rglob("*.log")) for row in parse_log(path)]
+    rows = read_csv(source) if source.is_file() else [row for path in find_logs(source) for row in parse_log(path)]
     by_stem: dict[str, dict[str, Any]] = {}
     for row in rows:
-        by_stem.setdefault(Path(row.get("log_file", "")).stem, metric_row(row))
+        log = Path(row.get("log_file", ""))
+        if log.stem not in by_stem:
+            by_stem[log.stem] = {**metric_row(row), **_twin_fidelity(log)}
+            if (log.parent.parent / "kv" / log.stem).is_dir():
+                by_stem[log.stem]["kv_dir"] = str(log.parent.parent / "kv" / log.stem)
     base = {stem: row for stem, row in by_stem.items() if stem.startswith("baseline")}
     configs: dict[str, dict[str, Any]] = {}
     baselines: dict[str, float | None] = {}
@@ -197,6 +200,15 @@ def _read_logs(points: list[Point], spec: RunSpec, warnings: list[str]):
     if not base:
         warnings.append(f"{source}: no baseline_* log; decode_pass needs --h2o-decode-baseline")
     return configs, baselines, "logs"
+
+
+def _twin_fidelity(log: Path) -> dict[str, float]:
+    """The fidelity numbers of ``h2o-gate bench``'s JSON twin beside a log, if there is one."""
+    try:
+        twin = json.loads(log.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: float(v) for k, v in twin.items() if k.startswith("h2o_fidelity_") and isinstance(v, (int, float))}
 
 
 # lossless ratios from dumps ------------------------------------------------------------------------

@@ -250,3 +250,16 @@ def test_compare_with_an_empty_store_skips_saying_why(pytester, gate_dir, fake_l
     result = run_external(pytester, "first", "--h2o-compare-fail=h2o_lossy:5%", "-k", "compare", "-rs")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*no stored run*"])
+
+
+def test_a_reference_run_folder_can_be_gated_again_from_its_logs(pytester, gate_dir):
+    args = (*EASY, "--h2o-decode-baseline=1e-6", "--h2o-min-top1=0.5")
+    run_gate(pytester, *args).assert_outcomes(passed=2 * 5 + 1, skipped=2 * 2)
+    again = pytester.runpytest("--h2o-preset=tiny.json", "--h2o-out=again", f"--h2o-logs={gate_dir / 'out' / 'logs'}",
+                               *args)
+    again.assert_outcomes(passed=2 * 5 + 1, skipped=2 * 2)
+    first, second = (json.loads((gate_dir / d / "summary.json").read_text())["configs"] for d in ("out", "again"))
+    for a, b in zip(first, second):
+        assert b["metrics"]["lossless_online_source"] == "online_sim"  # from the run's own kv/ dumps
+        for key in ("h2o_lossy", "lossless_online", "lossless_scope", "h2o_fidelity_top1"):
+            assert b["metrics"][key] == pytest.approx(a["metrics"][key], rel=1e-3), key
