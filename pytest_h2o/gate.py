@@ -64,6 +64,12 @@ class Gate:
             self._results = json.loads(path.read_text(encoding="utf-8"))
         return self._results
 
+    def forget_previous(self) -> None:
+        """Remove an earlier session's results from the run folder (a reused ``--h2o-out``), so they are
+        never read as this session's."""
+        for name in (RESULTS, "progress.log"):
+            (self.out_dir / name).unlink(missing_ok=True)
+
     def measured(self) -> bool:
         """Whether some process of this session has written the results."""
         return (self.out_dir / RESULTS).is_file()

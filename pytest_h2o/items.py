@@ -62,7 +62,12 @@ class _GateItem(pytest.Item):
         return super().repr_failure(excinfo)
 
     def reportinfo(self):
-        return self.gate.preset_path, None, self.nodeid.split("::", 1)[-1]
+        return self.gate.preset_path, 0, self.nodeid.split("::", 1)[-1]
+
+
+def _skip(reason: str) -> None:
+    """Skip reported at the item (the preset file), not at this module's line."""
+    raise pytest.skip.Exception(reason, _use_item_location=True)
 
 
 class RuleItem(_GateItem):
@@ -81,7 +86,7 @@ class RuleItem(_GateItem):
             raise GateFailure(f"{self.config_name}: not measured: {error}")
         verdict = config["verdicts"][self.rule]
         if not verdict["enabled"]:
-            pytest.skip(f"not enforced: {verdict['reason']}")
+            _skip(f"not enforced: {verdict['reason']}")
         if not verdict["passed"]:
             raise GateFailure(f"{self.rule}: {verdict['reason']}")
 
@@ -106,7 +111,7 @@ class CompareItem(_GateItem):
 
     def runtest(self) -> None:
         if self.history.previous is None:
-            pytest.skip(self.history.missing)
+            _skip(self.history.missing)
         bad = regressions(self.history.compare(self.gate.report(), [self.spec]))
         if bad:
             raise GateFailure("; ".join(

@@ -8,6 +8,7 @@ junit properties and history.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import threading
@@ -89,6 +90,8 @@ class GatePlugin:
         self.gate = Gate(preset_path, points, self._thresholds(), resolve(config, "h2o_gate_mode"),
                          self._spec(config), progress=self._progress)
         self.history = self._history_setup()
+        if not self.is_worker:
+            self.gate.forget_previous()
 
     # settings ------------------------------------------------------------------------------------
     def _thresholds(self) -> Thresholds:
@@ -105,7 +108,7 @@ class GatePlugin:
             out = Path(config.workerinput["h2o_out"])
         else:
             out = r("h2o_out") or (config.invocation_params.dir / ".h2o" / "runs" /
-                                   time.strftime("%Y%m%d-%H%M%S", time.localtime()))
+                                   f"{time.strftime('%Y%m%d-%H%M%S', time.localtime())}-{os.getpid()}")
         llm_bench, base, logs = r("h2o_llm_bench"), r("h2o_base_config"), r("h2o_logs")
         if bool(llm_bench) != bool(base):
             raise pytest.UsageError("--h2o-llm-bench and --h2o-base-config go together")

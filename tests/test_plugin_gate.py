@@ -79,8 +79,10 @@ def test_a_passing_gate_writes_reports_junit_and_history(pytester, gate_dir):
 
 
 def test_a_failing_rule_fails_its_item_with_a_one_line_reason(pytester, gate_dir):
-    result = run_gate(pytester, "--h2o-lossy-target=50", "--h2o-lossless-target=1.0", "--h2o-decode-drop-target=0.9")
+    result = run_gate(pytester, "--h2o-lossy-target=50", "--h2o-lossless-target=1.0", "--h2o-decode-drop-target=0.9",
+                      "-rfs")
     result.assert_outcomes(passed=2 * 3, failed=2 + 1, skipped=2 * 3)
+    result.stdout.fnmatch_lines(["SKIPPED * tiny.json:1: not enforced: h2o_lossless_queue_peak *, no limit set *"])
     result.stdout.fnmatch_lines([
         "_* keep0.30-lr3.0::lossy_pass _*", "lossy_pass: h2o_lossy * < 50 (keep0.30-lr3.0)",
         "_* overall_pass _*", "overall_pass (joint): no configuration passes every rule (keep0.30-lr3.0: lossy_pass; *",
@@ -263,3 +265,11 @@ def test_a_reference_run_folder_can_be_gated_again_from_its_logs(pytester, gate_
         assert b["metrics"]["lossless_online_source"] == "online_sim"  # from the run's own kv/ dumps
         for key in ("h2o_lossy", "lossless_online", "lossless_scope", "h2o_fidelity_top1"):
             assert b["metrics"][key] == pytest.approx(a["metrics"][key], rel=1e-3), key
+
+
+def test_a_reused_out_folder_never_serves_an_earlier_sessions_numbers(pytester, gate_dir):
+    run_gate(pytester, *EASY, "-k", "keep0.30 and lossy").assert_outcomes(passed=1)
+    stale = json.loads((gate_dir / "out" / "results.json").read_text())
+    stale["configs"]["keep0.30-lr3.0"]["h2o_lossy"] = 99.0
+    (gate_dir / "out" / "results.json").write_text(json.dumps(stale))
+    run_gate(pytester, "--h2o-lossy-target=50", "-k", "keep0.30 and lossy").assert_outcomes(failed=1)
