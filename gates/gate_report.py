@@ -84,8 +84,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
               f"- decode_drop_target: {t['decode_drop_target']}",
               f"- decode_baseline: {t['decode_baseline'] if t['decode_baseline'] is not None else 'same-run'}",
               f"- require_runtime_decomp: {str(t['require_runtime_decomp']).lower()}",
-              f"- max_lossless_queue_peak: {t['max_queue_peak']}", f"- max_lossless_fallback: {t['max_fallback']}",
-              f"- min_top1: {t['min_top1']}", f"- max_ppl_delta: {t['max_ppl_delta']}", ""]
+              f"- max_lossless_queue_peak: {_limit(t['max_queue_peak'])}",
+              f"- max_lossless_fallback: {_limit(t['max_fallback'])}",
+              f"- min_top1: {_limit(t['min_top1'])}", f"- max_ppl_delta: {_limit(t['max_ppl_delta'])}", ""]
     independent = report["independent"]["verdicts"]
     lines += ["## Best Rows (original per-metric best of)", ""]
     for rule in RULES:
@@ -131,6 +132,10 @@ def _table(configs: list[dict[str, Any]], passing: set[str]) -> str:
         cells.append("yes" if c["name"] in passing else "no: " + ", ".join(failed))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _limit(value: float | None) -> str:
+    return "off" if value is None or value < 0 else f"{value:g}"
 
 
 def _bool(value: bool) -> str:
