@@ -88,7 +88,7 @@ def run_bench(loaded: LoadedModel, config: dict[str, Any], source: str, prompt: 
     """One warm-up and ``repeat`` measured runs of ``config``; fidelity against a full-cache run of
     the same tokens. Raises ConfigError for bad ``kv_*`` keys."""
     runtime = ReferenceRuntime(loaded.model, config, source=source, log=lambda line: print(line, flush=True))
-    row = BenchRow(loaded.name, _size(loaded.size_bytes), threads, len(prompt), len(continuation))
+    row = BenchRow(loaded.name, size_text(loaded.size_bytes), threads, len(prompt), len(continuation))
     say = lambda line: print(f"[h2o-gate bench] {line}", file=sys.stderr, flush=True)  # noqa: E731
     say(f"{source}: warm-up run ({len(prompt)} + {len(continuation)} tokens)")
     runtime.run(prompt, continuation)
@@ -149,5 +149,6 @@ def bench_tokens(loaded: LoadedModel, prompt_tokens: int, gen_tokens: int, text_
     return ids[:prompt_tokens], ids[prompt_tokens:]
 
 
-def _size(size_bytes: int) -> str:
+def size_text(size_bytes: int) -> str:
+    """A model size as llm_bench printed it."""
     return f"{size_bytes / 2**30:.2f} GiB" if size_bytes >= 2**30 else f"{size_bytes / 2**20:.2f} MiB"

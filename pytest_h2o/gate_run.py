@@ -31,7 +31,7 @@ from h2o_kernels.offline_eval import EvalOptions, SelectionError, evaluate
 from h2o_kernels.runtime import ReferenceRuntime
 from presets.matrix import Point
 
-from .bench import bench_tokens, write_log
+from .bench import bench_tokens, size_text, write_log
 from .sweep import llm_bench_command, read_base_config
 
 BASELINE_CONFIG = {"kv_h2o_enable": False, "kv_lossless_enable": False}
@@ -85,8 +85,8 @@ def _run_reference(points: list[Point], spec: RunSpec, progress: Progress):
         runtimes = {base_id: ReferenceRuntime(loaded.model, BASELINE_CONFIG, source="baseline")}
         for point in group:
             runtimes[point.run_id] = ReferenceRuntime(loaded.model, point.config, source=point.label)
-        rows = {name: BenchRow(loaded.name, f"{loaded.size_bytes / 2**20:.2f} MiB", spec.threads, prompt_len,
-                               gen_len) for name in runtimes}
+        rows = {name: BenchRow(loaded.name, size_text(loaded.size_bytes), spec.threads, prompt_len, gen_len)
+                for name in runtimes}
         logits: dict[str, Any] = {}
         progress(f"p{prompt_len} g{gen_len}: warm-up run")
         runtimes[base_id].run(prompt, continuation)
@@ -143,15 +143,13 @@ def _run_llm_bench(points: list[Point], spec: RunSpec, progress: Progress, warni
         base_id = f"baseline_p{prompt_len}_g{gen_len}"
         base_speeds = []
         for tag in ("before", "after"):
-            rows = _external(f"{base_id}_{tag}", {**base, **BASELINE_CONFIG}, group[0], spec, progress)
-            if rows and "decode_tps" in rows[0]:
-                base_speeds.append(rows[0]["decode_tps"])
+            row = _external(f"{base_id}_{tag}", {**base, **BASELINE_CONFIG}, group[0], spec, progress)
+            if "decode_tps" in row:
+                base_speeds.append(row["decode_tps"])
             if tag == "before":
                 for point in group:
-                    found = _external(point.run_id, {**base, **point.config}, point, spec, progress)
-                    configs[point.label] = ({"run_id": point.run_id, **found[0]} if found else
-                                            {"run_id": point.run_id, "error": f"llm_bench wrote no table row for "
-                                                                              f"{point.run_id}"})
+                    configs[point.label] = {"run_id": point.run_id,
+                                            **_external(point.run_id, {**base, **point.config}, point, spec, progress)}
         baseline = sum(base_speeds) / len(base_speeds) if base_speeds else None
         if baseline is None:
             warnings.append(f"baseline p{prompt_len} g{gen_len}: llm_bench gave no decode speed")
@@ -160,7 +158,8 @@ def _run_llm_bench(points: list[Point], spec: RunSpec, progress: Progress, warni
     return configs, baselines, "llm_bench"
 
 
-def _external(run_id: str, config: dict, point: Point, spec: RunSpec, progress: Progress) -> list[dict[str, Any]]:
+def _external(run_id: str, config: dict, point: Point, spec: RunSpec, progress: Progress) -> dict[str, Any]:
+    """One llm_bench call: its first table row as numbers, or ``{"error": ...}`` naming what went wrong."""
     config_path = spec.out_dir / "configs" / f"{run_id}.json"
     log_path = spec.out_dir / "logs" / f"{run_id}.log"
     config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,10 +168,14 @@ def _external(run_id: str, config: dict, point: Point, spec: RunSpec, progress: 
     command = llm_bench_command(str(spec.llm_bench), spec.threads, point, config_path, log_path)
     progress(f"llm_bench {run_id}")
     done = subprocess.run(command, check=False, capture_output=True, text=True)
-    (spec.out_dir / "logs" / f"{run_id}.stdout").write_text(done.stdout + done.stderr, encoding="utf-8")
-    if done.returncode != 0 or not log_path.is_file():
-        return []
-    return [metric_row(row) for row in parse_log(log_path)]
+    output = spec.out_dir / "logs" / f"{run_id}.stdout"
+    output.write_text(done.stdout + done.stderr, encoding="utf-8")
+    if done.returncode != 0:
+        return {"error": f"llm_bench exited with status {done.returncode} (its output: {output})"}
+    rows = parse_log(log_path) if log_path.is_file() else []
+    if not rows:
+        return {"error": f"llm_bench wrote no table row to {log_path} (its output: {output})"}
+    return metric_row(rows[0])
 
 
 # existing logs ---------------------------------------------------------------------------------------

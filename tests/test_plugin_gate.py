@@ -273,3 +273,14 @@ def test_a_reused_out_folder_never_serves_an_earlier_sessions_numbers(pytester, 
     stale["configs"]["keep0.30-lr3.0"]["h2o_lossy"] = 99.0
     (gate_dir / "out" / "results.json").write_text(json.dumps(stale))
     run_gate(pytester, "--h2o-lossy-target=50", "-k", "keep0.30 and lossy").assert_outcomes(failed=1)
+
+
+def test_a_failing_llm_bench_fails_its_configuration_naming_the_exit_status(pytester, gate_dir, fake_llm_bench):
+    preset = {**PRESET, "h2o_keep_ratios": [0.30], "kv_h2o_sink_tokens": [4, 5]}  # a kv_* key as a dimension
+    (gate_dir / "tiny.json").write_text(json.dumps(preset))
+    fail_sink5 = 'sys.exit(3 if config.get("kv_h2o_sink_tokens") == 5 else 0)\n'
+    fake_llm_bench.write_text(fake_llm_bench.read_text() + fail_sink5)
+    result = run_external(pytester, "ext", "-k", "lossy_pass")
+    result.stdout.fnmatch_lines(["keep0.30-lr3.0-h2o_sink_tokens5: not measured: llm_bench exited with status 3 "
+                                 "(its output: *run_0002_*.stdout)"])
+    result.assert_outcomes(passed=1, failed=1)
