@@ -66,11 +66,6 @@ def build_report(rows: Mapping[str, Mapping[str, Any]], thresholds: Thresholds, 
     }
 
 
-def rule_verdicts(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{"<config>::<rule>": verdict}`` for every configuration and rule of a report."""
-    return {f"{c['name']}::{rule}": v for c in report["configs"] for rule, v in c["verdicts"].items()}
-
-
 def render_markdown(report: Mapping[str, Any]) -> str:
     """``summary.md``: inputs, targets, best rows, the gate lines (``- overall_pass: ...``) and a
     per-configuration table."""

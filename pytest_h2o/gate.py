@@ -11,7 +11,7 @@ import json
 import os
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,7 +42,6 @@ class Gate:
     mode: GateMode
     spec: RunSpec
     progress: Callable[[str], None] = print
-    meta: dict[str, Any] = field(default_factory=dict)
     _results: dict[str, Any] | None = None
 
     @property
@@ -82,7 +81,7 @@ class Gate:
         meta = {"preset": self.name, "preset_path": str(self.preset_path), "runtime": results.get("runtime"),
                 "model": results.get("model"), "out_dir": str(self.out_dir), "started": results.get("started"),
                 "elapsed_s": results.get("elapsed_s"), "warnings": results.get("warnings", []),
-                "fatal": results.get("fatal"), **self.meta}
+                "fatal": results.get("fatal")}
         return build_report(rows, self.thresholds, self.mode, results.get("baselines", {}), meta)
 
     def _measure(self) -> dict[str, Any]:
