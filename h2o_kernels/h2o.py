@@ -137,15 +137,20 @@ def plan_eviction(token_scores: np.ndarray, tokens_seen: int, config: H2OConfig)
     """Plan which tokens of a layer's cache to keep, given one score per cached token.
 
     Blocks of ``block_tokens`` are formed over the current cache (last one partial); the sink blocks and
-    the trailing blocks covering the recent tokens are the floor; the best-scored other blocks (ties:
-    earlier first) are added until the target is met. Static mode keeps
-    ``clamp(ceil(ratio * tokens_seen), 1, kv)`` tokens, quantized up to whole blocks above the floor, as
-    the original. Adaptive mode's contract is the lossy ratio *held*: the layer grows by one token a step
-    until its next trigger ``update_interval`` steps later, so it keeps
-    ``(tokens_seen + I/2) / R - I/2`` tokens, quantized down, and holds ``R`` times less than a full
-    cache on average rather than only just after each eviction.
+    the trailing blocks covering the recent tokens are the floor; the fewest best-scored other blocks
+    (ties: earlier first) that reach the target are added, so a plan keeps at least ``target`` tokens
+    and at least one. Static mode's target is ``clamp(ceil(ratio * tokens_seen), 1, kv)`` tokens,
+    reached in whole blocks above the floor (rounded up), as the original. Adaptive mode's contract is
+    the lossy ratio *held*: the layer grows by one token a step until its next trigger
+    ``update_interval`` steps later, so it plans ``target0 = clamp(floor((tokens_seen + I/2) / R - I/2),
+    1, kv)`` tokens and its target is that budget's whole blocks above the floor (rounded down, at least
+    one token), so it holds ``R`` times less than a full cache on average rather than only just after
+    each eviction.
+    Raises ``ValueError`` on an empty ``token_scores``.
     """
     kv, B = int(token_scores.size), config.block_tokens
+    if kv == 0:
+        raise ValueError("plan_eviction: token_scores is empty; expected one score per cached token (kv >= 1)")
     n_blocks = _ceil_div(kv, B)
     sizes = np.full(n_blocks, B, dtype=np.int64)
     sizes[-1] = kv - (n_blocks - 1) * B
@@ -158,22 +163,17 @@ def plan_eviction(token_scores: np.ndarray, tokens_seen: int, config: H2OConfig)
     else:
         half = config.update_interval / 2
         target0 = min(max(math.floor((tokens_seen + half) / config.target_lossy_ratio - half), 1), kv)
-    target = max(target0, floor)
-    dominated = floor >= target0
-    if floor >= target:
-        quantized = floor
-    elif config.target_mode == "static":
-        quantized = min(kv, floor + _ceil_div(target - floor, B) * B)
-    else:
-        quantized = floor + (target - floor) // B * B
-    if dominated:
-        return EvictionPlan(kv, target0, floor, target, quantized, True, np.arange(kv), 1)
+    if floor >= target0:
+        return EvictionPlan(kv, target0, floor, floor, floor, True, np.arange(kv), 1)
+    target = target0 if config.target_mode == "static" else floor + max((target0 - floor) // B * B, 1)
     block_scores = (np.add.reduceat(token_scores, np.arange(0, kv, B)) if config.heavy_hitters
                     else np.arange(n_blocks, dtype=np.float64))
     candidates = np.flatnonzero(~keep)
     order = candidates[np.argsort(-block_scores[candidates], kind="stable")]
-    if quantized > floor:
-        keep[order[:int(np.searchsorted(np.cumsum(sizes[order]), quantized - floor)) + 1]] = True
+    # 1 <= target - floor <= kv - floor (the candidates' total), so the first cumulative size that
+    # reaches it exists: the fewest best blocks that meet the target.
+    keep[order[:int(np.searchsorted(np.cumsum(sizes[order]), target - floor)) + 1]] = True
+    quantized = int(sizes[keep].sum())
     runs = int(keep[0]) + int(np.count_nonzero(keep[1:] & ~keep[:-1]))
     kept = np.flatnonzero(np.repeat(keep, sizes))
     return EvictionPlan(kv, target0, floor, target, quantized, False, kept, runs)

@@ -165,12 +165,28 @@ def test_static_and_adaptive_targets_relative_to_tokens_seen():
                                                       target_lossy_ratio=3.0)).target0 == 3
 
 
-def test_adaptive_quantizes_down_and_static_up():
+def test_adaptive_budgets_whole_blocks_down_and_static_rounds_up():
     base = dict(block_tokens=8, sink_tokens=0, recent_tokens=0, update_interval=2)
-    adaptive = plan_eviction(np.arange(64.0), 64, H2OConfig(**base, target_lossy_ratio=2.0))  # target 31
+    adaptive = plan_eviction(np.arange(64.0), 64, H2OConfig(**base, target_lossy_ratio=2.0))  # plans 31
     static = plan_eviction(np.arange(64.0), 64, H2OConfig(**base, target_mode="static", target_keep_ratio=31 / 64))
-    assert (adaptive.target, adaptive.quantized, adaptive.final) == (31, 24, 24)
-    assert (static.target, static.quantized, static.final) == (31, 32, 32)
+    assert (adaptive.target0, adaptive.target, adaptive.quantized, adaptive.final) == (31, 24, 24, 24)
+    assert (static.target0, static.target, static.quantized, static.final) == (31, 31, 32, 32)
+
+
+def test_a_budget_below_one_block_with_no_floor_keeps_a_whole_block():
+    # no sink, no recent, the default 64-token blocks, adaptive plan (64 + 8) / 3 - 8 = 16 tokens:
+    # rounding down to 0 blocks wiped the layer; the target is at least one token, so one block is kept
+    cfg = H2OConfig(sink_tokens=0, recent_tokens=0)
+    whole = plan_eviction(np.arange(64.0), 64, cfg)
+    assert (whole.floor, whole.target0, whole.target, whole.final, whole.evicted) == (0, 16, 1, 64, 0)
+    plan = plan_eviction(np.arange(128.0), 128, cfg)  # plans (128 + 8) / 3 - 8 = 37: the better block
+    assert (plan.floor, plan.target0, plan.target, plan.quantized, plan.runs) == (0, 37, 1, 64, 1)
+    assert plan.kept.tolist() == list(range(64, 128))
+
+
+def test_an_empty_cache_has_no_plan():
+    with pytest.raises(ValueError, match="token_scores is empty"):
+        plan_eviction(np.zeros(0), 10, H2OConfig())
 
 
 def test_recency_ranking_is_the_sink_plus_recent_baseline():
@@ -198,22 +214,40 @@ def test_selection_by_block_score_and_ties_go_to_the_earlier_block():
     assert plan_eviction(tokens, 12, cfg).kept.tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
 
 
-@given(kv=st.integers(1, 80), seen_extra=st.integers(0, 200), block=st.integers(1, 9), sink=st.integers(0, 12),
-       recent=st.integers(0, 20), ratio=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
-def test_plan_invariants(kv, seen_extra, block, sink, recent, ratio, seed):
-    cfg = H2OConfig(block_tokens=block, sink_tokens=sink, recent_tokens=recent, target_mode="static",
-                    target_keep_ratio=ratio)
-    plan = plan_eviction(np.random.default_rng(seed).random(kv), kv + seen_extra, cfg)
+@given(kv=st.integers(1, 160), seen_extra=st.integers(0, 80), block=st.sampled_from((1, 2, 3, 4, 7, 8, 64)),
+       sink=st.sampled_from((0, 0, 1, 3, 7, 1000)), recent=st.sampled_from((0, 0, 1, 4, 9, 1000)),
+       static=st.booleans(), ratio=st.floats(0.0, 1.0), lossy=st.floats(1.0, 8.0),
+       interval=st.sampled_from((1, 2, 5, 16, 64)), heavy=st.booleans(), ties=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_plan_invariants(kv, seen_extra, block, sink, recent, static, ratio, lossy, interval, heavy, ties, seed):
+    cfg = H2OConfig(block_tokens=block, sink_tokens=sink, recent_tokens=recent,
+                    target_mode="static" if static else "adaptive", target_keep_ratio=ratio,
+                    target_lossy_ratio=lossy, update_interval=interval, heavy_hitters=heavy)
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 3, kv).astype(float) if ties else rng.random(kv)
+    plan = plan_eviction(scores, kv + seen_extra, cfg)
     kept = plan.kept
     assert kept.size and np.all(np.diff(kept) > 0) and kept[0] >= 0 and kept[-1] < kv
-    assert sink == 0 or kept[0] == 0  # the sink block stays, and so does the last one unless nothing covers it
-    assert kept[-1] == kv - 1 or (recent == 0 and kv % block == 0)
+    assert kept.size >= max(plan.target, 1) and 1 <= plan.target0 <= kv and 1 <= plan.target <= kv
+    if static or plan.floor_dominates:
+        assert plan.target == max(plan.target0, plan.floor)
+    else:  # the planned tokens' whole blocks above the floor, at least one token
+        assert plan.target == plan.floor + max((plan.target0 - plan.floor) // block * block, 1)
+    assert plan.evicted + plan.final == kv
+    assert set(range(min(sink, kv))) | set(range(max(0, kv - recent), kv)) <= set(kept.tolist())
+    block_of = np.arange(kv) // block
+    kept_blocks = np.unique(block_of[kept])
+    assert kept.size == np.isin(block_of, kept_blocks).sum()  # whole blocks
     if plan.floor_dominates:
-        assert plan.final == kv
-    else:
-        assert plan.quantized <= plan.final < plan.quantized + block and plan.final >= plan.target0
-        starts = kept[np.r_[True, np.diff(kept) > 1]]
-        assert np.all(starts % block == 0)  # whole blocks
+        assert kept.tolist() == list(range(kv)) and plan.runs == 1
+        return
+    assert plan.quantized == plan.final < plan.target + block  # the fewest blocks that reach the target
+    assert plan.runs == 1 + np.count_nonzero(np.diff(kept) > 1)
+    blocks = np.arange(-(-kv // block))
+    in_floor = (blocks < -(-min(kv, sink) // block)) | (blocks >= max(0, kv - recent) // block)
+    chosen, evicted = np.isin(blocks, kept_blocks) & ~in_floor, ~np.isin(blocks, kept_blocks)
+    rank = np.add.reduceat(scores, blocks * block) if heavy else blocks.astype(float)
+    assert not evicted.any() or rank[chosen].min() >= rank[evicted].max()  # the best blocks beyond the floor
 
 
 # --- policy ------------------------------------------------------------------------------------------
@@ -404,6 +438,19 @@ def test_log_lines_of_the_worked_example():
     assert len(collected.log_lines) == 1 and LOG_LINE.match(collected.log_lines[0])
 
 
+def test_log_line_without_sink_or_recent_tokens():
+    # kv 128 in two 64-token blocks, no floor, adaptive plan (128 + 0.5) / 3 - 0.5 = 42 tokens, less than
+    # a block: the target is one token and one block is kept (it kept none, and the lossy ratio divided by zero)
+    policy, cache = make(block_tokens=64, sink_tokens=0, recent_tokens=0, log_stats=True)
+    drive(policy, cache, 127, 1)
+    assert len(policy.log_lines) == 1
+    fields = LOG_LINE.match(policy.log_lines[0]).groups()
+    assert fields[1:5] == ("128", "0.5000", "64", f"{128 * 4 / (64 * 4 + 8):.4f}")
+    assert fields[6] == "1" and fields[8:] == ("0.008", "0.000", "0.500", "0", "0", "64")
+    decode_step(policy, cache)
+    assert cache.length(0) == 65 and 1.0 < policy.metrics()["h2o_lossy"] < 2.0
+
+
 # --- on a tiny random model --------------------------------------------------------------------------
 
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -458,8 +505,8 @@ def test_adaptive_run_holds_about_a_third_in_range_layers():
     model, logits, hooks = run(cfg, prompt, 48)
     seen = 96 + 48
     assert [model.cache.length(layer) for layer in (0, 1)] == [seen, seen]
-    for layer in (2, 3):  # planned for the interval's growth, rounded down to whole blocks
-        assert seen / 3 - 4 - 4 <= model.cache.length(layer) <= seen / 3 + 4
+    for layer in (2, 3):  # planned for the interval's growth, in whole blocks
+        assert seen / 3 - 4 <= model.cache.length(layer) <= seen / 3 + 4
     m = hooks.policy.metrics()
     assert 2.9 < m["h2o_lossy"] < 3.4 and 1.0 < m["h2o_lossy_model"] < m["h2o_lossy"]
     assert m["h2o_keep"] == pytest.approx(1 / m["h2o_lossy"]) and m["h2o_evictions"] >= 10
