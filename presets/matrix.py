@@ -11,7 +11,8 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,11 @@ def load_preset(path: Path) -> dict[str, Any]:
 
 
 def expand(preset: dict[str, Any], source: str = "preset") -> list[Point]:
-    """Every point of ``preset``; raise :class:`PresetError` on an empty dimension or a key the schema rejects."""
+    """Every point of ``preset``, each with its own label.
+
+    Raises :class:`PresetError` on an empty dimension, a key the schema rejects, a dimension listing a
+    value twice, or two points whose labels cannot be told apart.
+    """
     if isinstance(preset, dict):
         empty = [key for key, value in preset.items() if value == []]
         if empty:
@@ -128,11 +133,12 @@ def expand(preset: dict[str, Any], source: str = "preset") -> list[Point]:
     if "h2o_target_lossy_ratios" not in preset and "h2o_target_lossy_ratio" in preset:
         dims["h2o_target_lossy_ratios"] = [preset["h2o_target_lossy_ratio"]]
     extra = {key: value for key, value in preset.items() if key.startswith("kv_") and isinstance(value, list)}
+    _reject_repeats({**dims, **extra}, source)
     repeat = preset.get("repeat", 3)
     base = {"kv_h2o_enable": True}
     base.update({config_key: preset.get(key, default) for key, (config_key, default) in SCALARS.items()})
     base.update({key: value for key, value in preset.items() if key.startswith("kv_") and key not in extra})
-    points = []
+    points, combos = [], []
     names = list(dims) + list(extra)
     varying = [key for key in names if key in ("h2o_keep_ratios", "h2o_target_lossy_ratios")
                or len({**dims, **extra}[key]) > 1]
@@ -144,9 +150,38 @@ def expand(preset: dict[str, Any], source: str = "preset") -> list[Point]:
         config.update({key: values[key] for key in extra})
         run_id = (f"run_{index:04d}_p{values['prompts']}_g{values['gens']}_k{values['h2o_keep_ratios']}"
                   f"_b{values['h2o_block_tokens']}_lr{values['h2o_target_lossy_ratios']}")
-        label = "-".join(f"{_SHORT.get(key, key.removeprefix('kv_'))}{_label_value(key, values[key])}"
-                         for key in varying)
-        points.append(Point(run_id, int(values["prompts"]), int(values["gens"]), repeat, config, label))
+        points.append(Point(run_id, int(values["prompts"]), int(values["gens"]), repeat, config,
+                            _label(values, varying)))
+        combos.append(values)
+    return _unique_labels(points, combos, varying, source)
+
+
+def _reject_repeats(dims: dict[str, list[Any]], source: str) -> None:
+    """Raise :class:`PresetError` naming the key and value when a dimension lists a value twice."""
+    for key, values in dims.items():
+        counts = Counter((isinstance(value, bool), value) for value in values)  # true and 1 differ
+        for (_, value), n in counts.items():
+            if n > 1:
+                times = "twice" if n == 2 else f"{n} times"
+                raise PresetError(f"{source}: key {key!r} lists {json.dumps(value)} {times}: "
+                                  "each point needs its own value")
+
+
+def _unique_labels(points: list[Point], combos: list[dict[str, Any]], varying: list[str],
+                   source: str) -> list[Point]:
+    """``points`` with the labels that collide rewritten with their string values quoted.
+
+    Raises :class:`PresetError` naming both run ids when two labels are still the same.
+    """
+    counts = Counter(point.label for point in points)
+    points = [replace(point, label=_label(values, varying, quote=True)) if counts[point.label] > 1 else point
+              for point, values in zip(points, combos)]
+    first: dict[str, Point] = {}
+    for point in points:
+        other = first.setdefault(point.label, point)
+        if other is not point:
+            raise PresetError(f"{source}: points {other.run_id} and {point.run_id} both get the label "
+                              f"{point.label!r}: give the dimensions distinguishable values")
     return points
 
 
@@ -155,8 +190,19 @@ _SHORT = {"prompts": "p", "gens": "g", "h2o_keep_ratios": "keep", "h2o_block_tok
           "h2o_trigger_min_tokens": "trig", "h2o_target_lossy_ratios": "lr"}
 
 
-def _label_value(key: str, value: Any) -> str:
-    """Point labels print keep with two decimals and the lossy target with one, as the presets write them."""
+def _label(values: dict[str, Any], varying: list[str], quote: bool = False) -> str:
+    """``<short key><value>`` of each varying dimension, joined by ``-`` (``quote``: strings in JSON quotes)."""
+    return "-".join(f"{_SHORT.get(key, key.removeprefix('kv_'))}{_label_value(key, values[key], quote)}"
+                    for key in varying)
+
+
+def _label_value(key: str, value: Any, quote: bool = False) -> str:
+    """Point labels print keep with two decimals and the lossy target with one, as the presets write them.
+
+    ``quote`` writes strings in JSON quotes, so ``"1"`` and ``"true"`` differ from ``1`` and ``true``.
+    """
+    if quote and isinstance(value, str):
+        return json.dumps(value)
     if isinstance(value, float) and not isinstance(value, bool):
         digits = 2 if key == "h2o_keep_ratios" else 1
         text = f"{value:.{digits}f}"

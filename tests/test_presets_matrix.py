@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,37 @@ def test_a_bare_name_finds_the_bundled_preset(tmp_path):
     with pytest.raises(PresetError, match="nope.json: no such preset file.*target_joint_scope_v4.json"):
         find_preset("nope.json")
     assert "preset.schema.json" not in available_presets()
+
+
+@pytest.mark.parametrize("preset, message", [
+    ({"h2o_keep_ratios": [0.35, 0.35]},
+     "bad.json: key 'h2o_keep_ratios' lists 0.35 twice: each point needs its own value"),
+    ({"h2o_keep_ratios": [0.3, 0.30]}, "key 'h2o_keep_ratios' lists 0.3 twice"),
+    ({"prompts": [256, 512, 256, 256]}, "key 'prompts' lists 256 3 times"),
+    ({"h2o_target_lossy_ratios": [3, 3.0]}, "key 'h2o_target_lossy_ratios' lists 3 twice"),
+    ({"kv_lossless_runtime_mode": ["probe", "full", "probe"]}, "key 'kv_lossless_runtime_mode' lists \"probe\" twice"),
+])
+def test_a_dimension_listing_a_value_twice_is_rejected(preset, message):
+    with pytest.raises(PresetError, match=re.escape(message)):
+        expand(preset, "bad.json")
+
+
+def test_distinct_values_with_the_same_label_text_get_distinct_labels():
+    points = expand({"kv_lossless_x": [True, "true", 1, "1", 2]}, "p.json")
+    assert [p.label for p in points] == [
+        "keep0.50-lr3.0-lossless_xtrue", 'keep0.50-lr3.0-lossless_x"true"', "keep0.50-lr3.0-lossless_x1",
+        'keep0.50-lr3.0-lossless_x"1"', "keep0.50-lr3.0-lossless_x2"]  # only the colliding ones quoted
+    assert [p.config["kv_lossless_x"] for p in points] == [True, "true", 1, "1", 2]
+    across = expand({"kv_lossless_a": ["x", "x-lossless_by"], "kv_lossless_b": ["y-lossless_by", "y"]})
+    assert len({p.label for p in across}) == 4  # "-" inside a value no longer merges two points
+    close = expand({"h2o_keep_ratios": [0.35, 0.351, 0.3500001]})
+    assert [p.label for p in close] == ["keep0.35-lr3.0", "keep0.351-lr3.0", "keep0.3500001-lr3.0"]
+
+
+def test_labels_that_cannot_be_told_apart_name_both_points():
+    with pytest.raises(PresetError, match="key 'kv_lossless_x' lists NaN twice"):
+        expand(json.loads('{"kv_lossless_x": [NaN, NaN]}'))  # JSON's NaN is one object: a repeat
+    two_nans = [float("nan"), float("nan")]  # distinct objects, and NaN != NaN: no repeat, but both print "nan"
+    with pytest.raises(PresetError, match="p.json: points run_0001_.* and run_0002_.* both get the label "
+                                          "'keep0.50-lr3.0-lossless_xnan'"):
+        expand({"kv_lossless_x": two_nans}, "p.json")
