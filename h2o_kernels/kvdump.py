@@ -7,6 +7,9 @@ A dump entry is one layer's K and V for a run of tokens, each shaped
 
 ``.npz`` files hold arrays ``k`` and ``v`` (and optionally scalar ``layer_id``, ``stage``,
 ``run_id``, ``seq_start``); a missing ``layer_id`` is read from a ``layer<N>`` in the file name.
+
+Files are written to a new temporary file and moved into place, never rewritten in place, so
+:func:`link_identical` may hard-link identical K/V files across dumps.
 """
 
 from __future__ import annotations
@@ -14,15 +17,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import stat
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import xxhash
 
 META_FIELDS = ("run_id", "stage", "layer_id", "seq_start", "seq_len", "kv_heads", "head_dim",
                "bytes_per_elem", "k_file", "v_file")
 _DTYPES = {2: np.dtype("<f2"), 4: np.dtype("<f4")}
+_CHUNK = 1 << 20
 
 
 class DumpError(ValueError):
@@ -165,11 +173,99 @@ def iter_dump_files(root: Path) -> Iterator[Path]:
                 yield Path(dirpath) / name
 
 
+def link_identical(root: Path) -> tuple[int, int]:
+    """Hard-link every raw K/V file (``*.bin``) under ``root`` whose bytes equal an earlier one's.
+
+    Candidates are grouped by size, then by the xxh3-128 of their bytes, and confirmed byte for byte;
+    "earlier" is sorted path order. A file is replaced atomically (a link under a temporary name in
+    its folder, then ``os.replace``), so a reader sees the old file or the link, never neither. A file
+    that cannot be linked (``OSError``: no hard links there, another device) is left as it is.
+    Returns ``(files linked, bytes saved)``, where bytes count only files whose data had no other link.
+    Run it once the dumps under ``root`` are written: a file replaced between its comparison and its
+    link would be linked over.
+    """
+    linked = saved = 0
+    for size, paths in _data_files(Path(root)).items():
+        if size == 0 or len(paths) < 2:
+            continue
+        by_digest: dict[bytes, list[Path]] = defaultdict(list)
+        for path in paths:
+            by_digest[_digest(path)].append(path)
+        for group in by_digest.values():
+            originals: list[Path] = []
+            for path in group:
+                source = next((original for original in originals if _same_bytes(original, path)), None)
+                if source is None:
+                    originals.append(path)
+                elif not os.path.samefile(source, path) and (freed := _link_over(source, path)) is not None:
+                    linked += 1
+                    saved += freed
+    return linked, saved
+
+
+def _data_files(root: Path) -> dict[int, list[Path]]:
+    """The regular ``*.bin`` files under ``root`` (not following links), by size, in sorted path order."""
+    by_size: dict[int, list[Path]] = defaultdict(list)
+    for dirpath, _, names in sorted(os.walk(root)):
+        for path in (Path(dirpath) / name for name in sorted(names) if name.endswith(".bin")):
+            info = path.lstat()
+            if stat.S_ISREG(info.st_mode):
+                by_size[info.st_size].append(path)
+    return by_size
+
+
+def _digest(path: Path) -> bytes:
+    """The xxh3-128 digest of the file's bytes, read in 1 MiB chunks."""
+    digest = xxhash.xxh3_128()
+    with path.open("rb") as data:
+        while chunk := data.read(_CHUNK):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    """Whether two files (of one size) hold the same bytes; the same file trivially does."""
+    if os.path.samefile(a, b):
+        return True
+    with a.open("rb") as left, b.open("rb") as right:
+        while chunk := left.read(_CHUNK):
+            if chunk != right.read(len(chunk)):
+                return False
+        return right.read(1) == b""
+
+
+def _link_over(source: Path, path: Path) -> int | None:
+    """Replace ``path`` by a hard link to ``source``; the bytes this frees, or None when it cannot link."""
+    old = path.lstat()
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.link.tmp")
+    try:
+        os.link(source, tmp)
+    except OSError:
+        return None
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return None
+    return old.st_size if old.st_nlink == 1 else 0
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text) or "run"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Write ``data`` to a new file beside ``path`` and move it over ``path``.
+
+    The bytes never go into an existing file, so a path hard-linked by :func:`link_identical` is
+    replaced, never written through to the files it shares data with.
+    """
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+    out = tmp.open("xb")  # exclusive: a new inode, never one shared through a link
+    try:
+        with out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

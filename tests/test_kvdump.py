@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from h2o_test_helpers import realistic_kv, words_of
 
-from h2o_kernels.kvdump import DumpEntry, DumpError, iter_dump_files, read_meta, read_npz, write_dump
+from h2o_kernels import kvdump
+from h2o_kernels.kvdump import (DumpEntry, DumpError, iter_dump_files, link_identical, read_meta, read_npz,
+                                write_dump)
 
 
 def _kv(dtype=np.float16, shape=(9, 2, 5), seed=0):
@@ -268,3 +271,97 @@ def test_iter_dump_files_finds_meta_and_npz_recursively_in_order(tmp_path):
     assert set(found) == {m1, tmp_path / "b" / "deep" / "layer1.npz", tmp_path / "top.npz"}
     assert list(iter_dump_files(tmp_path)) == found  # deterministic
     assert list(iter_dump_files(tmp_path / "empty-nonexistent")) == []
+
+
+# --- identical dumps stored once --------------------------------------------------------------------
+
+
+def _two_runs(root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """runA and runB: layers 0-1 identical (as front layers are), layer 2 differs at the same size,
+    and runA's layer 3 has V equal to K. Returns the arrays written, by meta file path."""
+    written = {}
+    for run in ("runA", "runB"):
+        for layer in range(4):
+            k, v = _kv(seed=layer if layer < 2 else 10 * layer + len(written))
+            v = k if layer == 3 and run == "runA" else v
+            meta = write_dump(root / run, run_id=run, stage="prefill", layer_id=layer, seq_start=0, k=k, v=v)
+            written[str(meta)] = (k, v)
+    return written
+
+
+def _read_all(root: Path) -> dict[str, tuple[bytes, bytes]]:
+    return {str(path): tuple(a.tobytes() for a in read_meta(path).load()) for path in iter_dump_files(root)}
+
+
+def _data(root: Path, run: str, which: str, layer: int) -> Path:
+    return root / run / f"{which}_{run}_prefill_layer{layer:03d}_s000000.bin"
+
+
+def test_link_identical_shares_equal_files_and_readers_see_the_same_tensors(tmp_path):
+    written = _two_runs(tmp_path)
+    before = _read_all(tmp_path)
+    assert before == {path: (k.tobytes(), v.tobytes()) for path, (k, v) in written.items()}
+    size = _data(tmp_path, "runA", "k", 0).stat().st_size
+    assert link_identical(tmp_path) == (5, 5 * size)  # runB's K/V of layers 0-1, runA's V of layer 3
+    assert _read_all(tmp_path) == before
+    for layer in (0, 1):
+        for which in ("k", "v"):
+            a, b = (os.stat(_data(tmp_path, run, which, layer)) for run in ("runA", "runB"))
+            assert a.st_ino == b.st_ino and a.st_nlink == b.st_nlink == 2
+    k3, v3 = (os.stat(_data(tmp_path, "runA", which, 3)) for which in ("k", "v"))
+    assert k3.st_ino == v3.st_ino and k3.st_nlink == 2
+    for which in ("k", "v"):  # the same size, other bytes: left alone
+        a, b = (os.stat(_data(tmp_path, run, which, 2)) for run in ("runA", "runB"))
+        assert a.st_ino != b.st_ino and a.st_nlink == b.st_nlink == 1
+    assert link_identical(tmp_path) == (0, 0)  # already shared
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_later_write_replaces_a_linked_file_without_touching_its_twin(tmp_path):
+    _two_runs(tmp_path)
+    link_identical(tmp_path)
+    twin = _data(tmp_path, "runA", "k", 0)
+    old = twin.read_bytes()
+    k, v = _kv(seed=99)
+    write_dump(tmp_path / "runB", run_id="runB", stage="prefill", layer_id=0, seq_start=0, k=k, v=v)
+    assert twin.read_bytes() == old and os.stat(twin).st_nlink == 1
+    assert _data(tmp_path, "runB", "k", 0).read_bytes() == k.tobytes()
+    assert read_meta(tmp_path / "runA" / "meta_runA_prefill_layer000_s000000.json").load()[0].tobytes() == old
+
+
+def test_link_identical_confirms_bytes_before_linking(tmp_path, monkeypatch):
+    _two_runs(tmp_path)
+    before = _read_all(tmp_path)
+    monkeypatch.setattr(kvdump, "_digest", lambda path: b"collision")  # every file of a size in one group
+    size = _data(tmp_path, "runA", "k", 0).stat().st_size
+    assert link_identical(tmp_path) == (5, 5 * size)  # the equal ones only
+    assert _read_all(tmp_path) == before
+
+
+def test_link_identical_leaves_files_alone_without_hard_links(tmp_path, monkeypatch):
+    _two_runs(tmp_path)
+    before = _read_all(tmp_path)
+
+    def no_links(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(kvdump.os, "link", no_links)
+    assert link_identical(tmp_path) == (0, 0)
+    assert _read_all(tmp_path) == before
+    assert all(os.stat(p).st_nlink == 1 for p in tmp_path.rglob("*.bin"))
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_link_identical_counts_only_freed_bytes_and_skips_links_and_other_files(tmp_path):
+    data = b"\x01" * 64
+    (tmp_path / "a.bin").write_bytes(data)
+    (tmp_path / "b.bin").write_bytes(data)
+    os.link(tmp_path / "b.bin", tmp_path / "c.bin")  # b and c already share their data
+    (tmp_path / "notes.txt").write_bytes(data)
+    (tmp_path / "link.bin").symlink_to(tmp_path / "a.bin")
+    (tmp_path / "empty1.bin").write_bytes(b"")
+    (tmp_path / "empty2.bin").write_bytes(b"")
+    assert link_identical(tmp_path) == (2, 64)  # b then c relinked to a; the data is freed once
+    assert {os.stat(tmp_path / n).st_ino for n in ("a.bin", "b.bin", "c.bin")} == {os.stat(tmp_path / "a.bin").st_ino}
+    assert os.stat(tmp_path / "notes.txt").st_nlink == 1 and (tmp_path / "link.bin").is_symlink()
+    assert os.stat(tmp_path / "empty1.bin").st_ino != os.stat(tmp_path / "empty2.bin").st_ino
