@@ -1,26 +1,34 @@
 """Gate runs across commits: a store of one JSON record per run, and comparisons between runs.
 
 A *record* (:func:`make_record`) is a gate report reduced to what is worth keeping over time: the
-git commit, the machine, the preset, the verdicts and every configuration's numeric metrics, plus
-the derived ``decode_vs_baseline`` (decode tok/s over the same run's baseline tok/s). :func:`append`
-writes it into the store (default ``.h2o/history/``) as ``<UTC yyyymmddTHHMMSSffffff>-<commit[:10]>.json``,
-atomically and never over another run; :func:`load` reads the store back in time order, skipping
-unreadable files with a warning.
+git commit, the machine, the preset, the workload (what was measured: runtime, model, text, threads,
+sizes), whether the run is ``complete`` (no fatal error, every configuration measured), the verdicts
+and every configuration's numeric metrics plus its per-round ``decode_log_ratios``.
+:func:`append` writes it into the store (default ``.h2o/history/``) as
+``<UTC yyyymmddTHHMMSSffffff>-<commit[:10]>.json``, atomically and never over another run;
+:func:`load` reads the store back in time order, skipping unreadable files with a warning.
 
-:func:`compare` checks a run against an earlier one (:func:`resolve`: ``latest``, a commit or a file)
-under ``METRIC:TOL%`` specs (:func:`parse_compare_specs`):
+:func:`resolve` finds the stored run to compare with (``latest``, a commit or a file): only a complete
+record of the current schema, of the same preset and of a :func:`comparable` workload is a target.
+:func:`compare` checks a run against it under ``METRIC:TOL%`` specs (:func:`parse_compare_specs`):
 
 - a ratio or a speed regresses when it is worse by more than TOL percent of the old value, in the
   metric's own direction (:data:`HIGHER_IS_BETTER`, :data:`LOWER_IS_BETTER`, any ``*_us``: lower);
-- ``decode_tps`` is compared as ``decode_vs_baseline``, the speed as a ratio of each run's own
-  same-run baseline, so a uniformly slower machine is not a regression; a run without a same-run
-  baseline falls back to raw tok/s, and the comparison's note says so;
+- a value missing on either side, or a configuration gone from the current run, is a regression
+  (a new configuration is reported, not failed);
+- ``decode_tps`` (and ``decode_vs_baseline``) is compared through each run's per-round log ratios
+  to its same-run baseline: the Hodges-Lehmann shift with its exact Mann-Whitney interval
+  (:func:`gates.speed_stats.two_sample`); a regression only when the whole interval is worse than
+  TOL, *undecided* when it straddles TOL. Without those ratios on both sides the point
+  ``decode_vs_baseline`` is compared (raw tok/s without a same-run baseline), and the note says so;
 - metrics that are differences already (``h2o_fidelity_ppl_delta``, ``decode_drop``; they sit near 0
   and may be negative) are compared by absolute difference in percentage points: ``ppl:1%`` allows
   the perplexity delta to grow by 0.01;
 - ``*`` or ``all`` as METRIC stands for :data:`ALL_METRICS` (compression ratios, speed, fidelity; not
   counters such as queue peaks, which go from 0 to 1 as an infinite relative change).
 
+Schema 1 records (older pytest-h2o) stay readable for trends but are never compared with: their
+``total_ratio`` (h2o_lossy x a lossless ratio) and speed statistics meant something else.
 Nothing here needs pytest or numpy.
 """
 
@@ -40,7 +48,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-SCHEMA_VERSION = 1
+from .speed_stats import one_sample, two_sample
+
+SCHEMA_VERSION = 2
+OLD_SCHEMA = ("recorded by an older pytest-h2o: total_ratio and the speed statistics were defined differently")
+LOG_RATIOS = "decode_log_ratios"  # per measured round: log(candidate tok/s / adjacent baseline tok/s)
 DEFAULT_STORE = Path(".h2o/history")
 UNKNOWN = "unknown"
 
@@ -57,13 +69,17 @@ LOWER_IS_BETTER: frozenset[str] = frozenset({
 # differences already (near 0, may be negative): compared in percentage points, not relative change
 ABSOLUTE_METRICS: frozenset[str] = frozenset({"h2o_fidelity_ppl_delta", "decode_drop"})
 # what ``*`` / ``all`` expands to: compression, speed and fidelity (not counters such as queue peaks)
+# (total_ratio: the whole-cache ratio, full fp16 bytes over bytes held after eviction and lossless compression)
 ALL_METRICS: tuple[str, ...] = ("h2o_lossy", "lossless_online", "lossless_scope", "total_ratio", "decode_tps",
                                 "h2o_fidelity_top1", "h2o_fidelity_ppl_delta")
+# compared through the per-round log ratios when both runs have them
+SPEED_METRICS: frozenset[str] = frozenset({"decode_tps", "decode_vs_baseline"})
 _EPS = 1e-9
 
 
 class HistoryError(Exception):
-    """A history lookup that found nothing (the message names the store, the request and what exists)."""
+    """A history lookup that found no run to compare with (the message names the store, the request,
+    why the run found is not a target, and the comparable runs there are)."""
 
 
 # --------------------------------------------------------------------------------------------- records
@@ -109,33 +125,55 @@ def _number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The finite numbers of a metric row plus ``decode_vs_baseline``; dicts, strings and NaN dropped."""
-    out = {key: num for key, value in metrics.items() if (num := _number(value)) is not None}
+def _finite_list(value: Any) -> list[float] | None:
+    """A non-empty list of finite numbers as floats, else None (one bad element voids the list)."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return None
+    numbers = [_number(v) for v in value]
+    return None if any(n is None for n in numbers) else numbers  # type: ignore[return-value]
+
+
+def _numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The finite numbers of a metric row, ``decode_log_ratios`` (a list of finite floats, else dropped)
+    and ``decode_vs_baseline``: the report's, else decode_tps / baseline_decode_tps. Dicts, strings and
+    NaN are dropped."""
+    out: dict[str, Any] = {key: num for key, value in metrics.items() if (num := _number(value)) is not None}
+    logs = _finite_list(metrics.get(LOG_RATIOS))
+    if logs is not None:
+        out[LOG_RATIOS] = logs
     decode, base = out.get("decode_tps"), out.get("baseline_decode_tps")
-    if decode is not None and base is not None and base > 0:
+    if "decode_vs_baseline" not in out and decode is not None and base is not None and base > 0:
         out["decode_vs_baseline"] = decode / base
     return out
 
 
 def _record_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A configuration's verdict, numbers and ``error`` (why it was not measured; None when it was)."""
+    metrics = config.get("metrics", {})
+    error = metrics.get("error")
     verdicts = {rule: {"passed": bool(v.get("passed")), "enabled": bool(v.get("enabled")),
                        "value": _number(v.get("value"))}
                 for rule, v in config.get("verdicts", {}).items()}
-    return {"passed": bool(config.get("passed")), "metrics": _numeric_metrics(config.get("metrics", {})),
-            "verdicts": verdicts}
+    return {"passed": bool(config.get("passed")), "error": str(error) if error else None,
+            "metrics": _numeric_metrics(metrics), "verdicts": verdicts}
 
 
 def make_record(report: Mapping[str, Any], root: Path | None = None) -> dict[str, Any]:
-    """A history record of a :func:`gates.gate_report.build_report` report; git is asked in ``root``
-    (default: the working directory). A report's own ``commit`` key is used when git cannot tell."""
+    """A history record of a gate report; git is asked in ``root`` (default: the working directory).
+    A report's own ``commit`` key is used when git cannot tell.
+
+    ``workload`` is the report's (None when it has none); ``complete`` is False when the report has
+    ``fatal`` or a configuration was not measured (``metrics["error"]``): such a run is never compared with.
+    """
     git = git_info(root)
     if git["commit"] == UNKNOWN and isinstance(report.get("commit"), str) and report["commit"]:
         git["commit"] = report["commit"]
-    structured = {"mode", "thresholds", "configs", "overall", "joint", "independent"}
+    structured = {"mode", "thresholds", "configs", "overall", "joint", "independent", "workload"}
     meta = {key: value for key, value in report.items()
             if key not in structured and (value is None or isinstance(value, (str, int, float, bool)))}
     overall = report.get("overall", {})
+    configs = {c["name"]: _record_config(c) for c in report.get("configs", [])}
+    workload = report.get("workload")
     return {
         "schema": SCHEMA_VERSION,
         "timestamp": _now().isoformat(timespec="microseconds"),
@@ -143,12 +181,32 @@ def make_record(report: Mapping[str, Any], root: Path | None = None) -> dict[str
         "machine": machine_info(),
         "preset": report.get("preset"),
         "mode": report.get("mode"),
+        "complete": not report.get("fatal") and bool(configs) and all(c["error"] is None for c in configs.values()),
+        "workload": json.loads(json.dumps(workload)) if isinstance(workload, Mapping) else None,
         "thresholds": dict(report.get("thresholds", {})),
         "meta": meta,
         "overall": {"passed": bool(overall.get("passed")), "passing": list(overall.get("passing", [])),
                     "reason": overall.get("reason", "")},
-        "configs": {c["name"]: _record_config(c) for c in report.get("configs", [])},
+        "configs": configs,
     }
+
+
+def measured_anything(record: Mapping[str, Any]) -> bool:
+    """Whether the run measured something: no fatal error and at least one configuration measured."""
+    if record.get("meta", {}).get("fatal"):
+        return False
+    return any(not c.get("error") for c in record.get("configs", {}).values())
+
+
+def incomplete_reason(record: Mapping[str, Any]) -> str | None:
+    """Why the run is not complete, or None (schema 1 records do not say and count as complete)."""
+    if record.get("complete", True):
+        return None
+    fatal = record.get("meta", {}).get("fatal")
+    if fatal:
+        return f"the measurement failed as a whole ({fatal})"
+    failed = [name for name, c in record.get("configs", {}).items() if c.get("error")]
+    return f"not measured: {', '.join(failed)}" if failed else "no configuration measured"
 
 
 # ----------------------------------------------------------------------------------------------- store
@@ -293,38 +351,143 @@ def preset_matches(record: Mapping[str, Any], preset: str | None) -> bool:
     return bool({stored, Path(stored).name, Path(stored).stem} & wanted)
 
 
-def resolve(store: Path, ref: str = "latest", preset: str | None = None,
-            records: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    """The stored run ``ref`` names: ``latest`` (the newest), a commit sha prefix (its newest run) or
-    a record file's path; ``preset`` filters the first two. ``records`` skips re-reading the store.
-    Raises HistoryError naming the store, the request and what the store holds."""
+def _when(record: Mapping[str, Any]) -> str:
+    """The record's time, ``YYYY-MM-DD HH:MM:SS UTC``."""
+    return record_time(record).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _run_label(record: Mapping[str, Any]) -> str:
+    """``<commit[:10]> (<time>)``: a stored run in messages."""
+    return f"{short_commit(record)} ({_when(record)})"
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _differs(field_name: str, current: Any, stored: Any) -> str:
+    return f"{field_name} differs: {_show(current)} in this run, {_show(stored)} in the stored run"
+
+
+def comparable(current: Mapping[str, Any], stored: Mapping[str, Any]) -> str | None:
+    """Why two workloads (the report's ``workload``: runtime, model, text, text_sha256, threads, sizes)
+    measured different things, naming the field and both values (``current``'s first); None when they
+    are alike. The text is compared by ``text_sha256`` when both have one; sizes (``[prompt, gen]``
+    tokens) only for the configurations both have."""
+    for key in ("runtime", "model"):
+        if current.get(key) != stored.get(key):
+            return _differs(key, current.get(key), stored.get(key))
+    text_key = "text_sha256" if current.get("text_sha256") and stored.get("text_sha256") else "text"
+    if current.get(text_key) != stored.get(text_key):
+        return _differs(text_key, current.get(text_key), stored.get(text_key))
+    if current.get("threads") != stored.get("threads"):
+        return _differs("threads", current.get("threads"), stored.get("threads"))
+    cur_sizes, old_sizes = current.get("sizes") or {}, stored.get("sizes") or {}
+    for label, size in cur_sizes.items():
+        if label in old_sizes and list(size) != list(old_sizes[label]):
+            return _differs(f"[prompt, gen] tokens of {label}", list(size), list(old_sizes[label]))
+    return None
+
+
+def target_problem(record: Mapping[str, Any], preset: str | None,
+                   workload: Mapping[str, Any] | None) -> str | None:
+    """Why ``record`` cannot be compared with a run of ``preset`` measuring ``workload``, or None.
+    A target is a complete record of the current schema, of that preset, whose workload is
+    :func:`comparable`; ``preset`` None matches any preset and ``workload`` None (not known) any workload."""
+    schema = record.get("schema", 0)
+    if schema < SCHEMA_VERSION:
+        return f"schema {schema}, {OLD_SCHEMA}"
+    incomplete = incomplete_reason(record)
+    if incomplete:
+        return f"an incomplete run: {incomplete}"
+    if not preset_matches(record, preset):
+        return _differs("preset", preset, record.get("preset"))
+    stored = record.get("workload")
+    if not isinstance(stored, Mapping):
+        return "it does not say what it measured (no workload)"
+    return None if workload is None else comparable(workload, stored)
+
+
+def _available(targets: Sequence[Mapping[str, Any]], store: Path | None) -> str:
+    """The newest comparable runs (one per commit, up to 10), for a message."""
+    if store is None:
+        return "the history store is off"
+    newest: dict[str, str] = {}
+    for record in reversed(targets):
+        newest.setdefault(short_commit(record), _when(record))
+    if not newest:
+        return f"{store} holds no run comparable with this one"
+    shown = [f"{commit} ({when})" for commit, when in list(newest.items())[:10]]
+    more = f" and {len(newest) - 10} more" if len(newest) > 10 else ""
+    return f"comparable runs in {store}, newest first: {', '.join(shown)}{more}"
+
+
+def _resolve_path(path: Path, store: Path | None, preset: str | None,
+                  workload: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The record file ``path`` if it is a comparable target; HistoryError saying why not."""
+    def available() -> str:
+        return _available(_targets(load(store), preset, workload) if store is not None else [], store)
+
+    if not path.is_file():
+        raise HistoryError(f"no history record file {path}; {available()}")
+    try:
+        record = read_record(path)
+    except HistoryError as exc:
+        raise HistoryError(f"{exc}; {available()}") from None
+    problem = target_problem(record, preset, workload)
+    if problem:
+        raise HistoryError(f"{path} ({_run_label(record)}) is not comparable with this run: {problem}; {available()}")
+    return record
+
+
+def _targets(records: Iterable[Mapping[str, Any]], preset: str | None,
+             workload: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    return [dict(r) for r in records if target_problem(r, preset, workload) is None]
+
+
+def resolve(store: Path | None, ref: str = "latest", preset: str | None = None,
+            workload: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The stored run ``ref`` names, if it can be compared with a run of ``preset`` measuring
+    ``workload`` (see :func:`target_problem`; None: not checked): ``latest`` (the newest such run), a
+    commit sha prefix (its newest such run) or a record file's path. ``store`` None (off) allows a path only.
+
+    Raises HistoryError naming the store and the request: for ``latest``, that no run of the preset is
+    stored, or why the newest is not comparable; for a commit or path, why it is not a target, with the
+    comparable runs there are."""
     ref = (ref or "latest").strip()
-    path = Path(ref)
-    if ref.endswith(".json") or path.is_file():
-        if not path.is_file():
-            raise HistoryError(f"no history record file {path} (asked for {ref!r})")
-        return read_record(path)
-    pool = [dict(r) for r in (load(store) if records is None else records)]
-    candidates = [r for r in pool if preset_matches(r, preset)]
-    scope = f" for preset {preset!r}" if preset else ""
-    if not candidates:
-        presets = sorted({str(r.get("preset")) for r in pool})
-        held = f"{len(pool)} runs of presets {', '.join(presets)}" if pool else "no runs"
-        raise HistoryError(f"no stored run{scope} in {store} to compare with (asked for {ref!r}; it holds {held})")
+    if ref.endswith(".json") or Path(ref).is_file():
+        return _resolve_path(Path(ref), store, preset, workload)
+    pool = load(store) if store is not None else []
+    of_preset = [r for r in pool if preset_matches(r, preset)]
+    targets = _targets(of_preset, preset, workload)
+    scope = f" of preset {preset!r}" if preset else ""
     if ref == "latest":
-        return candidates[-1]
+        if targets:
+            return targets[-1]
+        if not of_preset:
+            presets = sorted({str(r.get("preset")) for r in pool})
+            held = f"{len(pool)} runs of presets {', '.join(presets)}" if pool else "no runs"
+            raise HistoryError(f"no stored run{scope} in {store} to compare with (it holds {held}); "
+                               "this run is stored for the next one")
+        newest = of_preset[-1]
+        raise HistoryError(f"no comparable stored run{scope} in {store}: the newest, {_run_label(newest)}, is not "
+                           f"comparable with this run: {target_problem(newest, preset, workload)}")
     if not re.fullmatch(r"[0-9a-fA-F]{4,40}", ref):
-        raise HistoryError(f"{ref!r} is not 'latest', a commit sha prefix (4-40 hex digits) or a record file")
-    matches = [r for r in candidates if str(r.get("git", {}).get("commit", "")).lower().startswith(ref.lower())]
+        raise HistoryError(f"{ref!r} is not 'latest', a commit sha prefix (4-40 hex digits) or a record file "
+                           f"(*.json); {_available(targets, store)}")
+    matches = [r for r in of_preset if str(r.get("git", {}).get("commit", "")).lower().startswith(ref.lower())]
     commits = sorted({r["git"]["commit"] for r in matches})
     if len(commits) > 1:
         raise HistoryError(f"commit prefix {ref!r} is ambiguous in {store}: {', '.join(c[:12] for c in commits)}")
     if not matches:
-        known = list(dict.fromkeys(short_commit(r) for r in reversed(candidates)))
-        more = f" (and {len(known) - 10} more)" if len(known) > 10 else ""
-        raise HistoryError(f"no stored run of commit {ref!r}{scope} in {store}; "
-                           f"stored commits, newest first: {', '.join(known[:10])}{more}")
-    return matches[-1]
+        raise HistoryError(f"no stored run of commit {ref!r}{scope} in {store}; {_available(targets, store)}")
+    usable = _targets(matches, preset, workload)
+    if not usable:
+        newest = matches[-1]
+        raise HistoryError(f"the stored run of commit {ref!r}, {_run_label(newest)}, is not comparable with this run: "
+                           f"{target_problem(newest, preset, workload)}; {_available(targets, store)}")
+    return usable[-1]
 
 
 def describe_record(record: Mapping[str, Any]) -> str:
@@ -411,7 +574,9 @@ class Comparison:
 
     ``basis`` is the metric actually compared (``decode_vs_baseline`` for ``decode_tps`` when both runs
     have a same-run baseline); ``change`` is in ``unit``: ``"%"`` of the old value, or ``"pp"``
-    (percentage points) for difference metrics. ``regression``: worse by more than ``tolerance``.
+    (percentage points) for difference metrics. ``regression``: worse by more than ``tolerance``, or a
+    value (or configuration) missing on a side. Speed compared by statistics has ``interval`` (the
+    change's interval, in %), its ``coverage`` (0-1) and ``undecided`` (the interval straddles the tolerance).
     """
 
     config: str
@@ -425,6 +590,9 @@ class Comparison:
     higher_is_better: bool
     regression: bool
     note: str = ""
+    interval: tuple[float, float] | None = None
+    coverage: float | None = None
+    undecided: bool = False
 
     @property
     def missing(self) -> bool:
@@ -441,52 +609,111 @@ def _change(old: float, new: float, absolute: bool) -> float:
     return (new - old) / abs(old) * 100.0
 
 
-def _speed_basis(prev: Mapping[str, float], cur: Mapping[str, float]) -> tuple[str, str]:
-    """Which metric ``decode_tps`` is compared as, and a note when it cannot be the baseline ratio."""
-    lacking = [side for side, m in (("previous", prev), ("current", cur)) if "decode_vs_baseline" not in m]
-    if not lacking:
-        return "decode_vs_baseline", "speed as a ratio of each run's own same-run baseline"
-    return "decode_tps", (f"no same-run baseline in the {' and '.join(lacking)} run: raw tok/s compared, "
+def _lacking(previous: bool, current: bool) -> str:
+    """``"previous"``, ``"current"``, ``"previous and current"`` (the sides where a thing is False) or ``""``."""
+    return " and ".join(side for side, has in (("previous", previous), ("current", current)) if not has)
+
+
+def _speed_point_basis(metric: str, prev: Mapping[str, Any], cur: Mapping[str, Any]) -> tuple[str, str]:
+    """What a speed metric is compared as without per-round log ratios on both sides, and a note saying so."""
+    no_logs = _lacking(_finite_list(prev.get(LOG_RATIOS)) is not None, _finite_list(cur.get(LOG_RATIOS)) is not None)
+    point = f"no per-round {LOG_RATIOS} in the {no_logs} run: point values compared, no interval"
+    no_base = _lacking("decode_vs_baseline" in prev, "decode_vs_baseline" in cur)
+    if metric == "decode_vs_baseline" or not no_base:
+        return "decode_vs_baseline", f"speed as a ratio of each run's own same-run baseline; {point}"
+    return "decode_tps", (f"no same-run baseline in the {no_base} run: raw tok/s compared, "
                           "machine speed not factored out")
 
 
-def _compare_metric(config: str, spec: CompareSpec, prev: Mapping[str, float], cur: Mapping[str, float],
-                    strict_missing: bool) -> Comparison:
-    basis, note = (_speed_basis(prev, cur) if spec.metric == "decode_tps" else (spec.metric, ""))
+def _speed_ratio(metrics: Mapping[str, Any], logs: Sequence[float]) -> float:
+    """The run's decode_vs_baseline, else exp of the Hodges-Lehmann estimate of its log ratios."""
+    ratio = _number(metrics.get("decode_vs_baseline"))
+    return ratio if ratio is not None else math.exp(one_sample(logs).estimate)
+
+
+def _pct(value: float) -> str:
+    return f"{value:+.2f}%"
+
+
+def _compare_speed(config: str, spec: CompareSpec, prev: Mapping[str, Any], cur: Mapping[str, Any],
+                   old_logs: Sequence[float], new_logs: Sequence[float]) -> Comparison:
+    """Decode speed by the Hodges-Lehmann shift of the per-round log ratios (new - old) and its exact
+    interval, as percent changes ``exp(x) - 1``: a regression only when the whole interval is worse
+    than the tolerance, undecided when it straddles it."""
+    shift = two_sample(new_logs, old_logs)
+    change, lo, hi = ((math.exp(x) - 1.0) * 100.0 for x in (shift.estimate, shift.lo, shift.hi))
+    limit = -spec.tolerance_pct - _EPS
+    regression, undecided = hi < limit, lo < limit <= hi
+    interval = f"interval [{_pct(lo)}, {_pct(hi)}] (coverage {shift.coverage * 100:.3g}%)"
+    note = (f"{'undecided: ' if undecided else ''}{interval}; Hodges-Lehmann shift of {len(new_logs)} vs "
+            f"{len(old_logs)} per-round log ratios to the same-run baseline")
+    return Comparison(config, spec.metric, "decode_vs_baseline", _speed_ratio(prev, old_logs),
+                      _speed_ratio(cur, new_logs), change, "%", spec.tolerance_pct, True, regression, note,
+                      (lo, hi), shift.coverage, undecided)
+
+
+def _missing_note(basis: str, sides: Sequence[tuple[str, float | None, Mapping[str, Any]]]) -> str:
+    """``<basis> missing in the <side> run``, with why a side's configuration was not measured."""
+    lacking = [(side, config.get("error")) for side, value, config in sides if value is None]
+    errors = "".join(f"; {side} run: not measured: {error}" for side, error in lacking if error)
+    return f"{basis} missing in the {' and '.join(side for side, _ in lacking)} run{errors}"
+
+
+def _compare_metric(config: str, spec: CompareSpec, prev_config: Mapping[str, Any],
+                    cur_config: Mapping[str, Any]) -> Comparison:
+    prev, cur = prev_config.get("metrics", {}), cur_config.get("metrics", {})
+    basis, note = spec.metric, ""
+    if spec.metric in SPEED_METRICS:
+        old_logs, new_logs = _finite_list(prev.get(LOG_RATIOS)), _finite_list(cur.get(LOG_RATIOS))
+        if old_logs is not None and new_logs is not None:
+            return _compare_speed(config, spec, prev, cur, old_logs, new_logs)
+        basis, note = _speed_point_basis(spec.metric, prev, cur)
     higher = higher_is_better(basis)
     absolute = basis in ABSOLUTE_METRICS
     unit = "pp" if absolute else "%"
-    old, new = prev.get(basis), cur.get(basis)
+    old, new = _number(prev.get(basis)), _number(cur.get(basis))
     if old is None or new is None:
-        side = " and ".join(s for s, v in (("previous", old), ("current", new)) if v is None)
-        return Comparison(config, spec.metric, basis, old, new, None, unit, spec.tolerance_pct, higher,
-                          strict_missing and new is None, f"{basis} missing in the {side} run")
+        return Comparison(config, spec.metric, basis, old, new, None, unit, spec.tolerance_pct, higher, True,
+                          _missing_note(basis, [("previous", old, prev_config), ("current", new, cur_config)]))
     change = _change(old, new, absolute)
     worse = -change if higher else change
     return Comparison(config, spec.metric, basis, old, new, change, unit, spec.tolerance_pct, higher,
                       worse > spec.tolerance_pct + _EPS, note)
 
 
-def compare(current: Mapping[str, Any], previous: Mapping[str, Any], specs: Iterable[CompareSpec],
-            strict_missing: bool = False) -> list[Comparison]:
-    """Each spec on each configuration present in both runs, in the current run's order; then one
-    entry (metric ``*``) per configuration present on one side only. Missing values are never a
-    regression unless ``strict_missing`` (then a value or configuration gone from ``current`` is)."""
+def _pair_problem(current: Mapping[str, Any], previous: Mapping[str, Any]) -> str | None:
+    """Why the two runs cannot be compared (see :func:`target_problem`), or None."""
+    workload = current.get("workload")
+    if not isinstance(workload, Mapping):
+        return "this run does not say what it measured (no workload)"
+    return target_problem(previous, current.get("preset"), workload)
+
+
+def compare(current: Mapping[str, Any], previous: Mapping[str, Any], specs: Iterable[CompareSpec]) -> list[Comparison]:
+    """Each spec on each configuration present in both records, in the current run's order; then one
+    entry (metric ``*``) per configuration present on one side only: gone from the current run is a
+    regression, new in it is reported only. A value missing on either side is a regression.
+
+    Runs that are not comparable (:func:`target_problem`: schema, completeness, preset, workload) give
+    a single regression (configuration and metric ``*``) saying why."""
+    problem = _pair_problem(current, previous)
+    if problem:
+        return [Comparison("*", "*", "*", None, None, None, "", 0.0, True, True,
+                           f"not comparable with the previous run: {problem}")]
     cur_configs, prev_configs = current.get("configs", {}), previous.get("configs", {})
     specs = expand_specs(specs)
     out: list[Comparison] = []
     for name, config in cur_configs.items():
         if name in prev_configs:
-            out += [_compare_metric(name, spec, prev_configs[name]["metrics"], config["metrics"], strict_missing)
-                    for spec in specs]
+            out += [_compare_metric(name, spec, prev_configs[name], config) for spec in specs]
     for name in prev_configs:
         if name not in cur_configs:
-            out.append(Comparison(name, "*", "*", None, None, None, "", 0.0, True, strict_missing,
+            out.append(Comparison(name, "*", "*", None, None, None, "", 0.0, True, True,
                                   "configuration missing in the current run"))
     for name in cur_configs:
         if name not in prev_configs:
             out.append(Comparison(name, "*", "*", None, None, None, "", 0.0, True, False,
-                                  "new configuration: not in the previous run"))
+                                  "new configuration: not in the previous run (reported, not compared)"))
     return out
 
 
@@ -502,22 +729,33 @@ def _fmt(value: float | None) -> str:
 def _fmt_change(c: Comparison) -> str:
     if c.change is None:
         return "-"
+    if c.interval is not None:
+        return f"{_pct(c.change)} [{_pct(c.interval[0])}, {_pct(c.interval[1])}]"
     return f"{c.change:+.2f}{' pp' if c.unit == 'pp' else '%'}"
 
 
+def _result(c: Comparison) -> str:
+    if c.regression:
+        return "REGRESSION"
+    return "undecided" if c.undecided else "new" if c.missing else "ok"
+
+
 def render_comparison(comparisons: Sequence[Comparison], title: str | None = None) -> str:
-    """A markdown table of the comparisons (``title`` as a heading above it)."""
+    """A markdown table of the comparisons (``title`` as a heading above it); a speed change compared
+    by statistics shows its interval beside it."""
     lines = [f"## {title}", ""] if title else []
     if not comparisons:
         return "\n".join(lines + ["No comparisons (no configuration in both runs, or no metric asked).", ""])
     lines += ["| config | metric | compared | previous | current | change | tolerance | result | note |",
               "|---|---|---|---:|---:|---:|---:|:---:|---|"]
     for c in comparisons:
-        result = "REGRESSION" if c.regression else "missing" if c.missing else "ok"
         tolerance = "-" if c.metric == "*" else f"{c.tolerance:g}{' pp' if c.unit == 'pp' else '%'}"
         direction = "" if c.metric == "*" else (" (higher better)" if c.higher_is_better else " (lower better)")
         lines.append(f"| {c.config} | {c.metric} | {c.basis}{direction} | {_fmt(c.old)} | {_fmt(c.new)} | "
-                     f"{_fmt_change(c)} | {tolerance} | {result} | {c.note} |")
+                     f"{_fmt_change(c)} | {tolerance} | {_result(c)} | {c.note} |")
     bad = regressions(comparisons)
-    lines += ["", f"{len(bad)} regression(s) beyond tolerance." if bad else "No regression beyond tolerance.", ""]
-    return "\n".join(lines)
+    summary = f"{len(bad)} regression(s) beyond tolerance." if bad else "No regression beyond tolerance."
+    undecided = sum(c.undecided for c in comparisons)
+    if undecided:
+        summary += f" {undecided} undecided: the speed interval straddles the tolerance (more rounds would decide)."
+    return "\n".join(lines + ["", summary, ""])

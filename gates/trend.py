@@ -4,6 +4,8 @@ The table has one row per run and reads every metric from one *representative* c
 that run, so a row never mixes configurations (the flaw of a per-metric best of): the first
 configuration that passes every rule, else the one that passes the most enabled rules (ties: the
 preset's order), unless a configuration is named. The plot shows every configuration, one line each.
+Runs that did not measure every configuration read ``incomplete`` in the pass column; a footnote says
+which rows hold a ``total_ratio`` of schema 1 (h2o_lossy x a lossless ratio, not the whole-cache ratio).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .history import preset_matches, record_time, short_commit
+from .history import SCHEMA_VERSION, preset_matches, record_time, short_commit
 
 DEFAULT_TREND_METRICS: tuple[str, ...] = ("h2o_lossy", "lossless_online", "total_ratio", "decode_vs_baseline")
 
@@ -40,10 +42,27 @@ def _commit_label(record: Mapping[str, Any]) -> str:
     return short_commit(record) + ("+" if record.get("git", {}).get("dirty") else "")
 
 
+def _verdict(record: Mapping[str, Any]) -> str:
+    """``incomplete`` (a configuration or the whole run not measured), else ``yes``/``no``."""
+    if record.get("complete", True) is False:
+        return "incomplete"
+    return "yes" if record.get("overall", {}).get("passed") else "no"
+
+
+def _old_total_ratio_note(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> list[str]:
+    """A footnote naming the rows whose ``total_ratio`` has the schema-1 meaning, if any is shown."""
+    old = [str(i) for i, r in enumerate(rows, 1) if r.get("schema", SCHEMA_VERSION) < SCHEMA_VERSION]
+    if "total_ratio" not in metrics or not old:
+        return []
+    return ["", f"total_ratio of run(s) {', '.join(old)} (schema 1, older pytest-h2o) is h2o_lossy x a lossless "
+                "ratio, not the whole-cache ratio of later runs."]
+
+
 def trend_table(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], preset: str | None = None,
                 config: str | None = None) -> str:
     """Markdown: one row per run (oldest first) with time, commit (``+``: uncommitted changes), overall
-    verdict, the representative configuration and its value of each metric (``-`` when absent)."""
+    verdict (``incomplete``: not everything measured), the representative configuration and its value
+    of each metric (``-`` when absent); then a footnote for schema-1 ``total_ratio`` values."""
     rows = [r for r in records if preset_matches(r, preset)]
     header = ["#", "time (UTC)", "commit", "preset", "pass", "config", *metrics]
     lines = ["| " + " | ".join(header) + " |", "|---:|---|---|---|:---:|---|" + "---:|" * len(metrics)]
@@ -51,10 +70,10 @@ def trend_table(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], pr
         name = representative_config(record, config)
         values = record.get("configs", {}).get(name, {}).get("metrics", {}) if name else {}
         cells = [str(index), record_time(record).strftime("%Y-%m-%d %H:%M:%S"), _commit_label(record),
-                 str(record.get("preset") or "-"), "yes" if record.get("overall", {}).get("passed") else "no",
-                 name or "-", *(_fmt(values.get(m)) for m in metrics)]
+                 str(record.get("preset") or "-"), _verdict(record), name or "-",
+                 *(_fmt(values.get(m)) for m in metrics)]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _old_total_ratio_note(rows, metrics)) + "\n"
 
 
 def _series(records: Sequence[Mapping[str, Any]], metric: str) -> dict[str, list[tuple[int, float]]]:

@@ -2,7 +2,8 @@
 
 Every gate run appends a record to the history store (default ``.h2o/history``, see
 :mod:`gates.history`); this prints them oldest first as a markdown table and writes a PNG with one
-subplot per metric and one line per configuration.
+subplot per metric and one line per configuration. Records of every schema are shown; runs that did
+not measure every configuration read ``incomplete``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _stored_metrics(records: list[dict]) -> set[str]:
-    return {m for r in records for c in r.get("configs", {}).values() for m in c.get("metrics", {})}
+    """The scalar metrics of any stored run (not per-round lists such as decode_log_ratios)."""
+    return {m for r in records for c in r.get("configs", {}).values()
+            for m, v in c.get("metrics", {}).items() if not isinstance(v, list)}
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
