@@ -12,16 +12,17 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from .rules import RULES, GateMode, Thresholds, check_row, config_passes, overall_independent, overall_joint
+from .rules import (RULES, GateMode, Thresholds, Verdict, check_row, config_passes, overall_independent,
+                    overall_joint)
 
 SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
     # (metric, header, format)
     ("h2o_lossy", "lossy", "{:.3f}"),
     ("lossless_online", "lossless online", "{:.4f}"),
     ("lossless_scope", "lossless scope", "{:.4f}"),
-    ("total_ratio", "total", "{:.3f}"),
+    ("total_ratio", "whole cache", "{:.3f}"),
     ("decode_tps", "decode tok/s", "{:.2f}"),
-    ("decode_drop", "drop", "{:+.3f}"),
+    ("decode_drop", "drop [interval]", "{:+.3f}"),
     ("h2o_lossless_decomp_us", "decomp us", "{:.0f}"),
     ("h2o_lossless_queue_peak", "queue peak", "{:.0f}"),
     ("h2o_lossless_fallback", "fallback", "{:.0f}"),
@@ -43,10 +44,7 @@ def build_report(rows: Mapping[str, Mapping[str, Any]], thresholds: Thresholds, 
     for name, row in rows.items():
         rules = check_row(row, thresholds, baselines.get(name), name)
         verdicts[name] = rules
-        metrics = dict(row)
-        drop = rules["decode_pass"].value
-        if drop is not None:
-            metrics["decode_drop"] = drop
+        metrics = {**row, **_decode_metrics(rules["decode_pass"])}
         if baselines.get(name) is not None:
             metrics["baseline_decode_tps"] = baselines[name]
         configs.append({"name": name, "passed": config_passes(rules), "metrics": metrics,
@@ -66,6 +64,34 @@ def build_report(rows: Mapping[str, Mapping[str, Any]], thresholds: Thresholds, 
     }
 
 
+def _decode_metrics(v: Verdict) -> dict[str, Any]:
+    """The decode verdict's numbers as metrics: ``decode_drop`` and, from paired rounds, its interval,
+    ``decode_vs_baseline`` (``1 - drop``) with its interval, coverage, rounds and state."""
+    if v.value is None:
+        return {}
+    out: dict[str, Any] = {"decode_drop": v.value, "decode_vs_baseline": 1.0 - v.value, "decode_state": v.state}
+    if v.rounds is not None:
+        out["decode_rounds"] = v.rounds
+    if v.interval is not None:
+        lo, hi = v.interval
+        out.update(decode_drop_lo=lo, decode_drop_hi=hi, decode_vs_baseline_lo=1.0 - hi,
+                   decode_vs_baseline_hi=1.0 - lo, decode_coverage=v.coverage)
+    return out
+
+
+def format_cell(metrics: Mapping[str, Any], key: str, fmt: str) -> str:
+    """One table cell; the drop gets its interval and an ``undecided`` mark."""
+    value = metrics.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "-"
+    text = fmt.format(value)
+    if key == "decode_drop" and isinstance(metrics.get("decode_drop_lo"), (int, float)):
+        text += f" [{metrics['decode_drop_lo']:+.3f}, {metrics['decode_drop_hi']:+.3f}]"
+    if key == "decode_drop" and metrics.get("decode_state") == "undecided":
+        text += " undecided"
+    return text
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """``summary.md``: inputs, targets, best rows, the gate lines (``- overall_pass: ...``) and a
     per-configuration table."""
@@ -81,7 +107,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
               f"- require_runtime_decomp: {str(t['require_runtime_decomp']).lower()}",
               f"- max_lossless_queue_peak: {_limit(t['max_queue_peak'])}",
               f"- max_lossless_fallback: {_limit(t['max_fallback'])}",
-              f"- min_top1: {_limit(t['min_top1'])}", f"- max_ppl_delta: {_limit(t['max_ppl_delta'])}", ""]
+              f"- min_top1: {_limit(t['min_top1'])}", f"- max_ppl_delta: {_limit(t['max_ppl_delta'])}",
+              f"- decode_undecided_counts_as: {t['undecided']}", ""]
+    if report.get("rounds"):
+        lines[-1:] = [f"- rounds: {report['rounds']} to {report['max_rounds']} (paired with adjacent baseline runs; the "
+                      f"drop is the Hodges-Lehmann estimate with its exact interval, {t['confidence']:.0%} asked)", ""]
+    if report.get("inject_slowdown"):
+        lines[-1:] = [f"- inject_slowdown: {report['inject_slowdown']:g} (a sensitivity check: every candidate decode "
+                      "step was slowed on purpose)", ""]
     independent = report["independent"]["verdicts"]
     lines += ["## Best Rows (original per-metric best of)", ""]
     for rule in RULES:
@@ -101,6 +134,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             lines.append(f"- {rule}: {_bool(rules[rule]['passed'])}")
     lines.append(f"- overall_pass: {_bool(chosen['passed'])}")
     lines += ["", f"Rule lines: {shown}. Mode `{report['mode']}`: {chosen['reason']}."]
+    if report.get("strict"):
+        lines.append(f"Strict mode: every configuration must pass every rule ({len(passing)}/{len(report['configs'])} do).")
     if report["mode"] == "joint":
         lines.append(f"Passing configurations: {', '.join(chosen['passing']) or 'none'}.")
         original = _bool(report["independent"]["passed"])
@@ -109,6 +144,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"Joint verdict (one configuration passing every rule): {_bool(report['joint']['passed'])}"
                      f" ({', '.join(report['joint']['passing']) or 'none'}).")
     lines += ["", "## Configurations", "", _table(report["configs"], passing), ""]
+    if report.get("warnings"):
+        lines += ["## Warnings", "", *(f"- {w}" for w in report["warnings"]), ""]
     failures = [f"- {c['name']}::{rule}: {v['reason']}" for c in report["configs"]
                 for rule, v in c["verdicts"].items() if v["enabled"] and not v["passed"]]
     if failures:
@@ -121,8 +158,7 @@ def _table(configs: list[dict[str, Any]], passing: set[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * len(SUMMARY_COLUMNS) + ":---:|"]
     for c in configs:
         m = c["metrics"]
-        cells = [c["name"]] + [fmt.format(m[key]) if isinstance(m.get(key), (int, float)) else "-"
-                               for key, _, fmt in SUMMARY_COLUMNS]
+        cells = [c["name"]] + [format_cell(m, key, fmt) for key, _, fmt in SUMMARY_COLUMNS]
         failed = [rule for rule, v in c["verdicts"].items() if v["enabled"] and not v["passed"]]
         cells.append("yes" if c["name"] in passing else "no: " + ", ".join(failed))
         lines.append("| " + " | ".join(cells) + " |")

@@ -12,17 +12,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_ratio_vs_speed(report: Mapping[str, Any], path: Path) -> Path | None:
-    """Total (lossy x lossless) ratio against decode tok/s, one point per configuration; the lossy
-    target and the decode baseline as guides. None when no configuration has both numbers."""
-    points = [(c["name"], c["metrics"].get("decode_tps"), c["metrics"].get("total_ratio"), c["passed"])
-              for c in report["configs"]]
-    points = [p for p in points if isinstance(p[1], (int, float)) and isinstance(p[2], (int, float))]
+    """Whole-cache ratio against decode tok/s, one point per configuration, with the decode interval
+    from paired rounds as an error bar (baseline x (1 - drop interval)); the lossy target and the
+    decode baseline as guides. None when no configuration has both numbers."""
+    points = [(c["name"], c["metrics"], c["passed"]) for c in report["configs"]]
+    points = [p for p in points if _is_num(p[1].get("decode_tps")) and _is_num(p[1].get("total_ratio"))]
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for i, (name, x, y, ok) in enumerate(points):
-        ax.scatter([x], [y], color="tab:green" if ok else "tab:red", zorder=3)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4 - 11 * (i % 3)), fontsize=8)
+    for i, (name, m, ok) in enumerate(points):
+        x, y = m["decode_tps"], m["total_ratio"]
+        color = "tab:green" if ok else "tab:red"
+        base = m.get("baseline_decode_tps")
+        if _is_num(m.get("decode_drop_lo")) and _is_num(base):
+            x = base * (1 - m["decode_drop"])
+            xerr = [[x - base * (1 - m["decode_drop_hi"])], [base * (1 - m["decode_drop_lo"]) - x]]
+            ax.errorbar([x], [y], xerr=xerr, fmt="o", color=color, capsize=4, zorder=3)
+        else:
+            ax.scatter([x], [y], color=color, zorder=3)
+        mark = " (undecided)" if m.get("decode_state") == "undecided" else ""
+        ax.annotate(name + mark, (x, y), textcoords="offset points", xytext=(5, 4 - 11 * (i % 3)), fontsize=8)
     baselines = {c["metrics"].get("baseline_decode_tps") for c in report["configs"]} - {None}
     fixed = report["thresholds"].get("decode_baseline")
     for base in sorted(baselines | ({fixed} if fixed else set())):
@@ -30,9 +39,14 @@ def plot_ratio_vs_speed(report: Mapping[str, Any], path: Path) -> Path | None:
         drop = report["thresholds"]["decode_drop_target"]
         ax.axvspan(base * (1 - drop), base, color="grey", alpha=0.1)
     return _finish(fig, ax, path, f"{report.get('preset', 'gate')}: compression vs decode speed "
-                   "(green: passes every rule)", "decode speed (tok/s); dashed: baseline, band: allowed drop",
-                   "total ratio (h2o_lossy x lossless over scope)",
+                   "(green: passes every rule)", "decode tok/s (point: baseline x (1 - paired drop); bar: interval)\n"
+                   "dashed: same-run baseline, band: allowed drop",
+                   "whole-cache ratio (full fp16 / held after H2O + lossless)",
                    ("lossy target", report["thresholds"]["lossy_target"]))
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def plot_per_layer(report: Mapping[str, Any], path: Path) -> Path | None:

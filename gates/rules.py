@@ -5,17 +5,27 @@ A metric row holds one configuration's run-level numbers under the llm_bench col
 offline online-sim ratio over the front_n layers) and, when measured, ``h2o_fidelity_top1`` and
 ``h2o_fidelity_ppl_delta``. The rule names and default targets are the original v4 gate's;
 ``fidelity_pass`` is ours.
+
+``decode_pass`` judges the drop ``1 - decode / baseline`` from the row's paired rounds when it has
+them (``decode_log_ratios``: one log-ratio per round against the baseline runs adjacent in time; or
+``decode_tps_rounds`` against a fixed baseline): the Hodges-Lehmann estimate and its exact interval
+(:mod:`gates.speed_stats`) pass when the whole interval is within the target, fail when it is wholly
+beyond, and are ``undecided`` otherwise; ``Thresholds.undecided`` says what an undecided verdict
+counts as. A row without rounds (an external log) is judged on its single number.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Literal, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal, Mapping
+
+from .speed_stats import DEFAULT_CONFIDENCE, DropVerdict, drop_verdict
 
 RULES: tuple[str, ...] = ("lossy_pass", "lossless_online_pass", "decode_pass", "runtime_decomp_pass",
                           "runtime_queue_peak_pass", "runtime_fallback_pass", "fidelity_pass")
 GateMode = Literal["joint", "independent"]
+UndecidedPolicy = Literal["pass", "fail"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,8 @@ class Thresholds:
     max_fallback: float = -1.0
     min_top1: float | None = None
     max_ppl_delta: float | None = None
+    undecided: UndecidedPolicy = "pass"  # what a decode verdict still undecided after the last round counts as
+    confidence: float = DEFAULT_CONFIDENCE  # of the decode-drop interval
 
     def as_dict(self) -> dict[str, float | bool | None]:
         return asdict(self)
@@ -38,7 +50,11 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class Verdict:
-    """One rule on one configuration: ``enabled`` False means reported, not enforced."""
+    """One rule on one configuration: ``enabled`` False means reported, not enforced.
+
+    ``state`` is ``pass``, ``fail``, ``undecided`` (a speed interval that straddles the target; then
+    ``passed`` follows ``Thresholds.undecided``) or ``off``; ``interval`` and ``coverage`` are the
+    decode drop's, when measured in paired rounds."""
 
     rule: str
     passed: bool
@@ -46,6 +62,14 @@ class Verdict:
     value: float | None
     target: float | None
     reason: str
+    state: str = ""
+    interval: tuple[float, float] | None = None
+    coverage: float | None = None
+    rounds: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.state:
+            object.__setattr__(self, "state", ("pass" if self.passed else "fail") if self.enabled else "off")
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -96,17 +120,7 @@ def check_row(row: Mapping[str, float], t: Thresholds, baseline_tps: float | Non
     source = row.get("lossless_online_source", "online_sim")
     at_least("lossless_online_pass", "lossless_online", t.lossless_target, f"lossless_online[{source}]")
 
-    baseline = t.decode_baseline if t.decode_baseline is not None else baseline_tps
-    decode = _num(row, "decode_tps")
-    drop = decode_drop(decode, baseline)
-    if baseline is None or baseline <= 0:
-        out["decode_pass"] = Verdict("decode_pass", True, False, None, t.decode_drop_target,
-                                     f"no decode baseline: decode {_fmt(decode)} tok/s not gated ({name})")
-    else:
-        ok = drop is not None and drop <= t.decode_drop_target
-        out["decode_pass"] = Verdict("decode_pass", ok, True, drop, t.decode_drop_target,
-                                     f"decode drop {_fmt(drop)} ({_fmt(decode)} vs baseline {baseline:.4g} tok/s) "
-                                     f"{'<=' if ok else '>'} {t.decode_drop_target:g} ({name})")
+    out["decode_pass"] = _decode(row, t, baseline_tps, name)
 
     decomp = _num(row, "h2o_lossless_decomp_us")
     ok = decomp is not None and decomp > 0
@@ -124,6 +138,46 @@ def check_row(row: Mapping[str, float], t: Thresholds, baseline_tps: float | Non
                                 f"{key} {_fmt(value)} {'<=' if ok else '>'} {limit:g} ({name})")
     out["fidelity_pass"] = _fidelity(row, t, name)
     return out
+
+
+def paired_drop(row: Mapping[str, Any], t: Thresholds) -> DropVerdict | None:
+    """The decode drop of a row measured in paired rounds, or None for a row without rounds.
+
+    Against a fixed ``t.decode_baseline`` each round is ``log(decode / baseline)``; otherwise the
+    row's ``decode_log_ratios`` (each round against its adjacent same-run baseline runs)."""
+    if t.decode_baseline is not None:
+        rounds = [v for v in row.get("decode_tps_rounds") or [] if isinstance(v, (int, float)) and v > 0]
+        logs = [math.log(v / t.decode_baseline) for v in rounds]
+    else:
+        logs = [float(v) for v in row.get("decode_log_ratios") or [] if isinstance(v, (int, float))]
+    logs = [v for v in logs if math.isfinite(v)]
+    return drop_verdict(logs, t.decode_drop_target, t.confidence) if logs else None
+
+
+def _decode(row: Mapping[str, Any], t: Thresholds, baseline_tps: float | None, name: str) -> Verdict:
+    baseline = t.decode_baseline if t.decode_baseline is not None else baseline_tps
+    decode = _num(row, "decode_tps")
+    paired = paired_drop(row, t)
+    target = t.decode_drop_target
+    if paired is not None:
+        against = f"fixed baseline {baseline:g} tok/s" if t.decode_baseline is not None else "adjacent baseline runs"
+        interval = (paired.drop_lo, paired.drop_hi) if paired.rounds > 1 else None
+        spread = (f"[{paired.drop_lo:+.3f}, {paired.drop_hi:+.3f}] at {paired.coverage:.0%}" if paired.rounds > 1
+                  else "(1 round: no interval)")
+        verdict = {"pass": f"<= {target:g}", "fail": f"> {target:g}",
+                   "undecided": f"straddles {target:g}: undecided, counted as {t.undecided}"}[paired.state]
+        passed = paired.state == "pass" or (paired.state == "undecided" and t.undecided == "pass")
+        return Verdict("decode_pass", passed, True, paired.drop, target,
+                       f"decode drop {paired.drop:+.4f} {spread} over {paired.rounds} paired rounds vs {against} "
+                       f"{verdict} ({name})", paired.state, interval, paired.coverage, paired.rounds)
+    if baseline is None or baseline <= 0:
+        return Verdict("decode_pass", True, False, None, target,
+                       f"no decode baseline: decode {_fmt(decode)} tok/s not gated ({name})")
+    drop = decode_drop(decode, baseline)
+    ok = drop is not None and drop <= target
+    return Verdict("decode_pass", ok, True, drop, target,
+                   f"decode drop {_fmt(drop)} ({_fmt(decode)} vs baseline {baseline:.4g} tok/s, one unpaired number) "
+                   f"{'<=' if ok else '>'} {target:g} ({name})")
 
 
 def _fidelity(row: Mapping[str, float], t: Thresholds, name: str) -> Verdict:
@@ -175,7 +229,7 @@ def best_of(rows: Mapping[str, Mapping[str, float]], t: Thresholds,
             return next(iter(rows)), None
         return pick(present, key=lambda item: item[1])
 
-    combined: dict[str, float | str] = {}
+    combined: dict[str, Any] = {}
     names: dict[str, str] = {}
     for key in ("h2o_lossy", "lossless_online", "h2o_lossless_decomp_us", "h2o_lossless_queue_peak",
                 "h2o_lossless_fallback", "h2o_fidelity_top1"):
@@ -186,11 +240,14 @@ def best_of(rows: Mapping[str, Mapping[str, float]], t: Thresholds,
     if ppl is not None:
         combined["h2o_fidelity_ppl_delta"] = ppl
     # decode: the row with the smallest drop against its own baseline
-    drops = [(name, decode_drop(_num(row, "decode_tps"), t.decode_baseline or baselines.get(name)))
+    drops = [(name, paired.drop if (paired := paired_drop(row, t)) is not None
+              else decode_drop(_num(row, "decode_tps"), t.decode_baseline or baselines.get(name)))
              for name, row in rows.items()]
     drops = [(name, d) for name, d in drops if d is not None]
     decode_name = min(drops, key=lambda item: item[1])[0] if drops else next(iter(rows))
-    combined["decode_tps"] = rows[decode_name].get("decode_tps", math.nan)
+    for key in ("decode_tps", "decode_log_ratios", "decode_tps_rounds"):
+        if key in rows[decode_name]:
+            combined[key] = rows[decode_name][key]
     combined["lossless_online_source"] = rows[names["lossless_online"]].get("lossless_online_source", "online_sim")
     verdicts = check_row(combined, t, baselines.get(decode_name), "best of")
     rule_keys = {"lossy_pass": "h2o_lossy", "lossless_online_pass": "lossless_online",
@@ -200,7 +257,7 @@ def best_of(rows: Mapping[str, Mapping[str, float]], t: Thresholds,
     for rule, v in verdicts.items():
         source = decode_name if rule == "decode_pass" else names[rule_keys[rule]]
         reason = v.reason.replace("(best of)", f"(best: {source})")
-        out[rule] = Verdict(rule, v.passed, v.enabled, v.value, v.target, reason)
+        out[rule] = replace(v, reason=reason)
     return out
 
 

@@ -45,10 +45,12 @@ class ReferenceRuntime:
         self._step = 0
 
     def run(self, prompt: np.ndarray, continuation: np.ndarray, keep_logits: bool = False,
-            dump_dir: Path | None = None, run_id: str = "run") -> RunResult:
+            dump_dir: Path | None = None, run_id: str = "run", step_delay_s: float = 0.0) -> RunResult:
         """Prefill ``prompt``, then feed ``continuation`` one token at a time (teacher forcing, the
         same compute as generation). ``keep_logits`` keeps the logits predicting each continuation
-        token; ``dump_dir`` writes the final KV cache (prefill and decode stages) as dumps."""
+        token; ``dump_dir`` writes the final KV cache (prefill and decode stages) as dumps.
+        ``step_delay_s`` adds that many seconds (a sleep) to every decode step: an injected
+        regression, to check that a gate catches one of that size."""
         model = self.model
         model.reset(capacity=len(prompt) + len(continuation))
         self._open_lossless()
@@ -66,6 +68,8 @@ class ReferenceRuntime:
             for step, token in enumerate(continuation, start=1):
                 self._step = step
                 out = model.decode(int(token))
+                if step_delay_s > 0:
+                    time.sleep(step_delay_s)
                 if keep_logits and step < len(continuation):
                     logits.append(out)
             decode_s = time.perf_counter() - t0

@@ -11,11 +11,11 @@ import json
 import os
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from gates.gate_report import build_report
 from gates.rules import GateMode, Thresholds
@@ -42,7 +42,10 @@ class Gate:
     mode: GateMode
     spec: RunSpec
     progress: Callable[[str], None] = print
+    strict: bool = False  # every configuration must pass every rule
+    workload: dict[str, Any] = field(default_factory=dict)  # what is measured (history compares like with like)
     _results: dict[str, Any] | None = None
+    _owner: FileLock | None = None
 
     @property
     def name(self) -> str:
@@ -63,11 +66,33 @@ class Gate:
             self._results = json.loads(path.read_text(encoding="utf-8"))
         return self._results
 
-    def forget_previous(self) -> None:
-        """Remove an earlier session's results from the run folder (a reused ``--h2o-out``), so they are
-        never read as this session's."""
-        for name in (RESULTS, "progress.log"):
-            (self.out_dir / name).unlink(missing_ok=True)
+    def claim(self) -> None:
+        """Hold the run folder for this session (the controller calls this once, before measuring).
+
+        GateSetupError when the folder cannot be made, another session holds it, or it holds an
+        earlier run's results: two sessions never mix or overwrite each other's numbers and reports."""
+        where = f"--h2o-out {self.out_dir}"
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._owner = FileLock(str(self.out_dir / ".session.lock"))
+            self._owner.acquire(timeout=0)
+        except Timeout:
+            raise GateSetupError(f"{where}: another pytest session is writing there; give each session its own "
+                                 "folder (the default is a fresh .h2o/runs/<timestamp>-<pid>)") from None
+        except OSError as exc:
+            raise GateSetupError(f"{where}: cannot create or lock the report folder ({exc.strerror or exc}); "
+                                 "choose a writable folder") from None
+        earlier = [name for name in (RESULTS, "summary.json") if (self.out_dir / name).exists()]
+        if earlier:
+            self.release()
+            raise GateSetupError(f"{where} holds an earlier gate run ({earlier[0]}); choose a new folder or remove "
+                                 "that one (the default is a fresh .h2o/runs/<timestamp>-<pid>)")
+
+    def release(self) -> None:
+        """Let go of the run folder (end of session)."""
+        if self._owner is not None:
+            self._owner.release()
+            self._owner = None
 
     def measured(self) -> bool:
         """Whether some process of this session has written the results."""
@@ -81,7 +106,9 @@ class Gate:
         meta = {"preset": self.name, "preset_path": str(self.preset_path), "runtime": results.get("runtime"),
                 "model": results.get("model"), "out_dir": str(self.out_dir), "started": results.get("started"),
                 "elapsed_s": results.get("elapsed_s"), "warnings": results.get("warnings", []),
-                "fatal": results.get("fatal")}
+                "fatal": results.get("fatal"), "workload": self.workload, "rounds": self.spec.rounds,
+                "max_rounds": self.spec.max_rounds, "inject_slowdown": self.spec.inject_slowdown,
+                "strict": self.strict}
         return build_report(rows, self.thresholds, self.mode, results.get("baselines", {}), meta)
 
     def _measure(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ the runtime codec) over each configuration's own dumps, or over ``kv_dumps`` whe
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,11 @@ from typing import Any, Callable, Iterable
 
 from gates.bench_log import BenchRow
 from gates.log_parse import find_logs, metric_row, parse_log, read_csv
+from gates.rules import Thresholds, paired_drop
+from gates.speed_stats import bracketed_log_ratios
 from h2o_kernels.fidelity import fidelity
 from h2o_kernels.h2o import H2OConfig
+from h2o_kernels.kvdump import link_identical
 from h2o_kernels.lossless_runtime import LosslessConfig
 from h2o_kernels.models import load_model
 from h2o_kernels.offline_eval import EvalOptions, SelectionError, evaluate
@@ -53,6 +57,11 @@ class RunSpec:
     llm_bench: str | None = None
     base_config: Path | None = None
     logs: Path | None = None
+    rounds: int = 3  # minimum measured rounds per configuration (the preset's repeat when not set)
+    max_rounds: int = 10  # cap of the adaptive rounds
+    drop_target: float = 0.05  # decode_pass target the adaptive rounds decide against
+    fixed_baseline: float | None = None  # --h2o-decode-baseline (tok/s)
+    inject_slowdown: float = 0.0  # added to every candidate decode step, as a fraction of the baseline's step
 
 
 def measure(points: list[Point], spec: RunSpec, progress: Progress) -> dict[str, Any]:
@@ -61,6 +70,10 @@ def measure(points: list[Point], spec: RunSpec, progress: Progress) -> dict[str,
     warnings: list[str] = []
     if spec.runtime == "reference":
         configs, baselines, model = _run_reference(points, spec, progress)
+        if (spec.out_dir / "kv").is_dir():  # identical dumps (the layers no configuration evicts) stored once
+            linked, saved = link_identical(spec.out_dir / "kv")
+            progress(f"KV dumps: {linked} files identical to another configuration's stored once "
+                     f"({saved / 1e6:.1f} MB saved)")
     elif spec.runtime == "llm_bench":
         configs, baselines, model = _run_llm_bench(points, spec, progress, warnings)
     else:
@@ -82,43 +95,112 @@ def _run_reference(points: list[Point], spec: RunSpec, progress: Progress):
     for (prompt_len, gen_len), group in _by_size(points).items():
         prompt, continuation = bench_tokens(loaded, prompt_len, gen_len, spec.text_file, False)
         base_id = f"baseline_p{prompt_len}_g{gen_len}"
-        runtimes = {base_id: ReferenceRuntime(loaded.model, BASELINE_CONFIG, source="baseline")}
+        session = _Session(loaded, spec, prompt, continuation, base_id, group, progress)
+        session.measure()
+        baseline = session.rows[base_id].summary()
+        _write_log(spec.out_dir, base_id, session.rows[base_id], baseline, BASELINE_CONFIG, session.rounds, spec)
         for point in group:
-            runtimes[point.run_id] = ReferenceRuntime(loaded.model, point.config, source=point.label)
-        rows = {name: BenchRow(loaded.name, size_text(loaded.size_bytes), spec.threads, prompt_len, gen_len)
-                for name in runtimes}
-        logits: dict[str, Any] = {}
-        progress(f"p{prompt_len} g{gen_len}: warm-up run")
-        runtimes[base_id].run(prompt, continuation)
-        repeat = max(point.repeat for point in group)
-        names = list(runtimes)
-        for rnd in range(repeat):
-            shift = rnd % len(names)
-            for name in names[shift:] + names[:shift]:
-                first = rnd == 0
-                dump = spec.out_dir / "kv" / name if first and name != base_id else None
-                result = runtimes[name].run(prompt, continuation, keep_logits=first and gen_len > 0, dump_dir=dump,
-                                            run_id=name)
-                if first:
-                    logits[name] = result.logits
-                rows[name].add_run(result.prefill_tok_s, result.decode_tok_s, result.metrics)
-                progress(f"round {rnd + 1}/{repeat} {_label(name, group)}: decode {result.decode_tok_s:.2f} tok/s, "
-                         f"lossy {result.metrics.get('h2o_lossy', 1.0):.3f}")
-        baseline = rows[base_id].summary()
-        _write_log(spec.out_dir, base_id, rows[base_id], baseline, BASELINE_CONFIG, repeat, spec)
-        for point in group:
-            summary = rows[point.run_id].summary()
-            if logits.get(point.run_id) is not None and logits.get(base_id) is not None:
-                summary.update(fidelity(logits[base_id], logits[point.run_id], continuation))
-            _write_log(spec.out_dir, point.run_id, rows[point.run_id], summary, point.config, point.repeat, spec)
+            summary = {**session.rows[point.run_id].summary(), **session.paired(point.run_id)}
+            if session.logits.get(point.run_id) is not None and session.logits.get(base_id) is not None:
+                summary.update(fidelity(session.logits[base_id], session.logits[point.run_id], continuation))
+            _write_log(spec.out_dir, point.run_id, session.rows[point.run_id], summary, point.config,
+                       len(session.rows[point.run_id].decode_tok_s), spec)
             configs[point.label] = {"run_id": point.run_id, "kv_dir": str(spec.out_dir / "kv" / point.run_id),
-                                    **summary}
-            baselines[point.label] = baseline["decode_tps"]
+                                    "prompt_tokens": prompt_len, "gen_tokens": gen_len,
+                                    "full_kv_bytes": session.full_kv_bytes,
+                                    "held_kv_bytes": session.held[point.run_id], **summary}
+            baselines[point.label] = summary["baseline_decode_tps"]
     return configs, baselines, loaded.name
 
 
-def _label(name: str, group: list[Point]) -> str:
-    return next((p.label for p in group if p.run_id == name), "baseline")
+class _Session:
+    """The paired, adaptive measurement of one (prompt, gen) group on the reference runtime.
+
+    After one discarded warm-up run, every round runs each still-undecided candidate once, in an order
+    rotated every round, with a baseline run before the first and after every second candidate, so each
+    candidate run has baseline runs adjacent in time on both sides (:func:`bracketed_log_ratios`). From
+    ``spec.rounds`` rounds on, a candidate whose drop interval no longer straddles the target is done;
+    the others run again, up to ``spec.max_rounds``. The first run of each keeps its logits (fidelity)
+    and writes the held KV as dumps.
+    """
+
+    PER_BRACKET = 2  # candidate runs between two baseline runs
+
+    def __init__(self, loaded: Any, spec: RunSpec, prompt: Any, continuation: Any, base_id: str, group: list[Point],
+                 progress: Progress) -> None:
+        self.loaded, self.spec, self.prompt, self.continuation = loaded, spec, prompt, continuation
+        self.base_id, self.group, self.progress = base_id, group, progress
+        model = loaded.model
+        self.runtimes = {base_id: ReferenceRuntime(model, BASELINE_CONFIG, source="baseline")}
+        self.runtimes.update({p.run_id: ReferenceRuntime(model, p.config, source=p.label) for p in group})
+        self.rows = {name: BenchRow(loaded.name, size_text(loaded.size_bytes), spec.threads, len(prompt),
+                                    len(continuation)) for name in self.runtimes}
+        c = model.config
+        self.full_kv_bytes = c.num_layers * (len(prompt) + len(continuation)) * 2 * c.num_kv_heads * c.head_dim * 2
+        self.held: dict[str, list[int]] = {}
+        self.logits: dict[str, Any] = {}
+        self.sequence: list[tuple[str, float]] = []
+        self.rounds = 0
+        self.step_delay = 0.0
+        self.thresholds = Thresholds(decode_drop_target=spec.drop_target, decode_baseline=spec.fixed_baseline)
+
+    def measure(self) -> None:
+        size = f"p{len(self.prompt)} g{len(self.continuation)}"
+        self.progress(f"{size}: warm-up run")
+        warm = self.runtimes[self.base_id].run(self.prompt, self.continuation)
+        if self.spec.inject_slowdown > 0 and warm.decode_tok_s > 0:
+            self.step_delay = self.spec.inject_slowdown / warm.decode_tok_s
+            self.progress(f"{size}: injecting {self.step_delay * 1e3:.2f} ms per candidate decode step "
+                          f"({self.spec.inject_slowdown:g} of the warm-up baseline's step time)")
+        pending = [p.run_id for p in self.group]
+        while pending and self.rounds < self.spec.max_rounds:
+            self.rounds += 1
+            shift = (self.rounds - 1) % len(pending)
+            order = pending[shift:] + pending[:shift]
+            for i, name in enumerate(order):
+                if i % self.PER_BRACKET == 0 and (not self.sequence or self.sequence[-1][0] != self.base_id):
+                    self._run(self.base_id)
+                self._run(name)
+            self._run(self.base_id)
+            if self.rounds >= self.spec.rounds:
+                pending = [name for name in pending if self._state(name) == "undecided"]
+                for name in pending:
+                    self.progress(f"{size} {self._label(name)}: decode drop undecided after {self.rounds} rounds"
+                                  + ("; one more round" if self.rounds < self.spec.max_rounds else ""))
+
+    def _run(self, name: str) -> None:
+        first = name not in self.logits
+        candidate = name != self.base_id
+        dump = self.spec.out_dir / "kv" / name if first and candidate else None
+        result = self.runtimes[name].run(self.prompt, self.continuation, keep_logits=first and len(self.continuation) > 0,
+                                         dump_dir=dump, run_id=name, step_delay_s=self.step_delay if candidate else 0.0)
+        if first:
+            self.logits[name] = result.logits
+            cache = self.loaded.model.cache
+            self.held[name] = [cache.nbytes(layer) for layer in range(cache.num_layers)]
+        self.rows[name].add_run(result.prefill_tok_s, result.decode_tok_s, result.metrics)
+        before = next((v for n, v in reversed(self.sequence) if n == self.base_id), None)
+        self.sequence.append((name, result.decode_tok_s))
+        adjacent = f" (x{result.decode_tok_s / before:.3f} of the baseline run before)" if candidate and before else ""
+        self.progress(f"round {self.rounds} {self._label(name)}: decode {result.decode_tok_s:.2f} tok/s{adjacent}, "
+                      f"lossy {result.metrics.get('h2o_lossy', 1.0):.3f}")
+
+    def _logs(self, name: str) -> list[float]:
+        return bracketed_log_ratios(self.sequence, self.base_id).get(name, [])
+
+    def _state(self, name: str) -> str:
+        verdict = paired_drop(self.paired(name), self.thresholds)
+        return verdict.state if verdict is not None else "undecided"
+
+    def paired(self, name: str) -> dict[str, Any]:
+        """The candidate's paired-round numbers: per-round tok/s and log-ratios, the baseline median."""
+        base = [v for n, v in self.sequence if n == self.base_id]
+        return {"decode_tps_rounds": [v for n, v in self.sequence if n == name], "decode_log_ratios": self._logs(name),
+                "baseline_decode_tps": statistics.median(base), "decode_tps": statistics.median(
+                    v for n, v in self.sequence if n == name)}
+
+    def _label(self, name: str) -> str:
+        return next((p.label for p in self.group if p.run_id == name), "baseline")
 
 
 def _write_log(out_dir: Path, run_id: str, row: BenchRow, summary: dict, config: dict, repeat: int,
@@ -155,6 +237,11 @@ def _run_llm_bench(points: list[Point], spec: RunSpec, progress: Progress, warni
             warnings.append(f"baseline p{prompt_len} g{gen_len}: llm_bench gave no decode speed")
         for point in group:
             baselines[point.label] = baseline
+            row = configs[point.label]
+            if base_speeds and row.get("decode_tps", 0) > 0:  # one paired round: the baselines around it
+                pairs = [(base_id, base_speeds[0]), (point.run_id, row["decode_tps"]), (base_id, base_speeds[-1])]
+                row["decode_tps_rounds"] = [row["decode_tps"]]
+                row["decode_log_ratios"] = bracketed_log_ratios(pairs, base_id)[point.run_id]
     return configs, baselines, "llm_bench"
 
 
@@ -216,10 +303,12 @@ def _twin_fidelity(log: Path) -> dict[str, float]:
 
 # lossless ratios from dumps ------------------------------------------------------------------------
 def _add_lossless(row: dict[str, Any], point: Point, spec: RunSpec, warnings: list[str], progress: Progress) -> None:
-    """``lossless_online`` (front_n layers), ``lossless_scope`` (the configured scope), ``total_ratio``
-    and ``per_layer_lossless``, from the online-sim over dumps; falls back to the runtime's ratio."""
+    """``lossless_online`` (front_n layers), ``lossless_scope`` (the configured scope),
+    ``per_layer_lossless`` and ``total_ratio`` from the online-sim over dumps; without dumps
+    ``lossless_online`` falls back to the runtime's ratio, with a warning. Every dump entry the
+    online-sim could not use is a warning."""
     dump_dir = spec.kv_dumps or (Path(row["kv_dir"]) if row.get("kv_dir") else None)
-    per_layer = _online_sim(dump_dir, progress) if dump_dir else None
+    per_layer = _online_sim(dump_dir, point.label, warnings, progress) if dump_dir else None
     lossless = LosslessConfig.from_config(point.config, point.label)
     h2o = H2OConfig.from_config(point.config, point.label)
     if per_layer is None:
@@ -227,28 +316,42 @@ def _add_lossless(row: dict[str, Any], point: Point, spec: RunSpec, warnings: li
         row["lossless_online"], row["lossless_online_source"] = runtime, "runtime"
         warnings.append(f"[WARN] {point.label}: no KV dumps; lossless_online is the runtime h2o_lossless {runtime}")
         row["lossless_scope"] = runtime
-    else:
-        layers = sorted(per_layer)
-        front = [layer for layer in layers if layer < lossless.front_n]
-        deep = [layer for layer in layers if layer in h2o.layer_range(max(layers) + 1)]
-        scope = {"front_n": front, "h2o_kept": deep}.get(lossless.scope, sorted(set(front) | set(deep)))
-        row["lossless_online"] = _ratio(per_layer, front)
-        row["lossless_online_source"] = "online_sim"
-        row["lossless_scope"] = _ratio(per_layer, scope)
-        row["per_layer_lossless"] = {str(layer): per_layer[layer][0] / per_layer[layer][1] for layer in layers}
-    lossy, scope_ratio = row.get("h2o_lossy"), row.get("lossless_scope")
-    if lossy is not None and scope_ratio is not None:
-        row["total_ratio"] = lossy * scope_ratio
+        return
+    layers = sorted(per_layer)
+    front = [layer for layer in layers if layer < lossless.front_n]
+    deep = [layer for layer in layers if layer in h2o.layer_range(max(layers) + 1)]
+    scope = {"front_n": front, "h2o_kept": deep}.get(lossless.scope, sorted(set(front) | set(deep)))
+    row["lossless_online"] = _ratio(per_layer, front)
+    row["lossless_online_source"] = "online_sim"
+    row["lossless_scope"] = _ratio(per_layer, scope)
+    row["per_layer_lossless"] = {str(layer): per_layer[layer][0] / per_layer[layer][1] for layer in layers}
+    if row.get("held_kv_bytes") and row.get("full_kv_bytes"):
+        row["total_ratio"] = whole_cache_ratio(row["full_kv_bytes"], row["held_kv_bytes"],
+                                               {layer: per_layer[layer] for layer in scope})
 
 
-def _online_sim(dump_dir: Path, progress: Progress) -> dict[int, tuple[int, int]] | None:
+def whole_cache_ratio(full_bytes: int, held_bytes: list[int], coded: dict[int, tuple[int, int]]) -> float:
+    """Bytes a full fp16 cache would hold over the bytes really held after eviction and lossless
+    compression, all layers, at the end of the run: each layer's held bytes, scaled by its online-sim
+    ratio (``coded[layer] = (raw, compressed)``) where the lossless scope covers it."""
+    held = sum(size * coded[layer][1] / coded[layer][0] if layer in coded and coded[layer][0] else size
+               for layer, size in enumerate(held_bytes))
+    return full_bytes / held
+
+
+def _online_sim(dump_dir: Path, label: str, warnings: list[str], progress: Progress) -> dict[int, tuple[int, int]] | None:
     options = EvalOptions(scope="layer_range", layer_start=0, layer_end=-1, **ONLINE_SIM)
     try:
         result = evaluate(dump_dir, options)
-    except SelectionError:
+    except SelectionError as exc:
+        warnings.append(f"[WARN] {label}: no usable KV dump in {dump_dir}: {exc}")
         return None
-    progress(f"online-sim {dump_dir.name}: {result['weighted_lossless_ratio']:.4f} over "
-             f"{result['raw_bytes'] / 1e6:.1f} MB, verified {result['roundtrip_verified']}")
+    for skipped in result["skipped"]:
+        warnings.append(f"[WARN] {label}: online-sim skipped {skipped['file']} ({skipped['reason']}): "
+                        f"{skipped['detail']}")
+    progress(f"online-sim {label}: {result['weighted_lossless_ratio']:.4f} over "
+             f"{result['raw_bytes'] / 1e6:.1f} MB of {dump_dir}, verified {result['roundtrip_verified']}"
+             + (f", {len(result['skipped'])} entries skipped" if result["skipped"] else ""))
     return {int(layer): (v["raw_bytes"], v["compressed_bytes"]) for layer, v in result["per_layer"].items()}
 
 

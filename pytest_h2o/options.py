@@ -52,6 +52,26 @@ def _baseline(text: str) -> float | None:
     return value if value > 0 else None
 
 
+def _undecided(text: str) -> str:
+    if text not in ("pass", "fail"):
+        raise ValueError(f"expected pass or fail, got {text!r}")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 10.0:
+        raise ValueError(f"expected a fraction of the baseline step time in [0, 10] (0.10 = 10%), got {text!r}")
+    return value
+
+
 def _store(text: str) -> Path | None:
     return None if text.strip().lower() in ("off", "none", "") else Path(text)
 
@@ -80,6 +100,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("h2o_decode_drop_target", "DECODE_DROP_TARGET", float, 0.05, "decode_pass: drop <= this"),
     Setting("h2o_decode_baseline", "DECODE_BASELINE", _baseline, None,
             "fixed decode baseline tok/s (default: measured in the same run; <= 0 means same-run)"),
+    Setting("h2o_rounds", "H2O_ROUNDS", _positive_int, None,
+            "minimum paired rounds per configuration (default: the preset's repeat)"),
+    Setting("h2o_max_rounds", "H2O_MAX_ROUNDS", _positive_int, None,
+            "rounds cap (default 10, or the minimum if higher): configurations whose decode-drop interval "
+            "straddles the target run again up to this"),
+    Setting("h2o_undecided", "H2O_UNDECIDED", _undecided, "pass",
+            "what a decode verdict still undecided at the rounds cap counts as: pass or fail"),
+    Setting("h2o_inject_slowdown", "H2O_INJECT_SLOWDOWN", _fraction, 0.0,
+            "sensitivity check: add F x the baseline's decode step time to every candidate decode step "
+            "(0.10: a 10% regression)"),
+    Setting("h2o_strict", "H2O_STRICT", _bool, False,
+            "every configuration must pass every rule (default: the exit status follows overall_pass)"),
     Setting("h2o_require_runtime_decomp", "REQUIRE_RUNTIME_DECOMP", _bool, True,
             "runtime_decomp_pass: require h2o_lossless_decomp_us > 0"),
     Setting("h2o_max_queue_peak", "MAX_LOSSLESS_QUEUE_PEAK", float, -1.0, "runtime_queue_peak_pass limit (< 0: off)"),
@@ -106,9 +138,11 @@ def add_options(parser: pytest.Parser) -> None:
     """Register every setting as an option in the ``h2o`` group and as an ini key."""
     group = parser.getgroup("h2o", "pytest-h2o KV-cache compression gate")
     for s in SETTINGS:
-        text = f"{s.help} [env {s.env}]"
+        text = f"{s.help} [env {s.env}]".replace("%", "%%")  # argparse formats help with %
         if s.name == "h2o_compare":
             group.addoption(s.flag, dest=s.name, nargs="?", const="latest", default=None, help=text)
+        elif s.parse is _bool:  # a flag: --h2o-strict, or --h2o-strict=false
+            group.addoption(s.flag, dest=s.name, nargs="?", const="true", default=None, help=text)
         elif s.name == "h2o_compare_fail":
             group.addoption(s.flag, dest=s.name, action="append", default=None, help=text)
         else:

@@ -8,6 +8,8 @@ junit properties and history.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import shutil
 import sys
@@ -31,6 +33,7 @@ from .options import SETTINGS, add_options, resolve
 from .summary import junit_properties, terminal_lines
 
 gate_key = pytest.StashKey["GatePlugin"]()
+DEFAULT_MAX_ROUNDS = 10
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -84,14 +87,19 @@ class GatePlugin:
         overrides = {s.config_key: value for s in SETTINGS if s.config_key
                      and (value := resolve(config, s.name)) is not None}
         try:
-            preset_path, points = load_points(resolve(config, "h2o_preset"), overrides)
+            preset_path, self.points = load_points(resolve(config, "h2o_preset"), overrides)
         except GateSetupError as exc:
             raise pytest.UsageError(f"--h2o-preset: {exc}") from None
-        self.gate = Gate(preset_path, points, self._thresholds(), resolve(config, "h2o_gate_mode"),
-                         self._spec(config), progress=self._progress)
+        self.strict = resolve(config, "h2o_strict")
+        self.gate = Gate(preset_path, self.points, self._thresholds(), resolve(config, "h2o_gate_mode"),
+                         self._spec(config), progress=self._progress, strict=self.strict)
+        self.gate.workload = self.workload
         self.history = self._history_setup()
         if not self.is_worker:
-            self.gate.forget_previous()
+            try:
+                self.gate.claim()
+            except GateSetupError as exc:
+                raise pytest.UsageError(str(exc)) from None
 
     # settings ------------------------------------------------------------------------------------
     def _thresholds(self) -> Thresholds:
@@ -100,7 +108,8 @@ class GatePlugin:
                           decode_drop_target=r("h2o_decode_drop_target"), decode_baseline=r("h2o_decode_baseline"),
                           require_runtime_decomp=r("h2o_require_runtime_decomp"),
                           max_queue_peak=r("h2o_max_queue_peak"), max_fallback=r("h2o_max_fallback"),
-                          min_top1=r("h2o_min_top1"), max_ppl_delta=r("h2o_max_ppl_delta"))
+                          min_top1=r("h2o_min_top1"), max_ppl_delta=r("h2o_max_ppl_delta"),
+                          undecided=r("h2o_undecided"))
 
     def _spec(self, config: pytest.Config) -> RunSpec:
         r = lambda name: resolve(config, name)  # noqa: E731
@@ -125,15 +134,41 @@ class GatePlugin:
             elif shutil.which(llm_bench) is None:
                 raise pytest.UsageError(f"--h2o-llm-bench {llm_bench}: no such file, and not a command on PATH")
         runtime = "llm_bench" if llm_bench else "logs" if logs else "reference"
+        rounds = r("h2o_rounds") or max(p.repeat for p in self.points)
+        max_rounds = r("h2o_max_rounds") or max(DEFAULT_MAX_ROUNDS, rounds)
+        if rounds > max_rounds:
+            raise pytest.UsageError(f"--h2o-max-rounds {max_rounds} is below the minimum rounds {rounds} "
+                                    "(--h2o-rounds, or the preset's repeat): the cap must be at least the minimum")
+        if r("h2o_inject_slowdown") and runtime != "reference":
+            raise pytest.UsageError("--h2o-inject-slowdown works inside an in-process runtime's decode loop; "
+                                    f"the {runtime} runtime has none")
         return RunSpec(runtime, Path(out), model=r("h2o_model"), threads=r("h2o_threads"),
                        text_file=r("h2o_text_file"), kv_dumps=r("h2o_kv_dumps"), llm_bench=llm_bench,
-                       base_config=base, logs=logs)
+                       base_config=base, logs=logs, rounds=rounds, max_rounds=max_rounds, drop_target=r("h2o_decode_drop_target"),
+                       fixed_baseline=r("h2o_decode_baseline"), inject_slowdown=r("h2o_inject_slowdown"))
+
+    @functools.cached_property
+    def workload(self) -> dict[str, Any]:
+        """What is measured, for comparing only like with like: runtime, model, text (and its sha256),
+        threads and each configuration's prompt/gen sizes."""
+        spec = self.gate.spec
+        model = {"reference": spec.model, "llm_bench": f"{spec.llm_bench} {spec.base_config}",
+                 "logs": str(spec.logs)}[spec.runtime]
+        if spec.text_file is not None:
+            text, data = str(spec.text_file), Path(spec.text_file).read_bytes()
+        else:
+            from h2o_kernels.kv_capture import default_text
+
+            text, data = "pydoc_data.topics", default_text().encode()
+        return {"runtime": spec.runtime, "model": str(model), "text": text,
+                "text_sha256": hashlib.sha256(data).hexdigest(), "threads": spec.threads,
+                "sizes": {p.label: [p.prompt_tokens, p.gen_tokens] for p in self.points}}
 
     def _history_setup(self) -> HistorySetup:
         r = lambda name: resolve(self.config, name)  # noqa: E731
         try:
             return HistorySetup.from_settings(r("h2o_history"), r("h2o_compare"), r("h2o_compare_fail"),
-                                              self.gate.name, self.config.rootpath)
+                                              self.gate.name, self.config.rootpath, workload=self.workload)
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
 
@@ -145,7 +180,7 @@ class GatePlugin:
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
         collector = PresetCollector.from_parent(session, name=self.gate.name, nodeid=self.gate.name, gate=self.gate,
-                                                history=self.history)
+                                                history=self.history, strict=self.strict)
         items.extend(session.genitems(collector))  # with collect reports, as if found on disk
 
     # progress ------------------------------------------------------------------------------------
@@ -163,6 +198,9 @@ class GatePlugin:
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         if not self.is_worker and getattr(self.config.option, "numprocesses", None):
             threading.Thread(target=_tail, args=(self.gate.out_dir / "progress.log", self._done), daemon=True).start()
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        self.gate.release()
 
     # reports -------------------------------------------------------------------------------------
     @pytest.hookimpl(tryfirst=True)

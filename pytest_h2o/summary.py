@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping
 
-from gates.gate_report import SUMMARY_COLUMNS
+from gates.gate_report import SUMMARY_COLUMNS, format_cell
 
 # per-configuration metrics written as junit properties (besides every rule's verdict and value)
-JUNIT_METRICS = ("h2o_lossy", "lossless_online", "lossless_scope", "total_ratio", "decode_tps", "baseline_decode_tps",
-                 "decode_drop", "h2o_lossless", "h2o_lossless_decomp_us", "h2o_lossless_queue_peak",
+JUNIT_METRICS = ("h2o_lossy", "h2o_lossy_model", "lossless_online", "lossless_scope", "total_ratio", "decode_tps",
+                 "baseline_decode_tps", "decode_drop", "decode_drop_lo", "decode_drop_hi", "decode_coverage",
+                 "decode_rounds", "h2o_lossless", "h2o_lossless_decomp_us", "h2o_lossless_queue_peak",
                  "h2o_lossless_fallback", "h2o_fidelity_top1", "h2o_fidelity_ppl_delta", "h2o_fidelity_kl")
 
 
@@ -24,15 +25,27 @@ def junit_properties(report: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     yield "h2o_passing_configs", ",".join(report["overall"]["passing"])
     for key, value in report["thresholds"].items():
         yield f"h2o_threshold.{key}", str(value)
+    for i, warning in enumerate(report.get("warnings", []), start=1):
+        yield f"h2o_warning.{i}", warning
     for c in report["configs"]:
         m = c["metrics"]
         for key in JUNIT_METRICS:
             if isinstance(m.get(key), (int, float)):
                 yield f"{c['name']}.{key}", f"{m[key]:.6g}"
         for rule, v in c["verdicts"].items():
-            state = ("pass" if v["passed"] else "fail") if v["enabled"] else "off"
-            value = "" if v["value"] is None else f" value={v['value']:.6g}"
-            yield f"{c['name']}::{rule}", f"{state}{value}"
+            yield f"{c['name']}::{rule}", verdict_text(v)
+
+
+def verdict_text(v: Mapping[str, Any]) -> str:
+    """``pass|fail|off|undecided(counted as pass|fail)``, then ``value=`` and, from paired rounds,
+    ``interval=[lo,hi]`` with its coverage."""
+    state = v["state"]
+    if state == "undecided":
+        state = f"undecided(counted as {'pass' if v['passed'] else 'fail'})"
+    value = "" if v["value"] is None else f" value={v['value']:.6g}"
+    interval = ("" if not v.get("interval") else
+                f" interval=[{v['interval'][0]:.6g},{v['interval'][1]:.6g}] coverage={v['coverage']:.4g}")
+    return f"{state}{value}{interval}"
 
 
 def terminal_lines(report: Mapping[str, Any], comparison: str | None = None) -> list[str]:
@@ -42,9 +55,10 @@ def terminal_lines(report: Mapping[str, Any], comparison: str | None = None) -> 
     for c in report["configs"]:
         m = c["metrics"]
         failed = [rule.removesuffix("_pass") for rule, v in c["verdicts"].items() if v["enabled"] and not v["passed"]]
-        rows.append([c["name"], *(fmt.format(m[key]) if isinstance(m.get(key), (int, float)) else "-"
-                                  for key, _, fmt in SUMMARY_COLUMNS),
-                     "PASS" if c["passed"] else "fail: " + ",".join(failed)])
+        verdict = "PASS" if c["passed"] else "fail: " + ",".join(failed)
+        if c["verdicts"]["decode_pass"]["state"] == "undecided":
+            verdict += f" (decode undecided, counted as {'pass' if c['verdicts']['decode_pass']['passed'] else 'fail'})"
+        rows.append([c["name"], *(format_cell(m, key, fmt) for key, _, fmt in SUMMARY_COLUMNS), verdict])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i in (0, len(header) - 1) else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
@@ -52,6 +66,9 @@ def terminal_lines(report: Mapping[str, Any], comparison: str | None = None) -> 
     lines.append(f"overall_pass: {_b(overall['passed'])} ({overall['mode']}: {overall['reason']})")
     if report["mode"] == "joint":
         lines.append(f"original per-metric best of: overall_pass {_b(report['independent']['passed'])}")
+    if report.get("strict"):
+        passing = sum(c["passed"] for c in report["configs"])
+        lines.append(f"strict mode: {passing}/{len(report['configs'])} configurations pass every rule; every one must")
     for warning in report.get("warnings", []):
         lines.append(warning)
     if comparison:
