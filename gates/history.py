@@ -393,8 +393,8 @@ def comparable(current: Mapping[str, Any], stored: Mapping[str, Any]) -> str | N
 def target_problem(record: Mapping[str, Any], preset: str | None,
                    workload: Mapping[str, Any] | None) -> str | None:
     """Why ``record`` cannot be compared with a run of ``preset`` measuring ``workload``, or None.
-    A target is a complete record of the current schema, of that preset, whose workload is
-    :func:`comparable`; ``preset`` None matches any preset and ``workload`` None (not known) any workload."""
+    A target is a complete record of the current schema, of that preset, not slowed on purpose
+    (``--h2o-inject-slowdown``), whose workload is :func:`comparable`; ``preset`` None matches any preset and ``workload`` None (not known) any workload."""
     schema = record.get("schema", 0)
     if schema < SCHEMA_VERSION:
         return f"schema {schema}, {OLD_SCHEMA}"
@@ -403,6 +403,9 @@ def target_problem(record: Mapping[str, Any], preset: str | None,
         return f"an incomplete run: {incomplete}"
     if not preset_matches(record, preset):
         return _differs("preset", preset, record.get("preset"))
+    injected = record.get("meta", {}).get("inject_slowdown")
+    if injected:
+        return f"a sensitivity check (--h2o-inject-slowdown {injected:g}): its speed was slowed on purpose"
     stored = record.get("workload")
     if not isinstance(stored, Mapping):
         return "it does not say what it measured (no workload)"

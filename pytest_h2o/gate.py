@@ -46,6 +46,7 @@ class Gate:
     workload: dict[str, Any] = field(default_factory=dict)  # what is measured (history compares like with like)
     _results: dict[str, Any] | None = None
     _owner: FileLock | None = None
+    _t0: float = 0.0
 
     @property
     def name(self) -> str:
@@ -113,7 +114,7 @@ class Gate:
 
     def _measure(self) -> dict[str, Any]:
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        t0 = time.perf_counter()
+        self._t0 = t0 = time.perf_counter()
         try:
             results = measure(self.points, self.spec, self._progress)
         except Exception as exc:  # noqa: BLE001 - one failure must fail every item with its reason, not crash
@@ -123,6 +124,7 @@ class Gate:
         return results
 
     def _progress(self, line: str) -> None:
+        line = f"{time.perf_counter() - self._t0:6.1f}s {line}"
         with open(self.out_dir / "progress.log", "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
         self.progress(line)

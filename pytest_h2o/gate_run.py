@@ -16,6 +16,7 @@ the runtime codec) over each configuration's own dumps, or over ``kv_dumps`` whe
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 from dataclasses import dataclass
@@ -78,10 +79,14 @@ def measure(points: list[Point], spec: RunSpec, progress: Progress) -> dict[str,
         configs, baselines, model = _run_llm_bench(points, spec, progress, warnings)
     else:
         configs, baselines, model = _read_logs(points, spec, warnings)
+    if spec.kv_dumps is not None:
+        warnings.append(f"[WARN] the lossless ratios of every configuration come from the same --h2o-kv-dumps "
+                        f"{spec.kv_dumps}, not from the KV each configuration held")
+    coded: dict[Any, dict[int, tuple[int, int]] | None] = {}  # online-sim results by dump content
     for point in points:
         row = configs[point.label]
         if "error" not in row:
-            _add_lossless(row, point, spec, warnings, progress)
+            _add_lossless(row, point, spec, warnings, progress, coded)
     return {"runtime": spec.runtime, "model": model, "configs": configs, "baselines": baselines,
             "warnings": warnings}
 
@@ -121,7 +126,8 @@ class _Session:
     candidate run has baseline runs adjacent in time on both sides (:func:`bracketed_log_ratios`). From
     ``spec.rounds`` rounds on, a candidate whose drop interval no longer straddles the target is done;
     the others run again, up to ``spec.max_rounds``. The first run of each keeps its logits (fidelity)
-    and writes the held KV as dumps.
+    and writes the held KV as dumps. Only decode is compared, so baseline runs after the first restore
+    its prefilled cache (the same every time: H2O and lossless off) instead of prefilling again.
     """
 
     PER_BRACKET = 2  # candidate runs between two baseline runs
@@ -173,7 +179,8 @@ class _Session:
         candidate = name != self.base_id
         dump = self.spec.out_dir / "kv" / name if first and candidate else None
         result = self.runtimes[name].run(self.prompt, self.continuation, keep_logits=first and len(self.continuation) > 0,
-                                         dump_dir=dump, run_id=name, step_delay_s=self.step_delay if candidate else 0.0)
+                                         dump_dir=dump, run_id=name, step_delay_s=self.step_delay if candidate else 0.0,
+                                         reuse_prefill=not candidate)
         if first:
             self.logits[name] = result.logits
             cache = self.loaded.model.cache
@@ -274,10 +281,12 @@ def _read_logs(points: list[Point], spec: RunSpec, warnings: list[str]):
     by_stem: dict[str, dict[str, Any]] = {}
     for row in rows:
         log = Path(row.get("log_file", ""))
-        if log.stem not in by_stem:
-            by_stem[log.stem] = {**metric_row(row), **_twin_fidelity(log)}
-            if (log.parent.parent / "kv" / log.stem).is_dir():
-                by_stem[log.stem]["kv_dir"] = str(log.parent.parent / "kv" / log.stem)
+        if log.stem in by_stem:
+            warnings.append(f"[WARN] {log}: another table row for run id {log.stem}; only the first one is gated")
+            continue
+        by_stem[log.stem] = {**metric_row(row), **_twin_fidelity(log)}
+        if (log.parent.parent / "kv" / log.stem).is_dir():
+            by_stem[log.stem]["kv_dir"] = str(log.parent.parent / "kv" / log.stem)
     base = {stem: row for stem, row in by_stem.items() if stem.startswith("baseline")}
     configs: dict[str, dict[str, Any]] = {}
     baselines: dict[str, float | None] = {}
@@ -285,8 +294,12 @@ def _read_logs(points: list[Point], spec: RunSpec, warnings: list[str]):
         row = by_stem.get(point.run_id)
         configs[point.label] = ({"run_id": point.run_id, **row} if row else
                                 {"run_id": point.run_id, "error": f"no llm_bench row for {point.run_id} in {source}"})
-        match = base.get(f"baseline_p{point.prompt_tokens}_g{point.gen_tokens}") or next(iter(base.values()), None)
-        baselines[point.label] = match.get("decode_tps") if match else None
+        wanted = f"baseline_p{point.prompt_tokens}_g{point.gen_tokens}"
+        name = wanted if wanted in base else next(iter(base), None)
+        if name is not None and name != wanted:
+            warnings.append(f"[WARN] {point.label}: no {wanted} log; its decode is compared with {name}, which may "
+                            "be another workload")
+        baselines[point.label] = base[name].get("decode_tps") if name is not None else None
     if not base:
         warnings.append(f"{source}: no baseline_* log; decode_pass needs --h2o-decode-baseline")
     return configs, baselines, "logs"
@@ -302,13 +315,23 @@ def _twin_fidelity(log: Path) -> dict[str, float]:
 
 
 # lossless ratios from dumps ------------------------------------------------------------------------
-def _add_lossless(row: dict[str, Any], point: Point, spec: RunSpec, warnings: list[str], progress: Progress) -> None:
+def _add_lossless(row: dict[str, Any], point: Point, spec: RunSpec, warnings: list[str], progress: Progress,
+                  coded: dict[Any, dict[int, tuple[int, int]] | None]) -> None:
     """``lossless_online`` (front_n layers), ``lossless_scope`` (the configured scope),
     ``per_layer_lossless`` and ``total_ratio`` from the online-sim over dumps; without dumps
     ``lossless_online`` falls back to the runtime's ratio, with a warning. Every dump entry the
-    online-sim could not use is a warning."""
+    online-sim could not use is a warning. ``coded`` holds the results by dump content, so dumps
+    identical to ones already coded (``--h2o-kv-dumps``, or configurations that hold the same KV) are
+    coded once."""
     dump_dir = spec.kv_dumps or (Path(row["kv_dir"]) if row.get("kv_dir") else None)
-    per_layer = _online_sim(dump_dir, point.label, warnings, progress) if dump_dir else None
+    per_layer = None
+    if dump_dir is not None:
+        key = _dump_content(dump_dir)
+        if key not in coded or key is None:
+            coded[key] = _online_sim(dump_dir, point.label, warnings, progress)
+        else:
+            progress(f"online-sim {point.label}: its dumps hold the same KV as a configuration already coded")
+        per_layer = coded[key]
     lossless = LosslessConfig.from_config(point.config, point.label)
     h2o = H2OConfig.from_config(point.config, point.label)
     if per_layer is None:
@@ -337,6 +360,22 @@ def whole_cache_ratio(full_bytes: int, held_bytes: list[int], coded: dict[int, t
     held = sum(size * coded[layer][1] / coded[layer][0] if layer in coded and coded[layer][0] else size
                for layer, size in enumerate(held_bytes))
     return full_bytes / held
+
+
+def _dump_content(dump_dir: Path) -> tuple | None:
+    """What a dump folder holds, as a hashable key: each entry's layer, stage, start and length with the
+    identity (device, inode) of its K and V files, which :func:`link_identical` shares between
+    identical files. None when the folder cannot be read that way (it is then coded on its own)."""
+    entries = []
+    try:
+        for meta_path in sorted(Path(dump_dir).glob("meta_*.json")):
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            files = tuple((st.st_dev, st.st_ino) for st in (os.stat(meta_path.parent / meta[f"{kind}_file"])
+                                                             for kind in ("k", "v")))
+            entries.append((meta["layer_id"], meta["stage"], meta["seq_start"], meta["seq_len"], files))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return tuple(sorted(entries)) or None
 
 
 def _online_sim(dump_dir: Path, label: str, warnings: list[str], progress: Progress) -> dict[int, tuple[int, int]] | None:

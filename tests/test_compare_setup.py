@@ -148,3 +148,14 @@ def test_a_workload_unknown_at_configure_time_is_checked_when_comparing(store, m
     [why] = setup.compare(_report(workload=_workload(threads=2)), setup.specs)
     assert why.regression and why.note == ("not comparable with the previous run: threads differs: 2 in this run, "
                                            "4 in the stored run")
+
+
+def test_a_sensitivity_check_run_is_never_a_compare_target(store, monkeypatch):
+    good = _stored(store, monkeypatch, SHA_A)
+    injected = _report()
+    injected["inject_slowdown"] = 0.1
+    append(store, _record(injected, SHA_B, T0 + timedelta(minutes=1), monkeypatch=monkeypatch))
+    setup = _setup(store)
+    assert setup.previous is not None and setup.previous["_path"] == str(good)
+    assert history.target_problem(load(store)[-1], PRESET, _workload()).startswith(
+        "a sensitivity check (--h2o-inject-slowdown 0.1)")

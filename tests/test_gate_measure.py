@@ -38,7 +38,8 @@ class FakeRuntime:
         self.source = source
         self.n = 0
 
-    def run(self, prompt, continuation, keep_logits=False, dump_dir=None, run_id="run", step_delay_s=0.0):
+    def run(self, prompt, continuation, keep_logits=False, dump_dir=None, run_id="run", step_delay_s=0.0,
+            reuse_prefill=False):
         factor, wobble = self.factors.get(self.source, (1.0, 0.0))
         self.n += 1
         speed = 100.0 * factor * (1 + wobble * (-1) ** self.n) / (1 + 100.0 * step_delay_s)
@@ -164,3 +165,17 @@ def test_a_dump_the_online_sim_cannot_read_is_a_warning(tmp_path):
     per_layer = gate_run._online_sim(tmp_path, "cfg", warnings, lambda line: None)
     assert per_layer and warnings and all(w.startswith("[WARN] cfg: online-sim skipped ") for w in warnings)
     assert broken.name in warnings[0]
+
+
+def test_a_restored_prefill_decodes_bit_identically():
+    model = LlamaModel.random(TINY, seed=7, std=0.2)
+    ids = np.random.default_rng(3).integers(0, TINY["vocab_size"], 40)
+    runtime = ReferenceRuntime(model, {})
+    fresh = runtime.run(ids[:32], ids[32:], keep_logits=True, reuse_prefill=True)
+    restored = runtime.run(ids[:32], ids[32:], keep_logits=True, reuse_prefill=True)
+    other = runtime.run(ids[:30], ids[30:], keep_logits=True, reuse_prefill=True)  # another prompt prefills
+    assert fresh.prefill_tok_s is not None and restored.prefill_tok_s is None and other.prefill_tok_s is not None
+    assert np.array_equal(fresh.logits, restored.logits)
+    h2o = ReferenceRuntime(model, {"kv_h2o_enable": True, "kv_h2o_trigger_min_tokens": 8})
+    h2o.run(ids[:32], ids[32:], reuse_prefill=True)
+    assert h2o.run(ids[:32], ids[32:], reuse_prefill=True).prefill_tok_s is not None  # policies always prefill
