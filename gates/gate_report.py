@@ -110,8 +110,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
               f"- min_top1: {_limit(t['min_top1'])}", f"- max_ppl_delta: {_limit(t['max_ppl_delta'])}",
               f"- decode_undecided_counts_as: {t['undecided']}", ""]
     if report.get("rounds"):
-        lines[-1:] = [f"- rounds: {report['rounds']} to {report['max_rounds']} (paired with adjacent baseline runs; the "
-                      f"drop is the Hodges-Lehmann estimate with its exact interval, {t['confidence']:.0%} asked)", ""]
+        lines[-1:] = [f"- rounds: {report['rounds']} to {report['max_rounds']} (paired with adjacent baseline runs; "
+                      f"the drop is the Hodges-Lehmann estimate with its exact interval, {t['confidence']:.0%} "
+                      "asked)", ""]
     if report.get("inject_slowdown"):
         lines[-1:] = [f"- inject_slowdown: {report['inject_slowdown']:g} (a sensitivity check: every candidate decode "
                       "step was slowed on purpose)", ""]
@@ -135,7 +136,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines.append(f"- overall_pass: {_bool(chosen['passed'])}")
     lines += ["", f"Rule lines: {shown}. Mode `{report['mode']}`: {chosen['reason']}."]
     if report.get("strict"):
-        lines.append(f"Strict mode: every configuration must pass every rule ({len(passing)}/{len(report['configs'])} do).")
+        lines.append(f"Strict mode: every configuration must pass every rule "
+                     f"({len(passing)}/{len(report['configs'])} do).")
     if report["mode"] == "joint":
         lines.append(f"Passing configurations: {', '.join(chosen['passing']) or 'none'}.")
         original = _bool(report["independent"]["passed"])

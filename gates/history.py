@@ -394,7 +394,8 @@ def target_problem(record: Mapping[str, Any], preset: str | None,
                    workload: Mapping[str, Any] | None) -> str | None:
     """Why ``record`` cannot be compared with a run of ``preset`` measuring ``workload``, or None.
     A target is a complete record of the current schema, of that preset, not slowed on purpose
-    (``--h2o-inject-slowdown``), whose workload is :func:`comparable`; ``preset`` None matches any preset and ``workload`` None (not known) any workload."""
+    (``--h2o-inject-slowdown``), whose workload is :func:`comparable`; ``preset`` None matches any preset
+    and ``workload`` None (not known) any workload."""
     schema = record.get("schema", 0)
     if schema < SCHEMA_VERSION:
         return f"schema {schema}, {OLD_SCHEMA}"
@@ -491,17 +492,6 @@ def resolve(store: Path | None, ref: str = "latest", preset: str | None = None,
         raise HistoryError(f"the stored run of commit {ref!r}, {_run_label(newest)}, is not comparable with this run: "
                            f"{target_problem(newest, preset, workload)}; {_available(targets, store)}")
     return usable[-1]
-
-
-def describe_record(record: Mapping[str, Any]) -> str:
-    """One line: commit (``+dirty``), branch, time, preset, verdict and machine."""
-    git = record.get("git", {})
-    machine = record.get("machine", {})
-    dirty = "+dirty" if git.get("dirty") else ""
-    verdict = "pass" if record.get("overall", {}).get("passed") else "fail"
-    return (f"{short_commit(record)}{dirty} ({git.get('branch', UNKNOWN)}) at {record.get('timestamp')}, "
-            f"preset {record.get('preset')}, {verdict}, on {machine.get('machine', UNKNOWN)} "
-            f"x{machine.get('cpu_count', '?')} {machine.get('system', '')}".rstrip())
 
 
 # ----------------------------------------------------------------------------------------- comparison

@@ -1,16 +1,18 @@
 """Measure a preset's configurations: the numbers the gate rules read, one metric row per configuration.
 
 Three runtimes:
-- ``reference`` (default): the embedded reference runtime. Per prompt/gen size, one discarded warm-up,
-  then ``repeat`` rounds that each run the baseline (H2O and lossless off) and every configuration, in
-  an order rotated every round, so drift on a shared machine hits all of them alike. The first round
-  keeps logits (fidelity against the baseline's) and writes each configuration's held KV as dumps.
+- ``reference`` (default): the embedded reference runtime, measured in paired, adaptive rounds
+  (:class:`_Session`): every candidate run sits next to baseline runs (H2O and lossless off), each
+  configuration runs until its decode-drop interval is decided or the rounds cap is reached. The
+  first run of each keeps its logits (fidelity against the baseline's) and writes its held KV as
+  dumps; identical dump files are then stored once.
 - ``llm_bench``: an external llm_bench binary per configuration with the original's arguments; the
-  baseline runs before and after the candidates and their mean is the baseline.
+  baseline runs before and after the candidates (one paired round each).
 - ``logs``: llm_bench logs (or a CSV of parsed rows) that already exist, matched to points by run id.
 
 Lossless ratios come from the offline online-sim (``chunked_grouped``, 192-token chunks, 8 framing bytes,
-the runtime codec) over each configuration's own dumps, or over ``kv_dumps`` when given.
+the runtime codec) over each configuration's own dumps, or over ``kv_dumps`` when given; dumps with the
+same content are coded once.
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ def _run_reference(points: list[Point], spec: RunSpec, progress: Progress):
         session = _Session(loaded, spec, prompt, continuation, base_id, group, progress)
         session.measure()
         baseline = session.rows[base_id].summary()
-        _write_log(spec.out_dir, base_id, session.rows[base_id], baseline, BASELINE_CONFIG, session.rounds, spec)
+        _write_log(spec.out_dir, base_id, session.rows[base_id], baseline, BASELINE_CONFIG,
+                   len(session.rows[base_id].decode_tok_s), spec)
         for point in group:
             summary = {**session.rows[point.run_id].summary(), **session.paired(point.run_id)}
             if session.logits.get(point.run_id) is not None and session.logits.get(base_id) is not None:
@@ -178,8 +181,9 @@ class _Session:
         first = name not in self.logits
         candidate = name != self.base_id
         dump = self.spec.out_dir / "kv" / name if first and candidate else None
-        result = self.runtimes[name].run(self.prompt, self.continuation, keep_logits=first and len(self.continuation) > 0,
-                                         dump_dir=dump, run_id=name, step_delay_s=self.step_delay if candidate else 0.0,
+        result = self.runtimes[name].run(self.prompt, self.continuation,
+                                         keep_logits=first and len(self.continuation) > 0, dump_dir=dump,
+                                         run_id=name, step_delay_s=self.step_delay if candidate else 0.0,
                                          reuse_prefill=not candidate)
         if first:
             self.logits[name] = result.logits
@@ -378,7 +382,8 @@ def _dump_content(dump_dir: Path) -> tuple | None:
     return tuple(sorted(entries)) or None
 
 
-def _online_sim(dump_dir: Path, label: str, warnings: list[str], progress: Progress) -> dict[int, tuple[int, int]] | None:
+def _online_sim(dump_dir: Path, label: str, warnings: list[str],
+                progress: Progress) -> dict[int, tuple[int, int]] | None:
     options = EvalOptions(scope="layer_range", layer_start=0, layer_end=-1, **ONLINE_SIM)
     try:
         result = evaluate(dump_dir, options)

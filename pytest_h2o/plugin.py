@@ -144,7 +144,8 @@ class GatePlugin:
                                     f"the {runtime} runtime has none")
         return RunSpec(runtime, Path(out), model=r("h2o_model"), threads=r("h2o_threads"),
                        text_file=r("h2o_text_file"), kv_dumps=r("h2o_kv_dumps"), llm_bench=llm_bench,
-                       base_config=base, logs=logs, rounds=rounds, max_rounds=max_rounds, drop_target=r("h2o_decode_drop_target"),
+                       base_config=base, logs=logs, rounds=rounds, max_rounds=max_rounds,
+                       drop_target=r("h2o_decode_drop_target"),
                        fixed_baseline=r("h2o_decode_baseline"), inject_slowdown=r("h2o_inject_slowdown"))
 
     @functools.cached_property

@@ -39,7 +39,8 @@ def test_coverage_by_rounds():
     assert one_sample([1.0, 2.0, 3.0, 4.0]).coverage == 0.875
     assert one_sample([1.0, 2.0, 3.0, 4.0, 5.0]).coverage == 0.9375
     six = one_sample([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
-    assert six.coverage == pytest.approx(1 - 6 / 64) and (six.lo, six.hi) == (2.0, 5.0)  # 3rd of 21 Walsh averages from each end
+    # the 3rd of the 21 Walsh averages from each end
+    assert six.coverage == pytest.approx(1 - 6 / 64) and (six.lo, six.hi) == (2.0, 5.0)
     assert two_sample([1.0, 2.0, 3.0], [0.0, 0.5, 1.0]).coverage == pytest.approx(0.9)
     assert one_sample([0.3]) == one_sample([0.3]) and one_sample([0.3]).coverage == 0.0
 
