@@ -26,14 +26,13 @@ class GateFailure(AssertionError):
 class PresetCollector(pytest.Collector):
     """The preset: one child per configuration, then ``overall_pass`` and any history comparisons."""
 
-    def __init__(self, *, gate: Gate, history: HistorySetup, strict: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *, gate: Gate, history: HistorySetup, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.gate, self.history, self.strict = gate, history, strict
+        self.gate, self.history = gate, history
 
     def collect(self) -> list[pytest.Item | pytest.Collector]:
         children: list[pytest.Item | pytest.Collector] = [
-            ConfigCollector.from_parent(self, name=point.label, gate=self.gate, strict=self.strict)
-            for point in self.gate.points]
+            ConfigCollector.from_parent(self, name=point.label, gate=self.gate) for point in self.gate.points]
         children.append(OverallItem.from_parent(self, name="overall_pass", gate=self.gate))
         children += [CompareItem.from_parent(self, name=f"compare[{spec}]", gate=self.gate, history=self.history,
                                              spec=spec) for spec in self.history.specs]
@@ -46,13 +45,13 @@ class PresetCollector(pytest.Collector):
 class ConfigCollector(pytest.Collector):
     """One configuration of the preset: one item per rule."""
 
-    def __init__(self, *, gate: Gate, strict: bool, **kwargs: Any) -> None:
+    def __init__(self, *, gate: Gate, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.gate, self.strict = gate, strict
+        self.gate = gate
 
     def collect(self) -> list[pytest.Item]:
-        return [RuleItem.from_parent(self, name=rule, gate=self.gate, config_name=self.name, rule=rule,
-                                     strict=self.strict) for rule in RULES]
+        return [RuleItem.from_parent(self, name=rule, gate=self.gate, config_name=self.name, rule=rule)
+                for rule in RULES]
 
 
 class _GateItem(pytest.Item):
@@ -79,9 +78,9 @@ class RuleItem(_GateItem):
     xfailed otherwise, with its one-line reason either way; skipped when the rule is off (its value
     still reported)."""
 
-    def __init__(self, *, config_name: str, rule: str, strict: bool, **kwargs: Any) -> None:
+    def __init__(self, *, config_name: str, rule: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.config_name, self.rule, self.strict = config_name, rule, strict
+        self.config_name, self.rule = config_name, rule
 
     def runtest(self) -> None:
         report = self.gate.report()
@@ -96,7 +95,7 @@ class RuleItem(_GateItem):
             self._miss(f"{self.rule}: {verdict['reason']}")
 
     def _miss(self, reason: str) -> None:
-        if self.strict:
+        if self.gate.strict:
             raise GateFailure(reason)
         pytest.xfail(f"{reason} [information: the exit status follows overall_pass; --h2o-strict fails it]")
 

@@ -141,8 +141,8 @@ def add_options(parser: pytest.Parser) -> None:
         text = f"{s.help} [env {s.env}]".replace("%", "%%")  # argparse formats help with %
         if s.name == "h2o_compare":
             group.addoption(s.flag, dest=s.name, nargs="?", const="latest", default=None, help=text)
-        elif s.parse is _bool:  # a flag: --h2o-strict, or --h2o-strict=false
-            group.addoption(s.flag, dest=s.name, nargs="?", const="true", default=None, help=text)
+        elif s.parse is _bool and s.default is False:  # a flag (ini/env can still say false)
+            group.addoption(s.flag, dest=s.name, action="store_const", const="true", default=None, help=text)
         elif s.name == "h2o_compare_fail":
             group.addoption(s.flag, dest=s.name, action="append", default=None, help=text)
         else:

@@ -90,9 +90,8 @@ class GatePlugin:
             preset_path, self.points = load_points(resolve(config, "h2o_preset"), overrides)
         except GateSetupError as exc:
             raise pytest.UsageError(f"--h2o-preset: {exc}") from None
-        self.strict = resolve(config, "h2o_strict")
         self.gate = Gate(preset_path, self.points, self._thresholds(), resolve(config, "h2o_gate_mode"),
-                         self._spec(config), progress=self._progress, strict=self.strict)
+                         self._spec(config), progress=self._progress, strict=resolve(config, "h2o_strict"))
         self.gate.workload = self.workload
         self.history = self._history_setup()
         if not self.is_worker:
@@ -181,7 +180,7 @@ class GatePlugin:
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
         collector = PresetCollector.from_parent(session, name=self.gate.name, nodeid=self.gate.name, gate=self.gate,
-                                                history=self.history, strict=self.strict)
+                                                history=self.history)
         items.extend(session.genitems(collector))  # with collect reports, as if found on disk
 
     # progress ------------------------------------------------------------------------------------
