@@ -159,7 +159,7 @@ def test_analyze_passes_on_hand_computed_numbers(tmp_path, capsys):
     metrics = configs(report)["good"]["metrics"]
     assert metrics["lossless_online"] == 1.35 and metrics["lossless_online_source"] == "online_sim"
     assert math.isclose(metrics["decode_drop"], (6.60 - 6.30) / 6.60)  # 0.04545 <= 0.05
-    assert math.isclose(metrics["total_ratio"], 3.2 * 1.35)
+    assert math.isclose(metrics["lossy_x_lossless"], 3.2 * 1.35) and "total_ratio" not in metrics
     assert report["thresholds"]["decode_baseline"] == 6.6
 
 
@@ -305,7 +305,7 @@ def test_full_eval_end_to_end(tmp_path, kv_dir, capsys):
     metrics = configs(report)["run_0001#1"]["metrics"]
     assert metrics["lossless_online"] == online["weighted_lossless_ratio"]
     assert metrics["lossless_online_source"] == "online_sim"
-    assert math.isclose(metrics["total_ratio"], 3.2 * online["weighted_lossless_ratio"])
+    assert math.isclose(metrics["lossy_x_lossless"], 3.2 * online["weighted_lossless_ratio"])
     # the same run with an unreachable lossless target fails on that rule alone
     assert full_eval(tmp_path, kv_dir, "--lossless-target", "100") == 1
     assert failing(summary(tmp_path)[1]) == {"run_0001#1": ["lossless_online_pass"],
