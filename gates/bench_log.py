@@ -35,11 +35,9 @@ class BenchRow:
     decode_tok_s: list[float] = field(default_factory=list)
     metrics: dict[str, list[float]] = field(default_factory=dict)
 
-    def add_run(self, prefill_tok_s: float | None, decode_tok_s: float, metrics: dict[str, float]) -> None:
-        """Record one measured run (the warm-up run is not recorded); ``prefill_tok_s`` None: the run
-        did not prefill (a restored prefill), so only its decode counts."""
-        if prefill_tok_s is not None:
-            self.prefill_tok_s.append(prefill_tok_s)
+    def add_run(self, prefill_tok_s: float, decode_tok_s: float, metrics: dict[str, float]) -> None:
+        """Record one measured run (the warm-up run is not recorded)."""
+        self.prefill_tok_s.append(prefill_tok_s)
         self.decode_tok_s.append(decode_tok_s)
         for name, value in metrics.items():
             self.metrics.setdefault(name, []).append(float(value))

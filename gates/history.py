@@ -371,22 +371,28 @@ def _differs(field_name: str, current: Any, stored: Any) -> str:
 
 
 def comparable(current: Mapping[str, Any], stored: Mapping[str, Any]) -> str | None:
-    """Why two workloads (the report's ``workload``: runtime, model, text, text_sha256, threads, sizes)
-    measured different things, naming the field and both values (``current``'s first); None when they
-    are alike. The text is compared by ``text_sha256`` when both have one; sizes (``[prompt, gen]``
-    tokens) only for the configurations both have."""
+    """Why two workloads (the report's ``workload``: runtime, model, text, text_sha256, threads,
+    kv_dumps, decode_baseline, sizes, configs) measured different things, naming the field and both
+    values (``current``'s first); None when they are alike. The text is compared by ``text_sha256``
+    when both have one; sizes (``[prompt, gen]`` tokens) and configs (a sha256 of each configuration's
+    ``kv_*`` keys) only for the configurations both have."""
     for key in ("runtime", "model"):
         if current.get(key) != stored.get(key):
             return _differs(key, current.get(key), stored.get(key))
     text_key = "text_sha256" if current.get("text_sha256") and stored.get("text_sha256") else "text"
     if current.get(text_key) != stored.get(text_key):
         return _differs(text_key, current.get(text_key), stored.get(text_key))
-    if current.get("threads") != stored.get("threads"):
-        return _differs("threads", current.get("threads"), stored.get("threads"))
+    for key in ("threads", "kv_dumps", "decode_baseline"):
+        if current.get(key) != stored.get(key):
+            return _differs(key, current.get(key), stored.get(key))
     cur_sizes, old_sizes = current.get("sizes") or {}, stored.get("sizes") or {}
     for label, size in cur_sizes.items():
         if label in old_sizes and list(size) != list(old_sizes[label]):
             return _differs(f"[prompt, gen] tokens of {label}", list(size), list(old_sizes[label]))
+    cur_configs, old_configs = current.get("configs") or {}, stored.get("configs") or {}
+    for label, digest in cur_configs.items():
+        if label in old_configs and digest != old_configs[label]:
+            return f"the kv_* config of {label} differs (sha256 {digest} in this run, {old_configs[label]} stored)"
     return None
 
 
@@ -632,12 +638,15 @@ def _compare_speed(config: str, spec: CompareSpec, prev: Mapping[str, Any], cur:
                    old_logs: Sequence[float], new_logs: Sequence[float]) -> Comparison:
     """Decode speed by the Hodges-Lehmann shift of the per-round log ratios (new - old) and its exact
     interval, as percent changes ``exp(x) - 1``: a regression only when the whole interval is worse
-    than the tolerance, undecided when it straddles it."""
+    than the tolerance, undecided when it straddles it; with one round on a side there is no interval
+    (coverage 0) and a change beyond the tolerance is undecided too: one number never decides."""
     shift = two_sample(new_logs, old_logs)
     change, lo, hi = ((math.exp(x) - 1.0) * 100.0 for x in (shift.estimate, shift.lo, shift.hi))
     limit = -spec.tolerance_pct - _EPS
-    regression, undecided = hi < limit, lo < limit <= hi
-    interval = f"interval [{_pct(lo)}, {_pct(hi)}] (coverage {shift.coverage * 100:.3g}%)"
+    regression = hi < limit and shift.coverage > 0
+    undecided = lo < limit and not regression
+    interval = (f"interval [{_pct(lo)}, {_pct(hi)}] (coverage {shift.coverage * 100:.3g}%)" if shift.coverage
+                else "one round on a side: no interval")
     note = (f"{'undecided: ' if undecided else ''}{interval}; Hodges-Lehmann shift of {len(new_logs)} vs "
             f"{len(old_logs)} per-round log ratios to the same-run baseline")
     return Comparison(config, spec.metric, "decode_vs_baseline", _speed_ratio(prev, old_logs),

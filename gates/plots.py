@@ -23,7 +23,7 @@ def plot_ratio_vs_speed(report: Mapping[str, Any], path: Path) -> Path | None:
     for i, (name, m, ok) in enumerate(points):
         x, y = m["decode_tps"], m["total_ratio"]
         color = "tab:green" if ok else "tab:red"
-        base = m.get("baseline_decode_tps")
+        base = report["thresholds"].get("decode_baseline") or m.get("baseline_decode_tps")  # what the drop is against
         if _is_num(m.get("decode_drop_lo")) and _is_num(base):
             x = base * (1 - m["decode_drop"])
             xerr = [[x - base * (1 - m["decode_drop_hi"])], [base * (1 - m["decode_drop_lo"]) - x]]

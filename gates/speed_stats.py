@@ -23,7 +23,7 @@ interval. Pure Python, no numpy.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Sequence
 
@@ -41,9 +41,6 @@ class Interval:
     hi: float
     coverage: float
     n: int
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 @lru_cache(maxsize=None)

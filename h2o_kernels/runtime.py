@@ -3,7 +3,6 @@ driven by the original's ``kv_*`` config keys, measured like llm_bench."""
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 
 from .h2o import H2OConfig, H2OPolicy
 from .kvdump import write_dump
-from .llama import KVCache, LlamaModel
+from .llama import LlamaModel
 from .lossless_runtime import LosslessConfig, LosslessRuntime
 
 NEUTRAL_METRICS = {"h2o_keep": 1.0, "h2o_lossy": 1.0, "h2o_lossless": 1.0}
@@ -23,7 +22,7 @@ NEUTRAL_METRICS = {"h2o_keep": 1.0, "h2o_lossy": 1.0, "h2o_lossless": 1.0}
 class RunResult:
     """One measured run: speeds, the policies' metrics and (when kept) the decode-step logits."""
 
-    prefill_tok_s: float | None  # None: the prefill was restored, not run (``reuse_prefill``)
+    prefill_tok_s: float
     decode_tok_s: float
     metrics: dict[str, float]
     logits: np.ndarray | None
@@ -42,21 +41,16 @@ class ReferenceRuntime:
         self.h2o = H2OPolicy(self.h2o_config, c.num_layers, c.num_kv_heads, c.head_dim,
                              log=log if self.h2o_config.log_stats else None) if self.h2o_config.enable else None
         self.lossless: LosslessRuntime | None = None
-        self._prefilled: tuple[bytes, KVCache, np.ndarray] | None = None
         self._decoding = False
         self._step = 0
 
     def run(self, prompt: np.ndarray, continuation: np.ndarray, keep_logits: bool = False,
-            dump_dir: Path | None = None, run_id: str = "run", step_delay_s: float = 0.0,
-            reuse_prefill: bool = False) -> RunResult:
+            dump_dir: Path | None = None, run_id: str = "run", step_delay_s: float = 0.0) -> RunResult:
         """Prefill ``prompt``, then feed ``continuation`` one token at a time (teacher forcing, the
         same compute as generation). ``keep_logits`` keeps the logits predicting each continuation
         token; ``dump_dir`` writes the final KV cache (prefill and decode stages) as dumps.
         ``step_delay_s`` adds that many seconds (a sleep) to every decode step: an injected
-        regression, to check that a gate catches one of that size. ``reuse_prefill`` (only without
-        H2O and lossless, whose state a prefill also builds) keeps a copy of the prefilled cache and
-        restores it on later runs of the same prompt instead of prefilling again; such a run reports
-        ``prefill_tok_s`` None."""
+        regression, to check that a gate catches one of that size."""
         model = self.model
         model.reset(capacity=len(prompt) + len(continuation))
         self._open_lossless()
@@ -64,17 +58,10 @@ class ReferenceRuntime:
             self.h2o.reset()
         model.hooks = self if (self.h2o is not None or self.lossless is not None) else None
         self._decoding, self._step = False, 0
-        reuse = reuse_prefill and model.hooks is None
-        key = np.ascontiguousarray(prompt).tobytes()
         try:
-            if reuse and self._prefilled is not None and self._prefilled[0] == key:
-                model.cache, last, prefill_s = copy.deepcopy(self._prefilled[1]), self._prefilled[2], None
-            else:
-                t0 = time.perf_counter()
-                last = model.prefill(prompt)
-                prefill_s = time.perf_counter() - t0
-                if reuse:
-                    self._prefilled = (key, copy.deepcopy(model.cache), last)
+            t0 = time.perf_counter()
+            last = model.prefill(prompt)
+            prefill_s = time.perf_counter() - t0
             logits = [last] if keep_logits else []  # logits[i] predicts continuation[i]
             self._decoding = True
             t0 = time.perf_counter()
@@ -103,8 +90,7 @@ class ReferenceRuntime:
             self.lossless = None
         if dump_dir is not None:
             self._dump(dump_dir, run_id, len(prompt))
-        return RunResult(None if prefill_s is None else len(prompt) / prefill_s,
-                         len(continuation) / decode_s if len(continuation) else 0.0,
+        return RunResult(len(prompt) / prefill_s, len(continuation) / decode_s if len(continuation) else 0.0,
                          metrics, np.stack(logits) if keep_logits and logits else None)
 
     def _open_lossless(self) -> None:

@@ -70,8 +70,9 @@ class Gate:
     def claim(self) -> None:
         """Hold the run folder for this session (the controller calls this once, before measuring).
 
-        GateSetupError when the folder cannot be made, another session holds it, or it holds an
-        earlier run's results: two sessions never mix or overwrite each other's numbers and reports."""
+        GateSetupError when the folder cannot be made, another session holds it, or it holds anything
+        (an earlier run's results, or what an interrupted one left): two sessions never mix or overwrite
+        each other's numbers and reports."""
         where = f"--h2o-out {self.out_dir}"
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,11 +84,12 @@ class Gate:
         except OSError as exc:
             raise GateSetupError(f"{where}: cannot create or lock the report folder ({exc.strerror or exc}); "
                                  "choose a writable folder") from None
-        earlier = [name for name in (RESULTS, "summary.json") if (self.out_dir / name).exists()]
+        earlier = sorted(p.name for p in self.out_dir.iterdir() if p.name != ".session.lock")
         if earlier:
             self.release()
-            raise GateSetupError(f"{where} holds an earlier gate run ({earlier[0]}); choose a new folder or remove "
-                                 "that one (the default is a fresh .h2o/runs/<timestamp>-<pid>)")
+            raise GateSetupError(f"{where} is not empty ({', '.join(earlier[:3])}{', ...' if len(earlier) > 3 else ''}"
+                                 "): it holds an earlier run; choose a new or empty folder, or remove that one "
+                                 "(the default is a fresh .h2o/runs/<timestamp>-<pid>)")
 
     def release(self) -> None:
         """Let go of the run folder (end of session)."""

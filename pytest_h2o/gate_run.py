@@ -126,11 +126,12 @@ class _Session:
 
     After one discarded warm-up run, every round runs each still-undecided candidate once, in an order
     rotated every round, with a baseline run before the first and after every second candidate, so each
-    candidate run has baseline runs adjacent in time on both sides (:func:`bracketed_log_ratios`). From
+    candidate run has a baseline run next to it and another at most one run further on its other side
+    (:func:`bracketed_log_ratios`). From
     ``spec.rounds`` rounds on, a candidate whose drop interval no longer straddles the target is done;
     the others run again, up to ``spec.max_rounds``. The first run of each keeps its logits (fidelity)
-    and writes the held KV as dumps. Only decode is compared, so baseline runs after the first restore
-    its prefilled cache (the same every time: H2O and lossless off) instead of prefilling again.
+    and writes the held KV as dumps. Baseline and candidate runs are the same work (prefill, then the
+    timed decode), so nothing but the configuration differs between a pair.
     """
 
     PER_BRACKET = 2  # candidate runs between two baseline runs
@@ -183,8 +184,7 @@ class _Session:
         dump = self.spec.out_dir / "kv" / name if first and candidate else None
         result = self.runtimes[name].run(self.prompt, self.continuation,
                                          keep_logits=first and len(self.continuation) > 0, dump_dir=dump,
-                                         run_id=name, step_delay_s=self.step_delay if candidate else 0.0,
-                                         reuse_prefill=not candidate)
+                                         run_id=name, step_delay_s=self.step_delay if candidate else 0.0)
         if first:
             self.logits[name] = result.logits
             cache = self.loaded.model.cache
@@ -197,11 +197,15 @@ class _Session:
                       f"lossy {result.metrics.get('h2o_lossy', 1.0):.3f}")
 
     def _logs(self, name: str) -> list[float]:
+        """The candidate's paired log-ratios; none when a run decoded nothing (``gen 0``)."""
+        if any(speed <= 0 for _, speed in self.sequence):
+            return []
         return bracketed_log_ratios(self.sequence, self.base_id).get(name, [])
 
     def _state(self, name: str) -> str:
+        """``pass``, ``fail``, ``undecided``, or ``none`` when there is no decode speed to judge."""
         verdict = paired_drop(self.paired(name), self.thresholds)
-        return verdict.state if verdict is not None else "undecided"
+        return verdict.state if verdict is not None else "none"
 
     def paired(self, name: str) -> dict[str, Any]:
         """The candidate's paired-round numbers: per-round tok/s and log-ratios, the baseline median."""
@@ -237,7 +241,7 @@ def _run_llm_bench(points: list[Point], spec: RunSpec, progress: Progress, warni
         base_speeds = []
         for tag in ("before", "after"):
             row = _external(f"{base_id}_{tag}", {**base, **BASELINE_CONFIG}, group[0], spec, progress)
-            if "decode_tps" in row:
+            if row.get("decode_tps", 0) > 0:
                 base_speeds.append(row["decode_tps"])
             if tag == "before":
                 for point in group:
@@ -288,7 +292,7 @@ def _read_logs(points: list[Point], spec: RunSpec, warnings: list[str]):
         if log.stem in by_stem:
             warnings.append(f"[WARN] {log}: another table row for run id {log.stem}; only the first one is gated")
             continue
-        by_stem[log.stem] = {**metric_row(row), **_twin_fidelity(log)}
+        by_stem[log.stem] = {**metric_row(row), **_twin(log)}
         if (log.parent.parent / "kv" / log.stem).is_dir():
             by_stem[log.stem]["kv_dir"] = str(log.parent.parent / "kv" / log.stem)
     base = {stem: row for stem, row in by_stem.items() if stem.startswith("baseline")}
@@ -309,13 +313,23 @@ def _read_logs(points: list[Point], spec: RunSpec, warnings: list[str]):
     return configs, baselines, "logs"
 
 
-def _twin_fidelity(log: Path) -> dict[str, float]:
-    """The fidelity numbers of ``h2o-gate bench``'s JSON twin beside a log, if there is one."""
+def _twin(log: Path) -> dict[str, Any]:
+    """From the JSON twin beside a log (``h2o-gate bench`` and the gate write one), if there is one:
+    the fidelity numbers and, from a gate run, the paired rounds (``decode_log_ratios``,
+    ``decode_tps_rounds``) with the median ``decode_tps``, so a re-gated run is judged as it was."""
     try:
         twin = json.loads(log.with_suffix(".json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return {k: float(v) for k, v in twin.items() if k.startswith("h2o_fidelity_") and isinstance(v, (int, float))}
+    if not isinstance(twin, dict):
+        return {}
+    out: dict[str, Any] = {k: float(v) for k, v in twin.items()
+                           if k.startswith("h2o_fidelity_") and isinstance(v, (int, float))}
+    rounds = {k: twin[k] for k in ("decode_log_ratios", "decode_tps_rounds")
+              if isinstance(twin.get(k), list) and all(isinstance(v, (int, float)) for v in twin[k])}
+    if rounds and isinstance(twin.get("decode_tps"), (int, float)):
+        out.update(rounds, decode_tps=float(twin["decode_tps"]))
+    return out
 
 
 # lossless ratios from dumps ------------------------------------------------------------------------
@@ -347,10 +361,11 @@ def _add_lossless(row: dict[str, Any], point: Point, spec: RunSpec, warnings: li
     layers = sorted(per_layer)
     front = [layer for layer in layers if layer < lossless.front_n]
     deep = [layer for layer in layers if layer in h2o.layer_range(max(layers) + 1)]
-    scope = {"front_n": front, "h2o_kept": deep}.get(lossless.scope, sorted(set(front) | set(deep)))
+    scope = ([] if not lossless.runs else
+             {"none": [], "front_n": front, "h2o_kept": deep}.get(lossless.scope, sorted(set(front) | set(deep))))
     row["lossless_online"] = _ratio(per_layer, front)
     row["lossless_online_source"] = "online_sim"
-    row["lossless_scope"] = _ratio(per_layer, scope)
+    row["lossless_scope"] = _ratio(per_layer, scope)  # None when nothing is in the lossless scope
     row["per_layer_lossless"] = {str(layer): per_layer[layer][0] / per_layer[layer][1] for layer in layers}
     if row.get("held_kv_bytes") and row.get("full_kv_bytes"):
         row["total_ratio"] = whole_cache_ratio(row["full_kv_bytes"], row["held_kv_bytes"],

@@ -1,9 +1,10 @@
 """The collected tree of a gate run: ``<preset>::<configuration>::<rule>`` items and ``<preset>::overall_pass``.
 
 Items only read the gate's report; the first one to need numbers triggers the (single) measurement.
-The exit status is the gate's verdict: ``overall_pass`` and the history comparisons fail the run; a
-configuration that misses a rule is reported (xfailed, with its reason) but fails the run only in
-strict mode (``--h2o-strict``), where every configuration must pass every rule.
+The exit status is the gate's verdict: ``overall_pass``, the history comparisons and a configuration
+that could not be measured fail the run; a measured configuration that misses a rule is reported
+(xfailed, with its reason) but fails the run only in strict mode (``--h2o-strict``), where every
+configuration must pass every rule.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _skip(reason: str) -> None:
 class RuleItem(_GateItem):
     """``<preset>::<configuration>::<rule>``: a rule that does not hold fails in strict mode and is
     xfailed otherwise, with its one-line reason either way; skipped when the rule is off (its value
-    still reported)."""
+    still reported). A configuration that was not measured fails every rule that is on."""
 
     def __init__(self, *, config_name: str, rule: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -86,11 +87,11 @@ class RuleItem(_GateItem):
         report = self.gate.report()
         config = next(c for c in report["configs"] if c["name"] == self.config_name)
         error = config["metrics"].get("error") or report.get("fatal")
-        if error:
-            self._miss(f"{self.config_name}: not measured: {error}")
         verdict = config["verdicts"][self.rule]
         if not verdict["enabled"]:
-            _skip(f"not enforced: {verdict['reason']}")
+            _skip(f"not enforced: {'not measured' if error else verdict['reason']}")
+        if error:
+            raise GateFailure(f"{self.config_name}: not measured: {error}")
         if not verdict["passed"]:
             self._miss(f"{self.rule}: {verdict['reason']}")
 

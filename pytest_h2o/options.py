@@ -85,7 +85,8 @@ def _mode(text: str) -> str:
 SETTINGS: tuple[Setting, ...] = (
     Setting("h2o_preset", "H2O_PRESET", str, None, "preset matrix: a JSON path or a bundled name "
             "(e.g. target_joint_scope_v4.json); turns the preset into gate tests"),
-    Setting("h2o_out", "H2O_OUT", Path, None, "report folder (default: a fresh .h2o/runs/<timestamp>)"),
+    Setting("h2o_out", "H2O_OUT", Path, None, "report folder, new or empty (default: a fresh "
+            ".h2o/runs/<timestamp>-<pid>)"),
     Setting("h2o_model", "H2O_MODEL", str, "smollm2", "reference runtime model: smollm2, a .gguf or a config.json"),
     Setting("h2o_text_file", "H2O_TEXT_FILE", Path, None, "text for prompts (default: Python's pydoc help)"),
     Setting("h2o_threads", "H2O_THREADS", int, 1, "BLAS threads of the reference runtime / llm_bench -t"),
@@ -109,7 +110,7 @@ SETTINGS: tuple[Setting, ...] = (
             "what a decode verdict still undecided at the rounds cap counts as: pass or fail"),
     Setting("h2o_inject_slowdown", "H2O_INJECT_SLOWDOWN", _fraction, 0.0,
             "sensitivity check: add F x the baseline's decode step time to every candidate decode step "
-            "(0.10: a 10% regression)"),
+            "(0.10: 10% of the baseline's step time)"),
     Setting("h2o_strict", "H2O_STRICT", _bool, False,
             "every configuration must pass every rule (default: the exit status follows overall_pass)"),
     Setting("h2o_require_runtime_decomp", "REQUIRE_RUNTIME_DECOMP", _bool, True,

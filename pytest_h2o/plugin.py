@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -126,6 +127,9 @@ class GatePlugin:
                            ("--h2o-text-file", r("h2o_text_file"))):
             if path is not None and not Path(path).exists():
                 raise pytest.UsageError(f"{name} {path}: no such file or directory")
+        text = r("h2o_text_file")
+        if text is not None and not Path(text).is_file():
+            raise pytest.UsageError(f"--h2o-text-file {text}: not a file; expected a UTF-8 text file")
         if llm_bench:
             local = config.invocation_params.dir / llm_bench
             if local.is_file():
@@ -138,6 +142,9 @@ class GatePlugin:
         if rounds > max_rounds:
             raise pytest.UsageError(f"--h2o-max-rounds {max_rounds} is below the minimum rounds {rounds} "
                                     "(--h2o-rounds, or the preset's repeat): the cap must be at least the minimum")
+        if runtime != "reference" and (r("h2o_rounds") or r("h2o_max_rounds")):
+            raise pytest.UsageError(f"--h2o-rounds and --h2o-max-rounds pace the reference runtime; the {runtime} "
+                                    "runtime has one round (llm_bench: a baseline before and after the candidates)")
         if r("h2o_inject_slowdown") and runtime != "reference":
             raise pytest.UsageError("--h2o-inject-slowdown works inside an in-process runtime's decode loop; "
                                     f"the {runtime} runtime has none")
@@ -150,7 +157,8 @@ class GatePlugin:
     @functools.cached_property
     def workload(self) -> dict[str, Any]:
         """What is measured, for comparing only like with like: runtime, model, text (and its sha256),
-        threads and each configuration's prompt/gen sizes."""
+        threads, the KV dumps and fixed decode baseline when given, and each configuration's prompt/gen
+        sizes and ``kv_*`` config (overrides included, as a sha256 of its JSON)."""
         spec = self.gate.spec
         model = {"reference": spec.model, "llm_bench": f"{spec.llm_bench} {spec.base_config}",
                  "logs": str(spec.logs)}[spec.runtime]
@@ -162,7 +170,10 @@ class GatePlugin:
             text, data = "pydoc_data.topics", default_text().encode()
         return {"runtime": spec.runtime, "model": str(model), "text": text,
                 "text_sha256": hashlib.sha256(data).hexdigest(), "threads": spec.threads,
-                "sizes": {p.label: [p.prompt_tokens, p.gen_tokens] for p in self.points}}
+                "kv_dumps": str(spec.kv_dumps) if spec.kv_dumps else None, "decode_baseline": spec.fixed_baseline,
+                "sizes": {p.label: [p.prompt_tokens, p.gen_tokens] for p in self.points},
+                "configs": {p.label: hashlib.sha256(json.dumps(p.config, sort_keys=True).encode()).hexdigest()[:16]
+                            for p in self.points}}
 
     def _history_setup(self) -> HistorySetup:
         r = lambda name: resolve(self.config, name)  # noqa: E731

@@ -37,8 +37,7 @@ class FakeRuntime:
         self.source = source
         self.n = 0
 
-    def run(self, prompt, continuation, keep_logits=False, dump_dir=None, run_id="run", step_delay_s=0.0,
-            reuse_prefill=False):
+    def run(self, prompt, continuation, keep_logits=False, dump_dir=None, run_id="run", step_delay_s=0.0):
         factor, wobble = self.factors.get(self.source, (1.0, 0.0))
         self.n += 1
         speed = 100.0 * factor * (1 + wobble * (-1) ** self.n) / (1 + 100.0 * step_delay_s)
@@ -166,15 +165,8 @@ def test_a_dump_the_online_sim_cannot_read_is_a_warning(tmp_path):
     assert broken.name in warnings[0]
 
 
-def test_a_restored_prefill_decodes_bit_identically():
-    model = LlamaModel.random(TINY, seed=7, std=0.2)
-    ids = np.random.default_rng(3).integers(0, TINY["vocab_size"], 40)
-    runtime = ReferenceRuntime(model, {})
-    fresh = runtime.run(ids[:32], ids[32:], keep_logits=True, reuse_prefill=True)
-    restored = runtime.run(ids[:32], ids[32:], keep_logits=True, reuse_prefill=True)
-    other = runtime.run(ids[:30], ids[30:], keep_logits=True, reuse_prefill=True)  # another prompt prefills
-    assert fresh.prefill_tok_s is not None and restored.prefill_tok_s is None and other.prefill_tok_s is not None
-    assert np.array_equal(fresh.logits, restored.logits)
-    h2o = ReferenceRuntime(model, {"kv_h2o_enable": True, "kv_h2o_trigger_min_tokens": 8})
-    h2o.run(ids[:32], ids[32:], reuse_prefill=True)
-    assert h2o.run(ids[:32], ids[32:], reuse_prefill=True).prefill_tok_s is not None  # policies always prefill
+def test_a_run_without_decode_steps_has_no_speed_to_pair(fake, tmp_path):
+    fake.factors = {"a": (0.0, 0.0)}  # every candidate run decodes at 0 tok/s, as with gens 0
+    configs, _, _ = gate_run._run_reference(points("a"), RunSpec("reference", tmp_path, rounds=2, max_rounds=5),
+                                            lambda line: None)
+    assert configs["a"]["decode_log_ratios"] == [] and len(configs["a"]["decode_tps_rounds"]) == 2

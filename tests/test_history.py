@@ -45,7 +45,8 @@ def _row(lossy: float = 3.2, online: float = 1.35, decode: float = 20.0, ppl: fl
 
 def _speed_row(logs, **kwargs) -> dict:
     """A row with per-round decode log ratios and the report's statistics over them."""
-    return {**_row(**kwargs), "decode_log_ratios": list(logs), "decode_vs_baseline": math.exp(sorted(logs)[3]),
+    return {**_row(**kwargs), "decode_log_ratios": list(logs),
+            "decode_vs_baseline": math.exp(sorted(logs)[len(logs) // 2]),
             "decode_rounds": len(logs), "decode_state": "pass"}
 
 
@@ -323,6 +324,12 @@ def test_comparable_names_the_differing_field_and_both_values():
     assert comparable(base, resized) == \
         f"[prompt, gen] tokens of {CONFIGS[1]} differs: [64, 32] in this run, [128, 32] in the stored run"
     assert comparable(base, _workload(sizes={CONFIGS[0]: (64, 32), "gone": [1, 1]})) is None  # common ones only
+    assert comparable(base, _workload(kv_dumps="/dumps")) == \
+        "kv_dumps differs: None in this run, '/dumps' in the stored run"
+    assert comparable(base, _workload(decode_baseline=6.6)).startswith("decode_baseline differs: None in this run")
+    configs = {CONFIGS[0]: "1" * 16, CONFIGS[1]: "2" * 16}
+    assert comparable(_workload(configs=configs), _workload(configs={**configs, CONFIGS[1]: "3" * 16})) == \
+        f"the kv_* config of {CONFIGS[1]} differs (sha256 {'2' * 16} in this run, {'3' * 16} stored)"
 
 
 # ----------------------------------------------------------------------------------------------- compare
@@ -418,6 +425,11 @@ def test_speed_with_log_ratios_is_judged_by_the_whole_interval(monkeypatch, metr
     assert not straddle.regression and straddle.undecided
     assert straddle.interval[0] < -5.0 < straddle.interval[1]
     assert straddle.note.startswith("undecided: interval [-7.72%, -1.02%] (coverage 90.3%)")
+    # one round a side (an external runtime): no interval, so a 10% drop is undecided, not a regression
+    new, old = _pair(monkeypatch, {"c": _speed_row([math.log(0.95)])}, {"c": _speed_row([math.log(0.95 * 0.9)])})
+    [single] = compare(new, old, spec)
+    assert not single.regression and single.undecided and single.change == pytest.approx(-10.0)
+    assert single.note.startswith("undecided: one round on a side: no interval")
 
 
 def test_speed_interval_rows_in_the_comparison_table(monkeypatch):
