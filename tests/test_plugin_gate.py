@@ -396,3 +396,18 @@ def test_a_compare_target_that_does_not_exist_is_a_usage_error(pytester, gate_di
     result = pytester.runpytest("--h2o-preset=tiny.json", "--h2o-out=out2", "--h2o-compare=deadbeef", *EASY)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--h2o-compare deadbeef*"])
+
+
+def test_a_preset_repeating_a_value_is_a_usage_error_not_a_lost_configuration(pytester, gate_dir):
+    (gate_dir / "twice.json").write_text(json.dumps({**PRESET, "h2o_keep_ratios": [0.35, 0.35]}))
+    result = pytester.runpytest("--h2o-preset=twice.json")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*twice.json: key 'h2o_keep_ratios' lists 0.35 twice*"])
+
+
+def test_the_layers_no_configuration_evicts_are_stored_once(pytester, gate_dir):
+    run_gate(pytester, *EASY).assert_outcomes(passed=9, skipped=6)
+    kv = gate_dir / "out" / "kv"
+    layer0 = sorted(kv.glob("*/k_*layer000*.bin"))  # layer_start 1: layer 0 is never evicted
+    assert len(layer0) >= 2 and len({p.stat().st_ino for p in layer0}) < len(layer0)
+    assert all(p.stat().st_nlink >= 2 for p in layer0)
