@@ -66,6 +66,9 @@ def terminal_lines(report: Mapping[str, Any], comparison: str | None = None) -> 
     lines.append(f"overall_pass: {_b(overall['passed'])} ({overall['mode']}: {overall['reason']})")
     if report["mode"] == "joint":
         lines.append(f"original per-metric best of: overall_pass {_b(report['independent']['passed'])}")
+    if report.get("inject_slowdown"):
+        lines.append(f"inject_slowdown {report['inject_slowdown']:g}: a sensitivity check, every candidate decode step "
+                     "was slowed on purpose")
     if report.get("strict"):
         passing = sum(c["passed"] for c in report["configs"])
         lines.append(f"strict mode: {passing}/{len(report['configs'])} configurations pass every rule; every one must")
