@@ -35,11 +35,10 @@ import numpy as np
 import xxhash
 import zstandard
 
+from . import CODEC_NAME, FORMAT_VERSION  # the blob format's name and version (re-exported)
 from .estimate import centering_pays, predictor_plan, row_fingerprints, sample_rows, worth_planning
 from .predictors import FORWARD, INVERSE, K_DEFAULT, PREDICTOR_IDS, PREDICTORS, Transform, parse_predictors
 
-CODEC_NAME = "h2o-fp16-predictive"
-FORMAT_VERSION = 1
 MAGIC = b"H2KV"
 DTYPE_FP16 = 1
 ZSTD, _CENTERED = 1, 2  # flag bits of a plane's stage byte

@@ -57,3 +57,16 @@ def test_no_autoload_without_explicit_plugin(pytester: pytest.Pytester, monkeypa
     explicit = pytester.runpytest_subprocess("-p", "pytest_h2o.plugin")
     explicit.assert_outcomes(passed=1)
     explicit.stdout.fnmatch_lines([HEADER])
+
+
+def test_the_plugin_loads_nothing_heavy_without_a_gate(pytester: pytest.Pytester):
+    """Loaded into every pytest run: without --h2o-preset it imports no numpy, codec or model code."""
+    pytester.makepyfile(
+        "import sys\n"
+        "def test_light():\n"
+        "    heavy = [m for m in ('numpy', 'zstandard', 'gguf', 'tokenizers', 'matplotlib', 'pytest_h2o.session')\n"
+        "             if m in sys.modules]\n"
+        "    assert heavy == []\n"
+    )
+    result = pytester.runpytest_subprocess("-p", "no:benchmark", "-p", "no:hypothesispytest", "-p", "no:xdist")
+    result.assert_outcomes(passed=1)

@@ -1,0 +1,235 @@
+"""A gate session: the ``--h2o-preset`` run inside pytest (collection, progress, reports, junit
+properties, history). Imported by :mod:`.plugin` only when a gate is asked for, so a pytest run
+without one loads none of it (no numpy, no model code).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gates.gate_report import write_reports
+from gates.rules import Thresholds
+
+from .compare import HistorySetup
+from .gate import Gate, GateSetupError, load_points
+from .gate_run import RunSpec
+from .items import PresetCollector
+from .options import SETTINGS, resolve
+from .summary import junit_properties, terminal_lines
+
+DEFAULT_MAX_ROUNDS = 10
+
+
+def start(config: pytest.Config) -> GatePlugin:
+    """Set up the gate of this session and register its hooks (and the xdist hand-over)."""
+    plugin = GatePlugin(config)
+    config.pluginmanager.register(plugin, "h2o-gate")
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistHooks(plugin), "h2o-gate-xdist")
+    return plugin
+
+
+class _XdistHooks:
+    """Hands the controller's run folder to every worker."""
+
+    def __init__(self, plugin: GatePlugin) -> None:
+        self.plugin = plugin
+
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput["h2o_out"] = str(self.plugin.gate.out_dir)
+        node.workerinput["h2o_gate_only"] = self.plugin.gate_only
+
+
+class GatePlugin:
+    """The session's gate: collection, progress, reports, junit properties and history."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.is_worker = hasattr(config, "workerinput")
+        self.report: dict[str, Any] | None = None
+        self.written: list[Path] = []
+        self._done = threading.Event()
+        # a preset without explicit test paths gates alone (xdist workers get the controller's choice)
+        self.gate_only = (config.workerinput["h2o_gate_only"] if self.is_worker
+                          else config.args_source != pytest.Config.ArgsSource.ARGS)
+        overrides = {s.config_key: value for s in SETTINGS if s.config_key
+                     and (value := resolve(config, s.name)) is not None}
+        try:
+            preset_path, self.points = load_points(resolve(config, "h2o_preset"), overrides)
+        except GateSetupError as exc:
+            raise pytest.UsageError(f"--h2o-preset: {exc}") from None
+        self.gate = Gate(preset_path, self.points, self._thresholds(), resolve(config, "h2o_gate_mode"),
+                         self._spec(config), progress=self._progress, strict=resolve(config, "h2o_strict"))
+        self.gate.workload = self.workload
+        self.history = self._history_setup()
+        if not self.is_worker:
+            try:
+                self.gate.claim()
+            except GateSetupError as exc:
+                raise pytest.UsageError(str(exc)) from None
+
+    # settings ------------------------------------------------------------------------------------
+    def _thresholds(self) -> Thresholds:
+        r = lambda name: resolve(self.config, name)  # noqa: E731
+        return Thresholds(lossy_target=r("h2o_lossy_target"), lossless_target=r("h2o_lossless_target"),
+                          decode_drop_target=r("h2o_decode_drop_target"), decode_baseline=r("h2o_decode_baseline"),
+                          require_runtime_decomp=r("h2o_require_runtime_decomp"),
+                          max_queue_peak=r("h2o_max_queue_peak"), max_fallback=r("h2o_max_fallback"),
+                          min_top1=r("h2o_min_top1"), max_ppl_delta=r("h2o_max_ppl_delta"),
+                          undecided=r("h2o_undecided"))
+
+    def _spec(self, config: pytest.Config) -> RunSpec:
+        r = lambda name: resolve(config, name)  # noqa: E731
+        if self.is_worker:
+            out = Path(config.workerinput["h2o_out"])
+        else:
+            out = r("h2o_out") or (config.invocation_params.dir / ".h2o" / "runs" /
+                                   f"{time.strftime('%Y%m%d-%H%M%S', time.localtime())}-{os.getpid()}")
+        llm_bench, base, logs = r("h2o_llm_bench"), r("h2o_base_config"), r("h2o_logs")
+        if bool(llm_bench) != bool(base):
+            raise pytest.UsageError("--h2o-llm-bench and --h2o-base-config go together")
+        if llm_bench and logs:
+            raise pytest.UsageError("--h2o-llm-bench and --h2o-logs are alternatives; give one")
+        for name, path in (("--h2o-base-config", base), ("--h2o-logs", logs), ("--h2o-kv-dumps", r("h2o_kv_dumps")),
+                           ("--h2o-text-file", r("h2o_text_file"))):
+            if path is not None and not Path(path).exists():
+                raise pytest.UsageError(f"{name} {path}: no such file or directory")
+        text = r("h2o_text_file")
+        if text is not None and not Path(text).is_file():
+            raise pytest.UsageError(f"--h2o-text-file {text}: not a file; expected a UTF-8 text file")
+        if llm_bench:
+            local = config.invocation_params.dir / llm_bench
+            if local.is_file():
+                llm_bench = str(local)
+            elif shutil.which(llm_bench) is None:
+                raise pytest.UsageError(f"--h2o-llm-bench {llm_bench}: no such file, and not a command on PATH")
+        runtime = "llm_bench" if llm_bench else "logs" if logs else "reference"
+        rounds = r("h2o_rounds") or max(p.repeat for p in self.points)
+        max_rounds = r("h2o_max_rounds") or max(DEFAULT_MAX_ROUNDS, rounds)
+        if rounds > max_rounds:
+            raise pytest.UsageError(f"--h2o-max-rounds {max_rounds} is below the minimum rounds {rounds} "
+                                    "(--h2o-rounds, or the preset's repeat): the cap must be at least the minimum")
+        if runtime != "reference" and (r("h2o_rounds") or r("h2o_max_rounds")):
+            raise pytest.UsageError(f"--h2o-rounds and --h2o-max-rounds pace the reference runtime; the {runtime} "
+                                    "runtime has one round (llm_bench: a baseline before and after the candidates)")
+        if r("h2o_inject_slowdown") and runtime != "reference":
+            raise pytest.UsageError("--h2o-inject-slowdown works inside an in-process runtime's decode loop; "
+                                    f"the {runtime} runtime has none")
+        return RunSpec(runtime, Path(out), model=r("h2o_model"), threads=r("h2o_threads"),
+                       text_file=r("h2o_text_file"), kv_dumps=r("h2o_kv_dumps"), llm_bench=llm_bench,
+                       base_config=base, logs=logs, rounds=rounds, max_rounds=max_rounds,
+                       drop_target=r("h2o_decode_drop_target"),
+                       fixed_baseline=r("h2o_decode_baseline"), inject_slowdown=r("h2o_inject_slowdown"))
+
+    @functools.cached_property
+    def workload(self) -> dict[str, Any]:
+        """What is measured, for comparing only like with like: runtime, model, text (and its sha256),
+        threads, the KV dumps and fixed decode baseline when given, and each configuration's prompt/gen
+        sizes and ``kv_*`` config (overrides included, as a sha256 of its JSON)."""
+        spec = self.gate.spec
+        model = {"reference": spec.model, "llm_bench": f"{spec.llm_bench} {spec.base_config}",
+                 "logs": str(spec.logs)}[spec.runtime]
+        if spec.text_file is not None:
+            text, data = str(spec.text_file), Path(spec.text_file).read_bytes()
+        else:
+            from h2o_kernels.kv_capture import default_text
+
+            text, data = "pydoc_data.topics", default_text().encode()
+        return {"runtime": spec.runtime, "model": str(model), "text": text,
+                "text_sha256": hashlib.sha256(data).hexdigest(), "threads": spec.threads,
+                "kv_dumps": str(spec.kv_dumps) if spec.kv_dumps else None, "decode_baseline": spec.fixed_baseline,
+                "sizes": {p.label: [p.prompt_tokens, p.gen_tokens] for p in self.points},
+                "configs": {p.label: hashlib.sha256(json.dumps(p.config, sort_keys=True).encode()).hexdigest()[:16]
+                            for p in self.points}}
+
+    def _history_setup(self) -> HistorySetup:
+        r = lambda name: resolve(self.config, name)  # noqa: E731
+        try:
+            return HistorySetup.from_settings(r("h2o_history"), r("h2o_compare"), r("h2o_compare_fail"),
+                                              self.gate.name, self.config.rootpath, workload=self.workload)
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
+
+    # collection ----------------------------------------------------------------------------------
+    def pytest_ignore_collect(self, collection_path: Path, config: pytest.Config) -> bool | None:
+        """With a preset and no explicit test paths, the run is the gate alone (not the testpaths)."""
+        return True if self.gate_only else None
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
+        collector = PresetCollector.from_parent(session, name=self.gate.name, nodeid=self.gate.name, gate=self.gate,
+                                                history=self.history)
+        items.extend(session.genitems(collector))  # with collect reports, as if found on disk
+
+    # progress ------------------------------------------------------------------------------------
+    def _progress(self, line: str) -> None:
+        if self.is_worker:
+            return  # the controller tails progress.log
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        writer = self.config.get_terminal_writer()
+        if capman is not None:
+            with capman.global_and_fixture_disabled():
+                writer.line(f"[h2o] {line}")
+        else:
+            writer.line(f"[h2o] {line}")
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if not self.is_worker and getattr(self.config.option, "numprocesses", None):
+            threading.Thread(target=_tail, args=(self.gate.out_dir / "progress.log", self._done), daemon=True).start()
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        self.gate.release()
+
+    # reports -------------------------------------------------------------------------------------
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Controller only, before junitxml writes its file: reports, junit properties, history."""
+        self._done.set()
+        if self.is_worker or not self.gate.measured():
+            return
+        self.report = self.gate.report()
+        self.written = write_reports(self.report, self.gate.out_dir)
+        for name, value in junit_properties(self.report):
+            _add_testsuite_property(self.config, name, value)
+        self.written += self.history.finish(self.report, self.gate.out_dir)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.report is None:
+            return
+        terminalreporter.write_sep("=", "h2o gate")
+        for line in terminal_lines(self.report, self.history.comparison_text()):
+            terminalreporter.write_line(line)
+        out = self.gate.out_dir
+        terminalreporter.write_line(f"reports in {out}: " + ", ".join(
+            str(p.relative_to(out)) if p.is_relative_to(out) else str(p) for p in self.written))
+
+
+def _add_testsuite_property(config: pytest.Config, name: str, value: object) -> None:
+    """What ``record_testsuite_property`` does, from a hook: a ``<property>`` of the junit
+    ``<testsuite>`` (valid under every junit_family)."""
+    for plugin in config.pluginmanager.get_plugins():
+        if callable(getattr(plugin, "add_global_property", None)):
+            plugin.add_global_property(name, value)
+
+
+def _tail(path: Path, done: threading.Event) -> None:
+    """Print a worker's progress lines on the controller's terminal while xdist runs."""
+    position = 0
+    while not done.wait(1.0):
+        if path.is_file():
+            with open(path, encoding="utf-8") as handle:
+                handle.seek(position)
+                for line in handle.readlines():
+                    sys.stderr.write(f"[h2o] {line}")
+                position = handle.tell()
