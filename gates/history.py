@@ -18,7 +18,7 @@ record of the current schema, of the same preset and of a :func:`comparable` wor
   (a new configuration is reported, not failed);
 - ``decode_tps`` (and ``decode_vs_baseline``) is compared through each run's per-round log ratios
   to its same-run baseline: the Hodges-Lehmann shift with its exact Mann-Whitney interval
-  (:func:`gates.speed_stats.two_sample`); a regression only when the whole interval is worse than
+  (:func:`h2o_gates.speed_stats.two_sample`); a regression only when the whole interval is worse than
   TOL, *undecided* when it straddles TOL. Without those ratios on both sides the point
   ``decode_vs_baseline`` is compared (raw tok/s without a same-run baseline), and the note says so;
 - metrics that are differences already (``h2o_fidelity_ppl_delta``, ``decode_drop``; they sit near 0

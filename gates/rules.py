@@ -9,7 +9,7 @@ offline online-sim ratio over the front_n layers) and, when measured, ``h2o_fide
 ``decode_pass`` judges the drop ``1 - decode / baseline`` from the row's paired rounds when it has
 them (``decode_log_ratios``: one log-ratio per round against the baseline runs adjacent in time; or
 ``decode_tps_rounds`` against a fixed baseline): the Hodges-Lehmann estimate and its exact interval
-(:mod:`gates.speed_stats`) pass when the whole interval is within the target, fail when it is wholly
+(:mod:`h2o_gates.speed_stats`) pass when the whole interval is within the target, fail when it is wholly
 beyond, and are ``undecided`` otherwise; ``Thresholds.undecided`` says what an undecided verdict
 counts as. A row without rounds (an external log) is judged on its single number.
 """

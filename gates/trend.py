@@ -1,4 +1,4 @@
-"""Trends over stored gate runs (:mod:`gates.history` records): a markdown table and a PNG plot.
+"""Trends over stored gate runs (:mod:`h2o_gates.history` records): a markdown table and a PNG plot.
 
 The table has one row per run and reads every metric from one *representative* configuration of
 that run, so a row never mixes configurations (the flaw of a per-metric best of): the first

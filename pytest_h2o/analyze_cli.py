@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from gates.gate_report import build_report, render_markdown
-from gates.log_parse import LogParseError, find_logs, metric_row, parse_logs, read_csv, write_csv
-from gates.rules import RULES, Thresholds
+from h2o_gates.gate_report import build_report, render_markdown
+from h2o_gates.log_parse import LogParseError, find_logs, metric_row, parse_logs, read_csv, write_csv
+from h2o_gates.rules import RULES, Thresholds
 from h2o_kernels.offline_eval import ENTRY_MODES, EvalOptions, SelectionError, evaluate
 
 RATIO_KEY = "weighted_lossless_ratio"

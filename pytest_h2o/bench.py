@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from gates.bench_log import BenchRow, render_table
+from h2o_gates.bench_log import BenchRow, render_table
 from h2o_kernels.config_keys import ConfigError
 from h2o_kernels.fidelity import fidelity
 from h2o_kernels.h2o import H2OConfig

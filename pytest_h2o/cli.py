@@ -25,7 +25,7 @@ from h2o_kernels.models import EMBEDDED_MODEL, ModelSpecError, load_model
 from h2o_kernels.offline_eval import ENTRY_MODES, EvalOptions, SelectionError, evaluate
 from h2o_kernels.predictors import K_DEFAULT, V_DEFAULT
 
-from gates.reports import write_offline_markdown
+from h2o_gates.reports import write_offline_markdown
 
 from .analyze_cli import add_analyze_arguments, add_full_eval_arguments, add_parse_log_arguments
 from .bench import __doc__ as bench_doc

@@ -17,10 +17,10 @@ from typing import Any, Callable
 
 from filelock import FileLock, Timeout
 
-from gates.gate_report import build_report
-from gates.rules import GateMode, Thresholds
+from h2o_gates.gate_report import build_report
+from h2o_gates.rules import GateMode, Thresholds
 from h2o_kernels.config_keys import ConfigError
-from presets.matrix import Point, PresetError, expand, find_preset, load_preset
+from h2o_presets.matrix import Point, PresetError, expand, find_preset, load_preset
 
 from .bench import check_config
 from .gate_run import RunSpec, measure

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from gates.bench_log import BenchRow
-from gates.log_parse import find_logs, metric_row, parse_log, read_csv
-from gates.rules import Thresholds, paired_drop
-from gates.speed_stats import bracketed_log_ratios
+from h2o_gates.bench_log import BenchRow
+from h2o_gates.log_parse import find_logs, metric_row, parse_log, read_csv
+from h2o_gates.rules import Thresholds, paired_drop
+from h2o_gates.speed_stats import bracketed_log_ratios
 from h2o_kernels.fidelity import fidelity
 from h2o_kernels.h2o import H2OConfig
 from h2o_kernels.kvdump import link_identical
@@ -36,7 +36,7 @@ from h2o_kernels.lossless_runtime import LosslessConfig
 from h2o_kernels.models import load_model
 from h2o_kernels.offline_eval import EvalOptions, SelectionError, evaluate
 from h2o_kernels.runtime import ReferenceRuntime
-from presets.matrix import Point
+from h2o_presets.matrix import Point
 
 from .bench import bench_tokens, size_text, write_log
 from .sweep import llm_bench_command, read_base_config

@@ -1,7 +1,7 @@
 """h2o-gate history: the trend of stored gate runs (one row per run) and a trend plot.
 
 Every gate run appends a record to the history store (default ``.h2o/history``, see
-:mod:`gates.history`); this prints them oldest first as a markdown table and writes a PNG with one
+:mod:`h2o_gates.history`); this prints them oldest first as a markdown table and writes a PNG with one
 subplot per metric and one line per configuration. Records of every schema are shown; runs that did
 not measure every configuration read ``incomplete``.
 """
@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from gates.history import DEFAULT_STORE, load_with_errors, preset_matches
-from gates.trend import DEFAULT_TREND_METRICS, plot_trend, trend_table
+from h2o_gates.history import DEFAULT_STORE, load_with_errors, preset_matches
+from h2o_gates.trend import DEFAULT_TREND_METRICS, plot_trend, trend_table
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

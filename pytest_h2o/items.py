@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from gates.history import CompareSpec, regressions
-from gates.rules import RULES
+from h2o_gates.history import CompareSpec, regressions
+from h2o_gates.rules import RULES
 
 from .compare import HistorySetup
 from .gate import Gate

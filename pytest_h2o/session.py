@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from gates.gate_report import write_reports
-from gates.rules import Thresholds
+from h2o_gates.gate_report import write_reports
+from h2o_gates.rules import Thresholds
 
 from .compare import HistorySetup
 from .gate import Gate, GateSetupError, load_points

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping
 
-from gates.gate_report import SUMMARY_COLUMNS, format_cell
+from h2o_gates.gate_report import SUMMARY_COLUMNS, format_cell
 
 # per-configuration metrics written as junit properties (besides every rule's verdict and value)
 JUNIT_METRICS = ("h2o_lossy", "h2o_lossy_model", "lossless_online", "lossless_scope", "total_ratio", "decode_tps",

@@ -17,7 +17,7 @@ from typing import Any
 from h2o_kernels.config_keys import ConfigError
 from h2o_kernels.model_fetch import ModelFetchError
 from h2o_kernels.models import EMBEDDED_MODEL, ModelSpecError, load_model
-from presets.matrix import Point, PresetError, expand, load_preset
+from h2o_presets.matrix import Point, PresetError, expand, load_preset
 
 from .bench import bench_tokens, run_bench, write_log
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gates.log_parse import metric_row, read_csv
+from h2o_gates.log_parse import metric_row, read_csv
 from h2o_kernels.kvdump import write_dump
 from pytest_h2o.analyze_cli import check_offline, config_names
 from pytest_h2o.cli import main

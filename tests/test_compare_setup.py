@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from test_history import CONFIGS, PRESET, SHA_A, SHA_B, T0, _record, _report, _row, _schema1, _workload
 
-from gates import history
-from gates.history import CompareSpec, append, load, regressions
+from h2o_gates import history
+from h2o_gates.history import CompareSpec, append, load, regressions
 from pytest_h2o.compare import HistorySetup
 
 SHA_C = "c" * 8 + "3" * 32

@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from gates.gate_report import build_report, render_markdown, write_reports
-from gates.rules import Thresholds
+from h2o_gates.gate_report import build_report, render_markdown, write_reports
+from h2o_gates.rules import Thresholds
 from h2o_kernels.llama import LlamaModel
 from h2o_kernels.runtime import ReferenceRuntime
-from presets.matrix import Point
+from h2o_presets.matrix import Point
 from pytest_h2o import gate_run
 from pytest_h2o.gate_run import RunSpec, whole_cache_ratio
 from pytest_h2o.summary import junit_properties, terminal_lines

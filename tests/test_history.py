@@ -1,6 +1,6 @@
 """History store, run comparison, trend table/plot and ``h2o-gate history``.
 
-Reports are built by hand here (the keys :func:`gates.history.make_record` reads), not by the gate.
+Reports are built by hand here (the keys :func:`h2o_gates.history.make_record` reads), not by the gate.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from gates import history
-from gates.history import (CompareSpec, HistoryError, HistoryWarning, append, comparable, compare, incomplete_reason,
+from h2o_gates import history
+from h2o_gates.history import (CompareSpec, HistoryError, HistoryWarning, append, comparable, compare, incomplete_reason,
                            load, load_with_errors, make_record, measured_anything, parse_compare_spec,
                            parse_compare_specs, regressions, render_comparison, resolve)
-from gates.trend import plot_trend, representative_config, trend_table
+from h2o_gates.trend import plot_trend, representative_config, trend_table
 from pytest_h2o import history_cli
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from presets.matrix import PresetError, available_presets, expand, find_preset, load_preset
+from h2o_presets.matrix import PresetError, available_presets, expand, find_preset, load_preset
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gates.speed_stats import (bracketed_log_ratios, drop_verdict, one_sample, two_sample, _rank_sum_counts,
+from h2o_gates.speed_stats import (bracketed_log_ratios, drop_verdict, one_sample, two_sample, _rank_sum_counts,
                                _signed_rank_counts)
 
 finite = st.floats(-1.0, 1.0, allow_nan=False, allow_infinity=False)
