@@ -104,8 +104,8 @@ class Gate:
     def report(self) -> dict[str, Any]:
         """The gate report (verdicts per configuration and overall) over the measured numbers."""
         results = self.results()
-        rows = {p.label: results["configs"].get(p.label, {"error": results.get("fatal", "not measured")})
-                for p in self.points}
+        missing = {"error": _first_line(results.get("fatal")) or "not measured"}
+        rows = {p.label: results["configs"].get(p.label, missing) for p in self.points}
         meta = {"preset": self.name, "preset_path": str(self.preset_path), "runtime": results.get("runtime"),
                 "model": results.get("model"), "out_dir": str(self.out_dir), "started": results.get("started"),
                 "elapsed_s": results.get("elapsed_s"), "warnings": results.get("warnings", []),
@@ -136,6 +136,14 @@ class Gate:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
         os.replace(tmp, path)
+
+
+def _first_line(fatal: str | None) -> str | None:
+    """A whole-run failure's first line, for each configuration's items (the full text, a hint
+    included, is shown once: in the terminal summary and ``summary.md``)."""
+    if fatal is None or "\n" not in fatal:
+        return fatal
+    return fatal.split("\n", 1)[0] + " (in full under 'h2o gate')"
 
 
 def load_points(preset: str | Path, overrides: dict[str, Any]) -> tuple[Path, list[Point]]:

@@ -1,4 +1,9 @@
-"""The collected tree of a gate run: ``<preset>::<configuration>::<rule>`` items and ``<preset>::overall_pass``.
+"""The collected items of a gate run: ``<preset>::<rule>[<configuration>]`` (configuration-major order),
+``<preset>::overall_pass`` and ``<preset>::compare[<metric>:<tolerance>]``.
+
+``<preset>`` is the preset file's stem with dots made underscores, so that junit's ``classname`` is
+the preset alone and pytest's ``-v`` lines and CI viewers never split a label such as ``keep0.30``
+into bogus packages (a rule parametrized over the configurations, as ``test_x[param]`` is).
 
 Items only read the gate's report; the first one to need numbers triggers the (single) measurement.
 The exit status is the gate's verdict: ``overall_pass``, the history comparisons and a configuration
@@ -9,6 +14,7 @@ configuration must pass every rule.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,8 +30,13 @@ class GateFailure(AssertionError):
     """A rule did not hold; the message is its one-line reason."""
 
 
+def node_name(gate: Gate) -> str:
+    """The preset's node name: its file stem, dots made underscores (``target_joint_scope_v4``)."""
+    return gate.preset_path.stem.replace(".", "_")
+
+
 class PresetCollector(pytest.Collector):
-    """The preset: one child per configuration, then ``overall_pass`` and any history comparisons."""
+    """The preset: every rule of every configuration, then ``overall_pass`` and any history comparisons."""
 
     def __init__(self, *, gate: Gate, history: HistorySetup, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -33,26 +44,15 @@ class PresetCollector(pytest.Collector):
 
     def collect(self) -> list[pytest.Item | pytest.Collector]:
         children: list[pytest.Item | pytest.Collector] = [
-            ConfigCollector.from_parent(self, name=point.label, gate=self.gate) for point in self.gate.points]
+            RuleItem.from_parent(self, name=f"{rule}[{point.label}]", gate=self.gate, config_name=point.label,
+                                 rule=rule) for point in self.gate.points for rule in RULES]
         children.append(OverallItem.from_parent(self, name="overall_pass", gate=self.gate))
         children += [CompareItem.from_parent(self, name=f"compare[{spec}]", gate=self.gate, history=self.history,
                                              spec=spec) for spec in self.history.specs]
         return children
 
     def reportinfo(self):
-        return self.gate.preset_path, None, self.name
-
-
-class ConfigCollector(pytest.Collector):
-    """One configuration of the preset: one item per rule."""
-
-    def __init__(self, *, gate: Gate, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.gate = gate
-
-    def collect(self) -> list[pytest.Item]:
-        return [RuleItem.from_parent(self, name=rule, gate=self.gate, config_name=self.name, rule=rule)
-                for rule in RULES]
+        return _location(self.gate, self.config), None, self.name
 
 
 class _GateItem(pytest.Item):
@@ -66,7 +66,14 @@ class _GateItem(pytest.Item):
         return super().repr_failure(excinfo)
 
     def reportinfo(self):
-        return self.gate.preset_path, 0, self.nodeid.split("::", 1)[-1]
+        return _location(self.gate, self.config), 0, self.name
+
+
+def _location(gate: Gate, config: pytest.Config) -> Path:
+    """Where an item's report points (skip lines of ``-ra`` too): the preset file when it lies in
+    the project, else the bare preset name (a bundled preset, never a path into site-packages)."""
+    path = gate.preset_path
+    return path if path.is_relative_to(config.rootpath) else Path(path.name)
 
 
 def _skip(reason: str) -> None:

@@ -20,11 +20,12 @@ import pytest
 
 from h2o_gates.gate_report import write_reports
 from h2o_gates.rules import Thresholds
+from h2o_kernels.models import EMBEDDED_MODEL
 
 from .compare import HistorySetup
 from .gate import Gate, GateSetupError, load_points
 from .gate_run import RunSpec
-from .items import PresetCollector
+from .items import PresetCollector, node_name
 from .options import SETTINGS, resolve
 from .summary import junit_properties, terminal_lines
 
@@ -60,6 +61,7 @@ class GatePlugin:
         self.report: dict[str, Any] | None = None
         self.written: list[Path] = []
         self._done = threading.Event()
+        self._tailer: threading.Thread | None = None
         # a preset without explicit test paths gates alone (xdist workers get the controller's choice)
         self.gate_only = (config.workerinput["h2o_gate_only"] if self.is_worker
                           else config.args_source != pytest.Config.ArgsSource.ARGS)
@@ -105,6 +107,10 @@ class GatePlugin:
                            ("--h2o-text-file", r("h2o_text_file"))):
             if path is not None and not Path(path).exists():
                 raise pytest.UsageError(f"{name} {path}: no such file or directory")
+        model = r("h2o_model")
+        if not (llm_bench or logs) and model != EMBEDDED_MODEL and not Path(model).is_file():
+            raise pytest.UsageError(f"--h2o-model {model}: no such file; expected '{EMBEDDED_MODEL}' (the "
+                                        "embedded SmolLM2), a .gguf file or a HF-style config.json")
         text = r("h2o_text_file")
         if text is not None and not Path(text).is_file():
             raise pytest.UsageError(f"--h2o-text-file {text}: not a file; expected a UTF-8 text file")
@@ -126,7 +132,7 @@ class GatePlugin:
         if r("h2o_inject_slowdown") and runtime != "reference":
             raise pytest.UsageError("--h2o-inject-slowdown works inside an in-process runtime's decode loop; "
                                     f"the {runtime} runtime has none")
-        return RunSpec(runtime, Path(out), model=r("h2o_model"), threads=r("h2o_threads"),
+        return RunSpec(runtime, Path(out), model=model, threads=r("h2o_threads"),
                        text_file=r("h2o_text_file"), kv_dumps=r("h2o_kv_dumps"), llm_bench=llm_bench,
                        base_config=base, logs=logs, rounds=rounds, max_rounds=max_rounds,
                        drop_target=r("h2o_decode_drop_target"),
@@ -168,8 +174,8 @@ class GatePlugin:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
-        collector = PresetCollector.from_parent(session, name=self.gate.name, nodeid=self.gate.name, gate=self.gate,
-                                                history=self.history)
+        name = node_name(self.gate)
+        collector = PresetCollector.from_parent(session, name=name, nodeid=name, gate=self.gate, history=self.history)
         items.extend(session.genitems(collector))  # with collect reports, as if found on disk
 
     # progress ------------------------------------------------------------------------------------
@@ -177,16 +183,21 @@ class GatePlugin:
         if self.is_worker:
             return  # the controller tails progress.log
         capman = self.config.pluginmanager.getplugin("capturemanager")
-        writer = self.config.get_terminal_writer()
+        reporter = self.config.pluginmanager.getplugin("terminalreporter")
+        # the reporter's write_line starts a fresh line (not after a -v item's name) and has pytest
+        # write that item's name again with its outcome
+        write = reporter.write_line if reporter is not None else self.config.get_terminal_writer().line
         if capman is not None:
             with capman.global_and_fixture_disabled():
-                writer.line(f"[h2o] {line}")
+                write(f"[h2o] {line}")
         else:
-            writer.line(f"[h2o] {line}")
+            write(f"[h2o] {line}")
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         if not self.is_worker and getattr(self.config.option, "numprocesses", None):
-            threading.Thread(target=_tail, args=(self.gate.out_dir / "progress.log", self._done), daemon=True).start()
+            self._tailer = threading.Thread(target=_tail, args=(self.gate.out_dir / "progress.log", self._done),
+                                            daemon=True)
+            self._tailer.start()
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         self.gate.release()
@@ -196,6 +207,8 @@ class GatePlugin:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         """Controller only, before junitxml writes its file: reports, junit properties, history."""
         self._done.set()
+        if self._tailer is not None:
+            self._tailer.join(timeout=5)  # its last lines before the summary
         if self.is_worker or not self.gate.measured():
             return
         self.report = self.gate.report()
@@ -224,12 +237,18 @@ def _add_testsuite_property(config: pytest.Config, name: str, value: object) -> 
 
 
 def _tail(path: Path, done: threading.Event) -> None:
-    """Print a worker's progress lines on the controller's terminal while xdist runs."""
+    """Print a worker's progress lines on the controller's terminal while xdist runs, and the last
+    ones once the session is done."""
     position = 0
-    while not done.wait(1.0):
+    while True:
+        finished = done.wait(1.0)
         if path.is_file():
-            with open(path, encoding="utf-8") as handle:
+            with open(path, "rb") as handle:
                 handle.seek(position)
-                for line in handle.readlines():
-                    sys.stderr.write(f"[h2o] {line}")
-                position = handle.tell()
+                data = handle.read()
+            complete = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next read
+            position += len(complete)
+            for line in complete.decode("utf-8", "replace").splitlines():
+                sys.stderr.write(f"[h2o] {line}\n")
+        if finished:
+            return

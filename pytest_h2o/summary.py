@@ -24,7 +24,7 @@ def junit_properties(report: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     yield "h2o_overall_pass", _b(report["overall"]["passed"])
     yield "h2o_passing_configs", ",".join(report["overall"]["passing"])
     for key, value in report["thresholds"].items():
-        yield f"h2o_threshold.{key}", str(value)
+        yield f"h2o_threshold.{key}", threshold_text(value)
     for i, warning in enumerate(report.get("warnings", []), start=1):
         yield f"h2o_warning.{i}", warning
     for c in report["configs"]:
@@ -34,6 +34,15 @@ def junit_properties(report: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
                 yield f"{c['name']}.{key}", f"{m[key]:.6g}"
         for rule, v in c["verdicts"].items():
             yield f"{c['name']}::{rule}", verdict_text(v)
+
+
+def threshold_text(value: Any) -> str:
+    """A threshold as CI shows it: ``off`` for an unset limit, ``true``/``false``, numbers with ``:g``."""
+    if value is None:
+        return "off"
+    if isinstance(value, bool):
+        return _b(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def verdict_text(v: Mapping[str, Any]) -> str:
@@ -72,6 +81,8 @@ def terminal_lines(report: Mapping[str, Any], comparison: str | None = None) -> 
     if report.get("strict"):
         passing = sum(c["passed"] for c in report["configs"])
         lines.append(f"strict mode: {passing}/{len(report['configs'])} configurations pass every rule; every one must")
+    if report.get("fatal"):
+        lines.append(f"not measured: {report['fatal']}")
     for warning in report.get("warnings", []):
         lines.append(warning)
     if comparison:

@@ -46,8 +46,8 @@ def run_gate(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
 
 def test_items_and_their_ids(pytester, gate_dir):
     result = pytester.runpytest("--h2o-preset=tiny.json", "--collect-only", "-q")
-    ids = [line for line in result.outlines if line.startswith("tiny.json::")]
-    assert ids == [f"tiny.json::{c}::{r}" for c in CONFIGS for r in RULES] + ["tiny.json::overall_pass"]
+    ids = [line for line in result.outlines if line.startswith("tiny::")]
+    assert ids == [f"tiny::{r}[{c}]" for c in CONFIGS for r in RULES] + ["tiny::overall_pass"]
     assert not (gate_dir / ".h2o" / "runs").exists() or not any((gate_dir / ".h2o" / "runs").rglob("results.json"))
 
 
@@ -86,8 +86,8 @@ def test_a_failing_rule_is_reported_with_a_one_line_reason_and_the_verdict_is_th
     result.stdout.fnmatch_lines(["SKIPPED * tiny.json:1: not enforced: h2o_lossless_queue_peak *, no limit set *"])
     result.stdout.fnmatch_lines([
         "_* overall_pass _*", "overall_pass (joint): no configuration passes every rule (keep0.30-lr3.0: lossy_pass; *",
-        "FAILED tiny.json::overall_pass - overall_pass (joint): *",
-        "XFAIL tiny.json::keep0.30-lr3.0::lossy_pass - lossy_pass: h2o_lossy * < 50 (keep0.30-lr3.0) *--h2o-strict*"])
+        "FAILED tiny::overall_pass - overall_pass (joint): *",
+        "XFAIL tiny::lossy_pass[[]keep0.30-lr3.0] - lossy_pass: h2o_lossy * < 50 (keep0.30-lr3.0) *--h2o-strict*"])
     assert "- overall_pass: false" in (gate_dir / "out" / "summary.md").read_text()
 
 
@@ -102,7 +102,7 @@ def test_the_exit_status_follows_overall_pass_and_strict_mode_needs_every_config
     assert strict.ret == pytest.ExitCode.TESTS_FAILED
     strict.assert_outcomes(passed=4 + 3 + 1, failed=1, skipped=2 * 3)
     strict.stdout.fnmatch_lines(["strict mode: 1/2 configurations pass every rule; every one must",
-                                 "FAILED tiny.json::keep0.50-lr3.0::lossy_pass - lossy_pass: h2o_lossy *"])
+                                 "FAILED tiny::lossy_pass[[]keep0.50-lr3.0] - lossy_pass: h2o_lossy *"])
 
 
 def test_thresholds_come_from_options_then_ini_then_environment(pytester, gate_dir, monkeypatch):
@@ -148,9 +148,9 @@ def test_a_bad_threshold_value_names_its_source(pytester, gate_dir, monkeypatch)
 
 def test_bundled_presets_are_found_by_bare_name(pytester):
     result = pytester.runpytest("--h2o-preset=target_joint_scope_v4.json", "--collect-only", "-q")
-    result.stdout.fnmatch_lines(["target_joint_scope_v4.json::keep0.30-lr3.0::lossy_pass",
-                                 "target_joint_scope_v4.json::keep0.33-lr3.2::fidelity_pass",
-                                 "target_joint_scope_v4.json::overall_pass"])
+    result.stdout.fnmatch_lines(["target_joint_scope_v4::lossy_pass[keep0.30-lr3.0]",
+                                 "target_joint_scope_v4::fidelity_pass[keep0.33-lr3.2]",
+                                 "target_joint_scope_v4::overall_pass"])
 
 
 def test_joint_needs_one_configuration_passing_everything_independent_does_not(pytester, gate_dir):
@@ -171,7 +171,7 @@ def test_explicit_test_paths_still_run_beside_the_gate(pytester, gate_dir):
     pytester.makepyfile(test_own="def test_own():\n    pass\n")
     assert run_gate(pytester, "--collect-only", "-q").stdout.str().count("test_own") == 0
     result = run_gate(pytester, "--collect-only", "-q", "test_own.py")
-    result.stdout.fnmatch_lines(["test_own.py::test_own", "tiny.json::overall_pass"])
+    result.stdout.fnmatch_lines(["test_own.py::test_own", "tiny::overall_pass"])
 
 
 def test_xdist_workers_give_the_same_verdicts_and_measure_once(pytester, gate_dir):
