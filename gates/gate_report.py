@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from .rules import (RULES, GateMode, Thresholds, Verdict, check_row, config_passes, overall_independent,
-                    overall_joint)
+from .rules import (RULES, GateMode, Thresholds, Verdict, check_row, config_passes, format_number,
+                    overall_independent, overall_joint)
 
 SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
     # (metric, header, format)
@@ -30,6 +30,19 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("h2o_fidelity_top1", "top1", "{:.3f}"),
     ("h2o_fidelity_ppl_delta", "ppl delta", "{:+.3f}"),
 )
+
+
+# Why a rule that is off was not checked; a report's ``input_notes`` ({rule: text}) name the caller's options instead.
+UNCHECKED_REASONS: dict[str, str] = {
+    "decode_pass": "no decode baseline", "runtime_decomp_pass": "runtime decompression not required",
+    "runtime_queue_peak_pass": "no limit set", "runtime_fallback_pass": "no limit set", "fidelity_pass": "no limit set"}
+# The input each rule reads; a checked rule without it says so.
+RULE_INPUTS: dict[str, str] = {
+    "lossy_pass": "h2o_lossy", "lossless_online_pass": "lossless_online", "decode_pass": "decode_tps",
+    "runtime_decomp_pass": "h2o_lossless_decomp_us", "runtime_queue_peak_pass": "h2o_lossless_queue_peak",
+    "runtime_fallback_pass": "h2o_lossless_fallback"}
+LOSSLESS_SOURCES: dict[str, str] = {"upper_bound": "the offline upper bound, not the online-sim",
+                                    "runtime": "the runtime's h2o_lossless, not the offline online-sim"}
 
 
 def build_report(rows: Mapping[str, Mapping[str, Any]], thresholds: Thresholds, mode: GateMode = "joint",
@@ -86,12 +99,13 @@ def format_cell(metrics: Mapping[str, Any], key: str, fmt: str) -> str:
     value = metrics.get(key)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return "-"
-    text = fmt.format(value)
+    text = format_number(fmt, value)
     rounds = metrics.get("decode_tps_rounds")
     if key == "decode_tps" and isinstance(rounds, list) and len(rounds) > 1:
         text += f" ({min(rounds):.1f}-{max(rounds):.1f})"
     if key == "decode_drop" and isinstance(metrics.get("decode_drop_lo"), (int, float)):
-        text += f" [{metrics['decode_drop_lo']:+.3f}, {metrics['decode_drop_hi']:+.3f}]"
+        lo, hi = (format_number("{:+.3f}", metrics[key]) for key in ("decode_drop_lo", "decode_drop_hi"))
+        text += f" [{lo}, {hi}]"
     if key == "decode_drop" and metrics.get("decode_state") == "undecided":
         text += " undecided"
     return text
@@ -102,13 +116,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     per-configuration table."""
     t = report["thresholds"]
     lines = ["# H2O v4 Quality Gate Summary", ""]
-    for key in ("preset", "runtime", "model", "commit", "out_dir", "started"):
-        if report.get(key) not in (None, ""):
-            lines.append(f"- {key.replace('_', ' ').capitalize()}: `{report[key]}`")
-    lines += ["", "## Targets", "",
+    meta = [f"- {key.replace('_', ' ').capitalize()}: `{report[key]}`"
+            for key in ("preset", "runtime", "model", "commit", "out_dir", "started")
+            if report.get(key) not in (None, "")]
+    lines += [*meta, ""] if meta else []
+    lines += ["## Targets", "",
               f"- lossy_target: {t['lossy_target']}", f"- lossless_target: {t['lossless_target']}",
-              f"- decode_drop_target: {t['decode_drop_target']}",
-              f"- decode_baseline: {t['decode_baseline'] if t['decode_baseline'] is not None else 'same-run'}",
+              f"- decode_drop_target: {t['decode_drop_target']}", f"- decode_baseline: {_decode_baseline(report)}",
               f"- require_runtime_decomp: {str(t['require_runtime_decomp']).lower()}",
               f"- max_lossless_queue_peak: {_limit(t['max_queue_peak'])}",
               f"- max_lossless_fallback: {_limit(t['max_fallback'])}",
@@ -123,21 +137,21 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                       "step was slowed on purpose)", ""]
     independent = report["independent"]["verdicts"]
     lines += ["## Best Rows (original per-metric best of)", ""]
+    first = report["configs"][0]["metrics"] if report["configs"] else {}
     for rule in RULES:
         if rule in independent:
-            v = independent[rule]
-            lines.append(f"- {rule}: {_bool(v['passed'])}{'' if v['enabled'] else ' (not enforced)'} - {v['reason']}")
+            lines.append(f"- {rule_line(report, rule, independent[rule], first)} - {independent[rule]['reason']}")
     lines += ["", "## Gate", ""]
     chosen = report["overall"]
     passing = {c["name"] for c in report["configs"] if c["passed"]}
-    rules, shown = independent, "each rule on its own best row"
+    rules, metrics, shown = independent, first, "each rule on its own best row"
     if report["mode"] == "joint" and report["configs"]:
         best = min(report["configs"], key=lambda c: sum(v["enabled"] and not v["passed"]
                                                          for v in c["verdicts"].values()))
-        rules, shown = best["verdicts"], f"configuration {best['name']}"
+        rules, metrics, shown = best["verdicts"], best["metrics"], f"configuration {best['name']}"
     for rule in RULES:
         if rule in rules:
-            lines.append(f"- {rule}: {_bool(rules[rule]['passed'])}")
+            lines.append(f"- {rule_line(report, rule, rules[rule], metrics)}")
     lines.append(f"- overall_pass: {_bool(chosen['passed'])}")
     lines += ["", f"Rule lines: {shown}. Mode `{report['mode']}`: {chosen['reason']}."]
     if report.get("strict"):
@@ -158,6 +172,40 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if failures:
         lines += ["## Failing Rules", "", *failures, ""]
     return "\n".join(lines)
+
+
+def rule_note(report: Mapping[str, Any], rule: str, verdict: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
+    """Why a rule's verdict is not a plain one on its own measured input: ``not checked (why)`` for a
+    rule that is off, the substitute input a checked rule read, its missing input, an undecided
+    speed; ``""`` otherwise. ``report["input_notes"]`` overrides the generic texts."""
+    notes = report.get("input_notes") or {}
+    if not verdict["enabled"]:
+        return f"not checked ({notes.get(rule) or UNCHECKED_REASONS.get(rule, 'off')})"
+    source = metrics.get("lossless_online_source", "online_sim")
+    if rule == "lossless_online_pass" and source != "online_sim":
+        return notes.get(rule) or f"lossless_online from {LOSSLESS_SOURCES.get(source, source)}"
+    if verdict["value"] is None and rule in RULE_INPUTS:
+        return f"no {RULE_INPUTS[rule]} in the input"
+    if verdict.get("state") == "undecided":
+        return f"undecided, counted as {'pass' if verdict['passed'] else 'fail'}"
+    return ""
+
+
+def rule_line(report: Mapping[str, Any], rule: str, verdict: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
+    """``rule: true|false`` with :func:`rule_note` in brackets, or ``rule: not checked (why)``."""
+    note = rule_note(report, rule, verdict, metrics)
+    if not verdict["enabled"]:
+        return f"{rule}: {note}"
+    return f"{rule}: {_bool(verdict['passed'])}" + (f" ({note})" if note else "")
+
+
+def _decode_baseline(report: Mapping[str, Any]) -> str:
+    """The fixed baseline, ``same-run`` when the decode rule ran against one, else ``none``."""
+    fixed = report["thresholds"]["decode_baseline"]
+    if fixed is not None:
+        return f"{fixed}"
+    checked = any(c["verdicts"].get("decode_pass", {}).get("enabled") for c in report["configs"])
+    return "same-run" if checked else "none (decode_pass not checked)"
 
 
 def _table(configs: list[dict[str, Any]], passing: set[str]) -> str:

@@ -48,6 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from .rules import format_number
 from .speed_stats import one_sample, two_sample
 
 SCHEMA_VERSION = 2
@@ -631,7 +632,7 @@ def _speed_ratio(metrics: Mapping[str, Any], logs: Sequence[float]) -> float:
 
 
 def _pct(value: float) -> str:
-    return f"{value:+.2f}%"
+    return format_number("{:+.2f}", value) + "%"
 
 
 def _compare_speed(config: str, spec: CompareSpec, prev: Mapping[str, Any], cur: Mapping[str, Any],
@@ -733,7 +734,7 @@ def _fmt_change(c: Comparison) -> str:
         return "-"
     if c.interval is not None:
         return f"{_pct(c.change)} [{_pct(c.interval[0])}, {_pct(c.interval[1])}]"
-    return f"{c.change:+.2f}{' pp' if c.unit == 'pp' else '%'}"
+    return format_number("{:+.2f}", c.change) + (" pp" if c.unit == "pp" else "%")
 
 
 def _result(c: Comparison) -> str:

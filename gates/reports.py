@@ -27,8 +27,7 @@ def write_offline_markdown(path: Path, result: dict) -> None:
     lines += ["", "## Bytes", ""]
     for key in ("k_raw_bytes", "k_compressed_bytes", "v_raw_bytes", "v_compressed_bytes", "k_chunk_meta_bytes",
                 "v_chunk_meta_bytes", "raw_bytes", "compressed_bytes"):
-        label = key.replace("_", " ").replace("k ", "K ", 1).replace("v ", "V ", 1)
-        lines.append(f"- {label[0].upper()}{label[1:]}: {result[key]}")
+        lines.append(f"- {_byte_label(key)}: {result[key]}")
     lines += ["", "## Predictor Usage", ""]
     for key in ("k_hi_mode_counts", "k_lo_mode_counts", "v_hi_mode_counts", "v_lo_mode_counts"):
         lines.append(f"- {key[0].upper()} {key[2:4]} mode counts: {result[key]}")
@@ -45,3 +44,11 @@ def write_offline_markdown(path: Path, result: dict) -> None:
         lines.append("- Skip reasons:")
         lines += [f"  - {reason}: {count}" for reason, count in sorted(result["skip_reasons"].items())]
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _byte_label(key: str) -> str:
+    """``k_chunk_meta_bytes`` -> ``K chunk meta bytes``, ``raw_bytes`` -> ``Raw bytes``."""
+    tensor, _, rest = key.partition("_")
+    if tensor in ("k", "v"):
+        return f"{tensor.upper()} {rest.replace('_', ' ')}"
+    return key.replace("_", " ").capitalize()

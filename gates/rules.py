@@ -97,6 +97,15 @@ def _fmt(value: float | None) -> str:
     return "missing" if value is None else f"{value:.4g}"
 
 
+def format_number(fmt: str, value: float) -> str:
+    """``fmt.format(value)``, except that a finite value that rounds to zero shows unsigned
+    (``0.000``, never ``-0.000`` or ``+0.000``)."""
+    text = fmt.format(value)
+    if math.isfinite(value) and text[:1] in "+-" and not any(c in "123456789" for c in text):
+        return text[1:]
+    return text
+
+
 def decode_drop(decode_tps: float | None, baseline_tps: float | None) -> float | None:
     """``(baseline - decode) / baseline``; None when either is unknown or the baseline is not positive."""
     if decode_tps is None or baseline_tps is None or baseline_tps <= 0:
@@ -162,14 +171,15 @@ def _decode(row: Mapping[str, Any], t: Thresholds, baseline_tps: float | None, n
     if paired is not None:
         against = f"fixed baseline {baseline:g} tok/s" if t.decode_baseline is not None else "adjacent baseline runs"
         interval = (paired.drop_lo, paired.drop_hi) if paired.rounds > 1 else None
-        spread = (f"[{paired.drop_lo:+.3f}, {paired.drop_hi:+.3f}] at {paired.coverage:.0%}" if paired.rounds > 1
-                  else "(1 round: no interval)")
+        lo, hi = (format_number("{:+.3f}", v) for v in (paired.drop_lo, paired.drop_hi))
+        spread = f"[{lo}, {hi}] at {paired.coverage:.0%}" if paired.rounds > 1 else "(1 round: no interval)"
         verdict = {"pass": f"<= {target:g}", "fail": f"> {target:g}",
                    "undecided": f"straddles {target:g}: undecided, counted as {t.undecided}"}[paired.state]
         passed = paired.state == "pass" or (paired.state == "undecided" and t.undecided == "pass")
-        return Verdict("decode_pass", passed, True, paired.drop, target,
-                       f"decode drop {paired.drop:+.4f} {spread} over {paired.rounds} paired rounds vs {against} "
-                       f"{verdict} ({name})", paired.state, interval, paired.coverage, paired.rounds)
+        drop = format_number("{:+.4f}", paired.drop)
+        reason = f"decode drop {drop} {spread} over {paired.rounds} paired rounds vs {against} {verdict} ({name})"
+        return Verdict("decode_pass", passed, True, paired.drop, target, reason, paired.state, interval,
+                       paired.coverage, paired.rounds)
     if baseline is None or baseline <= 0:
         return Verdict("decode_pass", True, False, None, target,
                        f"no decode baseline: decode {_fmt(decode)} tok/s not gated ({name})")

@@ -10,6 +10,7 @@ which rows hold a ``total_ratio`` of schema 1 (h2o_lossy x a lossless ratio, not
 
 from __future__ import annotations
 
+from itertools import cycle
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -87,10 +88,10 @@ def _series(records: Sequence[Mapping[str, Any]], metric: str) -> dict[str, list
     return out
 
 
-def plot_trend(records: Sequence[Mapping[str, Any]], path: Path, metrics: Sequence[str],
-               preset: str | None = None) -> Path | None:
+def trend_figure(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], preset: str | None = None) -> Any:
     """One subplot per metric, x = run order labelled by short commit (red: the run failed the gate),
-    one line per configuration. None when no run has any of the metrics."""
+    one line per configuration, titled with ``preset`` (else "all presets"); None when no run has any
+    of the metrics."""
     rows = [r for r in records if preset_matches(r, preset)]
     series = {m: _series(rows, m) for m in metrics}
     shown = [m for m in metrics if series[m]]
@@ -101,11 +102,14 @@ def plot_trend(records: Sequence[Mapping[str, Any]], path: Path, metrics: Sequen
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(shown), 1, sharex=True, squeeze=False,
-                             figsize=(max(6.0, 0.6 * len(rows) + 3), 2.6 * len(shown) + 0.8), dpi=110)
+    from .plots import MARKERS, wrap_title
+
+    width = max(6.0, 0.6 * len(rows) + 3)
+    fig, axes = plt.subplots(len(shown), 1, sharex=True, squeeze=False, layout="constrained",
+                             figsize=(width, 2.6 * len(shown) + 1.2), dpi=110)
     for ax, metric in zip(axes[:, 0], shown):
-        for name, points in series[metric].items():
-            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=4, label=name)
+        for (name, points), marker in zip(series[metric].items(), cycle(MARKERS)):
+            ax.plot([x for x, _ in points], [y for _, y in points], marker=marker, markersize=4, label=name)
         ax.set_ylabel(metric, fontsize=8)
         ax.grid(alpha=0.3)
     bottom = axes[-1, 0]
@@ -115,11 +119,16 @@ def plot_trend(records: Sequence[Mapping[str, Any]], path: Path, metrics: Sequen
         if not record.get("overall", {}).get("passed"):
             label.set_color("tab:red")
     bottom.set_xlabel("run (commit; red: gate failed)")
-    axes[0, 0].legend(loc="best", fontsize=7)
-    axes[0, 0].set_title(f"{preset or 'all presets'}: trend over {len(rows)} runs")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    names = {name: handle for ax in axes[:, 0] for handle, name in zip(*ax.get_legend_handles_labels())}
+    fig.legend(list(names.values()), list(names), loc="outside lower center", ncols=3, fontsize=7, frameon=False)
+    fig.suptitle(wrap_title(f"{preset or 'all presets'}: trend over {len(rows)} runs", width), fontsize=10)
+    return fig
+
+
+def plot_trend(records: Sequence[Mapping[str, Any]], path: Path, metrics: Sequence[str],
+               preset: str | None = None) -> Path | None:
+    """Save :func:`trend_figure` as PNG to ``path``; None (nothing written) when no run has any of the metrics."""
+    from .plots import save_figure
+
+    fig = trend_figure(records, metrics, preset)
+    return None if fig is None else save_figure(fig, path)

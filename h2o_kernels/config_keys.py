@@ -3,17 +3,19 @@
 The original (MNN ``llmconfig.hpp``) reads an int key only when the JSON value is an integer (``32.0``
 falls back to the default), a bool key only when it is a JSON bool (``1`` falls back), a float key
 from any number, and a string key only from a string. We keep those defaults and clamps, but a value
-of the wrong JSON type is an error naming the key rather than a silent fall-back.
+of the wrong JSON type is an error naming the key rather than a silent fall-back, and so is a ``kv_*`` key
+that no runtime reads (a misspelling the original silently ignored).
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Collection, Mapping
 
 
 class ConfigError(ValueError):
-    """A config key has a value of the wrong type; the message names the key and what was expected."""
+    """A config key is unknown or has a value of the wrong type; the message names the key and what was expected."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,22 @@ def read_keys(config: dict[str, Any], keys: dict[str, Key], source: str = "confi
             raise ConfigError(f"{source}: key {name!r} must be {_WORDS[key.kind]}, got {value!r}")
         out[name] = key.clamp(key.kind(value))
     return out
+
+
+def check_known_keys(config: Mapping[str, Any], known: Collection[str], source: str = "config") -> None:
+    """Raise :class:`ConfigError` naming ``source``, every ``kv_*`` key of ``config`` not in ``known`` and the
+    closest known key of each. Keys without the ``kv_`` prefix are not checked (an llm_bench config has many)."""
+    unknown = [name for name in config if name.startswith("kv_") and name not in known]
+    if unknown:
+        names = ", ".join(f"{name!r}{closest_hint(name, known)}" for name in unknown)
+        raise ConfigError(f"{source}: unknown config key {names}: fix the spelling; a key that only another "
+                          'runtime reads goes into the preset\'s "extra_kv_keys" list')
+
+
+def closest_hint(name: str, known: Collection[str]) -> str:
+    """`` (did you mean 'x'?)`` for the known name closest to ``name`` (difflib), or ``""`` when none is close."""
+    match = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def clamp(low: float | None = None, high: float | None = None) -> Callable[[Any], Any]:

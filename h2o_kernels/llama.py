@@ -32,6 +32,11 @@ class UnsupportedModelError(ValueError):
     """The GGUF uses a feature this decoder does not implement (partial rotary, another tokenizer)."""
 
 
+class ModelConfigError(UnsupportedModelError):
+    """A model config has a missing, non-integer or non-positive size, or sizes that do not fit together;
+    the message names the file, the keys (as that file spells them) and their values."""
+
+
 def _open(source: str | Path | GGUFReader) -> GGUFReader:
     return source if isinstance(source, GGUFReader) else GGUFReader(str(source))
 
@@ -40,8 +45,46 @@ def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
     return reader.fields[key].contents() if key in reader.fields else default
 
 
+def _size(value: Any, key: str, source: str) -> int:
+    """``value`` as a positive int; :class:`ModelConfigError` naming ``key`` when it is missing (None) or not one."""
+    if value is None:
+        raise ModelConfigError(f"{source}: missing key {key}")
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ModelConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _head_dim(explicit: Any, hidden: int, heads: int, keys: tuple[str, str, str], source: str) -> int:
+    """The explicit head dim (key ``keys[0]``) when given, else ``hidden / heads`` (keys ``keys[1]``, ``keys[2]``).
+
+    Raises :class:`ModelConfigError` when it is not an integer, or odd (rotate-half RoPE splits it in two)."""
+    if explicit:
+        dim, text = _size(explicit, keys[0], source), f"{keys[0]}={explicit}"
+    elif hidden % heads:
+        raise ModelConfigError(f"{source}: {keys[1]}={hidden} is not a multiple of {keys[2]}={heads}, so the head "
+                               f"dim {keys[1]} / {keys[2]} is not an integer")
+    else:
+        dim, text = hidden // heads, f"{keys[1]} / {keys[2]} = {hidden} / {heads} = {hidden // heads}"
+    if dim % 2:
+        raise ModelConfigError(f"{source}: the head dim {text} is odd; rotary embeddings need an even head dim")
+    return dim
+
+
+def _kv_heads(heads: int, kv_heads: int, keys: tuple[str, str], source: str) -> int:
+    """``kv_heads``; :class:`ModelConfigError` naming both keys when ``heads`` is not a multiple of it."""
+    if heads % kv_heads:
+        raise ModelConfigError(f"{source}: {keys[0]}={heads} is not a multiple of {keys[1]}={kv_heads}; "
+                               "grouped-query attention gives every KV head the same number of query heads")
+    return kv_heads
+
+
+_HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
 @dataclass
 class LlamaConfig:
+    """Model sizes; ``max_position`` is the context length (None: not stated by the model)."""
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -52,46 +95,66 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rms_eps: float = 1e-5
     tie_embeddings: bool = False
-    max_position: int = 2048
+    max_position: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
 
     @classmethod
     def from_gguf(cls, source: str | Path | GGUFReader) -> LlamaConfig:
-        """Read ``{arch}.*`` hyper-parameters from GGUF metadata."""
+        """Read ``{arch}.*`` hyper-parameters from GGUF metadata.
+
+        Raises :class:`ModelConfigError` naming the file and the GGUF keys when a size is missing, not a
+        positive integer, or sizes do not fit together; :class:`UnsupportedModelError` for partial rotary."""
         r = _open(source)
+        name = str(getattr(r.data, "filename", None) or source)
         arch = _field(r, "general.architecture", "llama")
-        get = lambda key, default=None: _field(r, f"{arch}.{key}", default)  # noqa: E731
-        hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
-        head_dim = int(get("attention.key_length", hidden // heads))
-        if int(get("rope.dimension_count", head_dim)) != head_dim:
+        key = lambda k: f"{arch}.{k}"  # noqa: E731
+        size = lambda k, default=None: _size(_field(r, key(k), default), key(k), name)  # noqa: E731
+        hidden, heads = size("embedding_length"), size("attention.head_count")
+        head_dim = _head_dim(_field(r, key("attention.key_length")), hidden, heads,
+                             (key("attention.key_length"), key("embedding_length"), key("attention.head_count")), name)
+        if int(_field(r, key("rope.dimension_count"), head_dim)) != head_dim:
             raise UnsupportedModelError("partial rotary embeddings are not supported")
-        vocab = get("vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
+        tokens = r.fields.get("tokenizer.ggml.tokens")
+        vocab = _field(r, key("vocab_size")) or (len(tokens.data) if tokens is not None else None)
+        context = _field(r, key("context_length"))
         return cls(
-            vocab_size=int(vocab), hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length")),
-            num_layers=int(get("block_count")), num_heads=heads,
-            num_kv_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            rms_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            vocab_size=_size(vocab, key("vocab_size"), name), hidden_size=hidden,
+            intermediate_size=size("feed_forward_length"), num_layers=size("block_count"), num_heads=heads,
+            num_kv_heads=_kv_heads(heads, size("attention.head_count_kv", heads),
+                                   (key("attention.head_count"), key("attention.head_count_kv")), name),
+            head_dim=head_dim,
+            rope_theta=float(_field(r, key("rope.freq_base"), 10000.0)),
+            rms_eps=float(_field(r, key("attention.layer_norm_rms_epsilon"), 1e-5)),
             tie_embeddings=not any(t.name == "output.weight" for t in r.tensors),
-            max_position=int(get("context_length", 2048)),
+            max_position=None if context is None else size("context_length"),
             bos_token_id=_field(r, "tokenizer.ggml.bos_token_id"),
             eos_token_id=_field(r, "tokenizer.ggml.eos_token_id"),
         )
 
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> LlamaConfig:
-        """From a Hugging Face ``config.json``-style dict."""
-        heads = cfg["num_attention_heads"]
+    def from_hf_config(cls, cfg: dict[str, Any], source: str = "config.json") -> LlamaConfig:
+        """From a Hugging Face ``config.json``-style dict read from ``source``.
+
+        Raises :class:`ModelConfigError` naming ``source`` and the keys when a size is missing, not a positive
+        integer, or sizes do not fit together."""
+        missing = [key for key in _HF_REQUIRED if key not in cfg]
+        if missing:
+            raise ModelConfigError(f"{source}: not a usable HF-style LLaMA config: missing {', '.join(missing)} "
+                                   f"(needs {', '.join(_HF_REQUIRED)})")
+        size = lambda key, default=None: _size(cfg.get(key, default), key, source)  # noqa: E731
+        hidden, heads = size("hidden_size"), size("num_attention_heads")
+        context = cfg.get("max_position_embeddings")
         return cls(
-            vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
-            num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads", heads),
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            vocab_size=size("vocab_size"), hidden_size=hidden, intermediate_size=size("intermediate_size"),
+            num_layers=size("num_hidden_layers"), num_heads=heads,
+            num_kv_heads=_kv_heads(heads, size("num_key_value_heads", heads),
+                                   ("num_attention_heads", "num_key_value_heads"), source),
+            head_dim=_head_dim(cfg.get("head_dim"), hidden, heads, ("head_dim", "hidden_size", "num_attention_heads"),
+                               source),
             rope_theta=cfg.get("rope_theta", 10000.0), rms_eps=cfg.get("rms_norm_eps", 1e-6),
             tie_embeddings=cfg.get("tie_word_embeddings", False),
-            max_position=cfg.get("max_position_embeddings", 2048),
+            max_position=None if context is None else size("max_position_embeddings"),
             bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"),
         )
 

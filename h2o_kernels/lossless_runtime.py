@@ -98,6 +98,11 @@ class LosslessConfig:
     strict_roundtrip_check: bool = False
 
     @classmethod
+    def keys(cls) -> dict[str, Key]:
+        """The config keys read by :meth:`from_config`: every ``kv_lossless_*`` key of original-runtime.md §1."""
+        return dict(_KEYS)
+
+    @classmethod
     def from_config(cls, cfg: dict[str, Any], source: str = "config") -> LosslessConfig:
         """Read the keys from a JSON-like dict; :class:`ConfigError` names the key of a bad value.
 

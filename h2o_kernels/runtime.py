@@ -6,16 +6,31 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from .config_keys import check_known_keys
 from .h2o import H2OConfig, H2OPolicy
 from .kvdump import write_dump
 from .llama import LlamaModel
 from .lossless_runtime import LosslessConfig, LosslessRuntime
+from .run_memory import check_run_fits
 
 NEUTRAL_METRICS = {"h2o_keep": 1.0, "h2o_lossy": 1.0, "h2o_lossless": 1.0}
+# Every kv_* key of the original runtime (original-runtime.md §1; the v4 presets use no other), including
+# the ones it stores but never acts on (kv_lossless_codec_runtime), plus our kv_h2o_prefill_scoring and
+# kv_h2o_heavy_hitters.
+KNOWN_KV_KEYS: frozenset[str] = frozenset(H2OConfig.keys()) | frozenset(LosslessConfig.keys())
+
+
+def check_config(config: dict[str, Any], source: str = "config", extra_kv_keys: Iterable[str] = ()) -> None:
+    """Raise ``ConfigError`` naming ``source`` and the key for a ``kv_*`` key that is neither in
+    :data:`KNOWN_KV_KEYS` nor in ``extra_kv_keys`` (with the closest known key), or a known key of the wrong
+    type. Keys without the ``kv_`` prefix are not checked. Cheap: call it before loading a model."""
+    check_known_keys(config, KNOWN_KV_KEYS | frozenset(extra_kv_keys), source)
+    H2OConfig.from_config(config, source)
+    LosslessConfig.from_config(config, source)
 
 
 @dataclass
@@ -32,9 +47,12 @@ class ReferenceRuntime:
     """Runs prompt + teacher-forced continuation through ``model`` with the configured KV policies."""
 
     def __init__(self, model: LlamaModel, config: dict[str, Any], source: str = "config",
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, extra_kv_keys: Iterable[str] = ()) -> None:
+        """Raises ``ConfigError`` (see :func:`check_config`; ``extra_kv_keys`` are accepted and ignored)."""
+        check_known_keys(config, KNOWN_KV_KEYS | frozenset(extra_kv_keys), source)
         c = model.config
         self.model = model
+        self.source = source
         self.h2o_config = H2OConfig.from_config(config, source)
         self.lossless_config = LosslessConfig.from_config(config, source)
         self.log = log
@@ -50,8 +68,12 @@ class ReferenceRuntime:
         same compute as generation). ``keep_logits`` keeps the logits predicting each continuation
         token; ``dump_dir`` writes the final KV cache (prefill and decode stages) as dumps.
         ``step_delay_s`` adds that many seconds (a sleep) to every decode step: an injected
-        regression, to check that a gate catches one of that size."""
+        regression, to check that a gate catches one of that size.
+
+        Raises ``RunTooLargeError`` (a ValueError), before allocating, when the run exceeds the model's context
+        length or the memory available (:func:`h2o_kernels.run_memory.check_run_fits`)."""
         model = self.model
+        check_run_fits(model.config, len(prompt), len(continuation), self.source, keep_logits)
         model.reset(capacity=len(prompt) + len(continuation))
         self._open_lossless()
         if self.h2o is not None:

@@ -4,6 +4,10 @@ The list keys of the original presets (``prompts``, ``gens``, ``h2o_keep_ratios`
 ``kv_h2o_*`` config keys; its scalar keys (``h2o_layer_start``, ``h2o_target_mode``, ...) and every
 ``kv_*`` key are copied. Any ``kv_*`` key given as a list becomes one more dimension. The points are
 the cartesian product of all dimensions, in the original's order and with its run ids.
+
+A ``kv_*`` key must be one the runtimes know (``h2o_kernels.runtime.KNOWN_KV_KEYS``) or be listed in the
+preset's ``extra_kv_keys`` (keys that only an external runtime reads); a misspelled key is an error naming
+the closest known one.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+
+from h2o_kernels.config_keys import ConfigError, check_known_keys, closest_hint
+from h2o_kernels.runtime import KNOWN_KV_KEYS
 
 PRESET_DIR = Path(__file__).resolve().parent
 SCHEMA_PATH = PRESET_DIR / "preset.schema.json"
@@ -49,7 +56,8 @@ class PresetError(ValueError):
 
 @dataclass(frozen=True)
 class Point:
-    """One configuration of a preset: its run id, bench sizes and ``kv_*`` config."""
+    """One configuration of a preset: its run id, bench sizes and ``kv_*`` config; ``extra_kv_keys`` are the
+    preset's keys for external runtimes (pass them to ``check_config`` / ``ReferenceRuntime``)."""
 
     run_id: str
     prompt_tokens: int
@@ -57,6 +65,7 @@ class Point:
     repeat: int
     config: dict[str, Any]
     label: str = ""
+    extra_kv_keys: tuple[str, ...] = ()
 
 
 def available_presets() -> list[str]:
@@ -93,10 +102,11 @@ def validate(preset: Any, source: str = "preset") -> None:
         key = "".join(f"[{part}]" if isinstance(part, int) else (f".{part}" if i else str(part))
                       for i, part in enumerate(error.absolute_path))
         if error.validator == "additionalProperties":
-            unknown = sorted(k for k in set(error.instance) - set(error.schema.get("properties", {}))
+            known = set(error.schema.get("properties", {}))
+            unknown = sorted(k for k in set(error.instance) - known
                              if not any(re.match(pattern, k) for pattern in error.schema.get("patternProperties", {})))
-            lines.append(f"unknown key(s) {', '.join(map(repr, unknown))}: expected the preset keys of "
-                         f"{SCHEMA_PATH.name} or kv_h2o_* / kv_lossless_* config keys")
+            names = ", ".join(f"{k!r}{closest_hint(k, known | KNOWN_KV_KEYS)}" for k in unknown)
+            lines.append(f"unknown key(s) {names}: expected the preset keys of {SCHEMA_PATH.name} or kv_* config keys")
         elif error.validator == "anyOf":
             lines.append(f"key {key!r}: expected a scalar or a non-empty list of scalars, got {error.instance!r}")
         else:
@@ -121,14 +131,19 @@ def load_preset(path: Path) -> dict[str, Any]:
 def expand(preset: dict[str, Any], source: str = "preset") -> list[Point]:
     """Every point of ``preset``, each with its own label.
 
-    Raises :class:`PresetError` on an empty dimension, a key the schema rejects, a dimension listing a
-    value twice, or two points whose labels cannot be told apart.
+    Raises :class:`PresetError` on an empty dimension, a key the schema rejects, a ``kv_*`` key neither known
+    nor in ``extra_kv_keys``, a dimension listing a value twice, or two points whose labels cannot be told apart.
     """
     if isinstance(preset, dict):
-        empty = [key for key, value in preset.items() if value == []]
+        empty = [key for key, value in preset.items() if value == [] and key != "extra_kv_keys"]
         if empty:
             raise PresetError(f"{source}: empty sweep dimension(s) {', '.join(empty)}: 0 runs would be produced")
     validate(preset, source)
+    extra_kv_keys = tuple(preset.get("extra_kv_keys", ()))
+    try:
+        check_known_keys(preset, KNOWN_KV_KEYS | set(extra_kv_keys), source)
+    except ConfigError as exc:
+        raise PresetError(str(exc)) from None
     dims: dict[str, list[Any]] = {key: preset.get(key, default) for key, (_, default) in DIMENSIONS.items()}
     if "h2o_target_lossy_ratios" not in preset and "h2o_target_lossy_ratio" in preset:
         dims["h2o_target_lossy_ratios"] = [preset["h2o_target_lossy_ratio"]]
@@ -151,7 +166,7 @@ def expand(preset: dict[str, Any], source: str = "preset") -> list[Point]:
         run_id = (f"run_{index:04d}_p{values['prompts']}_g{values['gens']}_k{values['h2o_keep_ratios']}"
                   f"_b{values['h2o_block_tokens']}_lr{values['h2o_target_lossy_ratios']}")
         points.append(Point(run_id, int(values["prompts"]), int(values["gens"]), repeat, config,
-                            _label(values, varying)))
+                            _label(values, varying), extra_kv_keys))
         combos.append(values)
     return _unique_labels(points, combos, varying, source)
 

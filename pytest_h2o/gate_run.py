@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from h2o_gates.bench_log import BenchRow
-from h2o_gates.log_parse import find_logs, metric_row, parse_log, read_csv
+from h2o_gates.log_parse import find_logs, metric_row, parse_log_report, parse_logs_report, read_csv, summarize_problems
 from h2o_gates.rules import Thresholds, paired_drop
 from h2o_gates.speed_stats import bracketed_log_ratios
 from h2o_kernels.fidelity import fidelity
@@ -34,6 +34,7 @@ from h2o_kernels.h2o import H2OConfig
 from h2o_kernels.kvdump import link_identical
 from h2o_kernels.lossless_runtime import LosslessConfig
 from h2o_kernels.models import load_model
+from h2o_kernels.run_memory import check_run_fits
 from h2o_kernels.offline_eval import EvalOptions, SelectionError, evaluate
 from h2o_kernels.runtime import ReferenceRuntime
 from h2o_presets.matrix import Point
@@ -96,7 +97,10 @@ def measure(points: list[Point], spec: RunSpec, progress: Progress) -> dict[str,
 # reference runtime ---------------------------------------------------------------------------------
 def _run_reference(points: list[Point], spec: RunSpec, progress: Progress):
     progress(f"loading model {spec.model}")
-    loaded = load_model(spec.model, threads=spec.threads)
+    loaded = load_model(spec.model, threads=spec.threads, progress=lambda line: progress(f"download: {line}"),
+                        model_option="--h2o-model")
+    for prompt_len, gen_len in _by_size(points):  # every size, before the first one is measured
+        check_run_fits(loaded.model.config, prompt_len, gen_len, f"{spec.model} p{prompt_len} g{gen_len}")
     configs: dict[str, dict[str, Any]] = {}
     baselines: dict[str, float | None] = {}
     for (prompt_len, gen_len), group in _by_size(points).items():
@@ -142,7 +146,8 @@ class _Session:
         self.base_id, self.group, self.progress = base_id, group, progress
         model = loaded.model
         self.runtimes = {base_id: ReferenceRuntime(model, BASELINE_CONFIG, source="baseline")}
-        self.runtimes.update({p.run_id: ReferenceRuntime(model, p.config, source=p.label) for p in group})
+        self.runtimes.update({p.run_id: ReferenceRuntime(model, p.config, source=p.label, extra_kv_keys=p.extra_kv_keys)
+                              for p in group})
         self.rows = {name: BenchRow(loaded.name, size_text(loaded.size_bytes), spec.threads, len(prompt),
                                     len(continuation)) for name in self.runtimes}
         c = model.config
@@ -274,9 +279,10 @@ def _external(run_id: str, config: dict, point: Point, spec: RunSpec, progress: 
     output.write_text(done.stdout + done.stderr, encoding="utf-8")
     if done.returncode != 0:
         return {"error": f"llm_bench exited with status {done.returncode} (its output: {output})"}
-    rows = parse_log(log_path) if log_path.is_file() else []
+    rows, problems = parse_log_report(log_path) if log_path.is_file() else ([], [])
     if not rows:
-        return {"error": f"llm_bench wrote no table row to {log_path} (its output: {output})"}
+        why = f": {problems[0]}" if problems else ""
+        return {"error": f"llm_bench wrote no table row to {log_path}{why} (its output: {output})"}
     return metric_row(rows[0])
 
 
@@ -285,7 +291,11 @@ def _read_logs(points: list[Point], spec: RunSpec, warnings: list[str]):
     """Rows by run id (the log's stem). A gate run's own folder also gives each log's JSON twin
     (fidelity) and ``kv/<run_id>`` dumps (the online-sim)."""
     source = Path(spec.logs)
-    rows = read_csv(source) if source.is_file() else [row for path in find_logs(source) for row in parse_log(path)]
+    if source.is_file():
+        rows = read_csv(source)
+    else:
+        rows, problems = parse_logs_report(find_logs(source))
+        warnings += [f"[WARN] {source}: {line}" for line in summarize_problems(problems)]
     by_stem: dict[str, dict[str, Any]] = {}
     for row in rows:
         log = Path(row.get("log_file", ""))

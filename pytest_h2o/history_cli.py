@@ -18,12 +18,12 @@ from h2o_gates.trend import DEFAULT_TREND_METRICS, plot_trend, trend_table
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``history`` options."""
-    p.add_argument("--store", type=Path, default=DEFAULT_STORE, help=f"history directory (default: {DEFAULT_STORE})")
+    p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="history directory")
     p.add_argument("--preset", help="only runs of this preset (file name or stem)")
     p.add_argument("--metric", action="append", dest="metrics", metavar="M",
-                   help=f"metric to show, repeatable (default: {', '.join(DEFAULT_TREND_METRICS)})")
-    p.add_argument("--config", help="read table rows from this configuration (default: the first passing one)")
-    p.add_argument("--plot", type=Path, help="trend plot path (default: <store>/trend.png)")
+                   help=f"metric to show, repeatable; without it: {', '.join(DEFAULT_TREND_METRICS)}")
+    p.add_argument("--config", help="read table rows from this configuration; without it: the first passing one")
+    p.add_argument("--plot", type=Path, help="trend plot path; without it: <store>/trend.png")
     p.add_argument("--no-plot", action="store_true", help="print the table only")
     p.add_argument("--last", type=int, metavar="N", help="only the N newest runs")
     p.set_defaults(run=run)
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(trend_table(records, metrics, config=args.config), end="")
     if args.no_plot:
         return 0
-    path = plot_trend(records, args.plot or args.store / "trend.png", metrics)
+    path = plot_trend(records, args.plot or args.store / "trend.png", metrics, preset=args.preset)
     if path is None:
         print(f"no trend plot: no run has {', '.join(metrics)}", file=sys.stderr)
     else:

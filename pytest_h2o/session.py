@@ -20,7 +20,8 @@ import pytest
 
 from h2o_gates.gate_report import write_reports
 from h2o_gates.rules import Thresholds
-from h2o_kernels.models import EMBEDDED_MODEL
+from h2o_kernels.models import ModelSpecError, model_config
+from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
 
 from .compare import HistorySetup
 from .gate import Gate, GateSetupError, load_points
@@ -108,9 +109,8 @@ class GatePlugin:
             if path is not None and not Path(path).exists():
                 raise pytest.UsageError(f"{name} {path}: no such file or directory")
         model = r("h2o_model")
-        if not (llm_bench or logs) and model != EMBEDDED_MODEL and not Path(model).is_file():
-            raise pytest.UsageError(f"--h2o-model {model}: no such file; expected '{EMBEDDED_MODEL}' (the "
-                                        "embedded SmolLM2), a .gguf file or a HF-style config.json")
+        if not (llm_bench or logs):
+            self._check_model(model)
         text = r("h2o_text_file")
         if text is not None and not Path(text).is_file():
             raise pytest.UsageError(f"--h2o-text-file {text}: not a file; expected a UTF-8 text file")
@@ -137,6 +137,16 @@ class GatePlugin:
                        base_config=base, logs=logs, rounds=rounds, max_rounds=max_rounds,
                        drop_target=r("h2o_decode_drop_target"),
                        fixed_baseline=r("h2o_decode_baseline"), inject_slowdown=r("h2o_inject_slowdown"))
+
+    def _check_model(self, model: str) -> None:
+        """The model file exists and is sound, and every configuration's prompt + gen fits its context
+        and this machine's memory: a usage error now rather than a failure after measuring."""
+        try:
+            config = model_config(model, "--h2o-model")
+            for p in self.points if config is not None else []:
+                check_run_fits(config, p.prompt_tokens, p.gen_tokens, f"--h2o-model {model}, {p.label}")
+        except (ModelSpecError, RunTooLargeError) as exc:
+            raise pytest.UsageError(str(exc)) from None
 
     @functools.cached_property
     def workload(self) -> dict[str, Any]:

@@ -9,29 +9,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from h2o_kernels.config_keys import ConfigError
 from h2o_kernels.model_fetch import ModelFetchError
-from h2o_kernels.models import EMBEDDED_MODEL, ModelSpecError, load_model
-from h2o_presets.matrix import Point, PresetError, expand, load_preset
+from h2o_kernels.models import EMBEDDED_MODEL, LoadedModel, ModelSpecError, load_model
+from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
+from h2o_presets.matrix import Point
 
 from .bench import bench_tokens, run_bench, write_log
+from .cli_args import check_text_file, non_negative_int, positive_int
+from .out_paths import check_out_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The sweep options (the original sweep script's names)."""
-    p.add_argument("--preset", required=True, type=Path, help="preset matrix JSON")
+    p.add_argument("--preset", required=True,
+                   help="preset matrix JSON: a path or the name of a bundled preset (as pytest --h2o-preset)")
     p.add_argument("--out-dir", required=True, type=Path, help="where configs/, logs/ and manifest.json go")
     p.add_argument("-m", "--model", default=EMBEDDED_MODEL, help="reference runtime model (see h2o-gate bench)")
     p.add_argument("--llm-bench", help="run this external llm_bench binary per point instead")
     p.add_argument("--base-config", type=Path, help="with --llm-bench: the model's base config JSON")
     p.add_argument("--backend", default="cpu", help="with --llm-bench: -a")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--attention-option", type=int, default=0, help="with --llm-bench: -qatten")
+    p.add_argument("--threads", type=positive_int, default=1, help="-t: BLAS threads, or llm_bench's threads")
+    p.add_argument("--attention-option", type=non_negative_int, default=0, help="with --llm-bench: -qatten")
     p.add_argument("--text-file", type=Path, help="reference runtime: text for prompt and continuation")
     p.add_argument("--synthetic", action="store_true", help="reference runtime: token 16 repeated, as llm_bench")
     p.add_argument("--dry-run", action="store_true", help="write configs and manifest, run nothing")
@@ -40,19 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Execute ``h2o-gate sweep``."""
-    if bool(args.llm_bench) != bool(args.base_config):
-        parser.error("--llm-bench and --base-config go together")
-    try:
-        points = expand(load_preset(args.preset), str(args.preset))
-    except PresetError as exc:
-        parser.error(str(exc))
-    try:
-        base = read_base_config(args.base_config) if args.base_config else {}
-    except ValueError as exc:
-        parser.error(f"--base-config {exc}")
-    configs, logs = args.out_dir / "configs", args.out_dir / "logs"
-    configs.mkdir(parents=True, exist_ok=True)
-    logs.mkdir(parents=True, exist_ok=True)
+    points, base = setup(args, parser)
     loaded = None
     if not args.llm_bench and not args.dry_run:
         try:
@@ -60,31 +52,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except (ModelSpecError, ModelFetchError) as exc:
             print(f"h2o-gate sweep: {exc}", file=sys.stderr)
             return 1
+        check_points_fit(loaded, points, args.preset, parser)
+    configs, logs = args.out_dir / "configs", args.out_dir / "logs"
+    configs.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
     manifest, failed = [], 0
     for number, point in enumerate(points, start=1):
         config_path, log_path = configs / f"{point.run_id}.json", logs / f"{point.run_id}.log"
         config = {**base, **point.config}
         config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         print(f"[h2o-gate sweep] {number}/{len(points)} {point.run_id}", file=sys.stderr, flush=True)
-        rc = 0
-        if args.dry_run:
-            pass
-        elif args.llm_bench:
-            command = llm_bench_command(args.llm_bench, args.threads, point, config_path, log_path, args.backend,
-                                        args.attention_option)
-            rc = subprocess.run(command, check=False).returncode
-        else:
-            assert loaded is not None
-            try:
-                prompt, continuation = bench_tokens(loaded, point.prompt_tokens, point.gen_tokens, args.text_file,
-                                                    args.synthetic)
-                row, summary = run_bench(loaded, config, str(config_path), prompt, continuation, point.repeat,
-                                         args.threads)
-                write_log(log_path, row, summary, config, point.repeat,
-                          "synthetic" if args.synthetic else str(args.text_file or "pydoc_data.topics"))
-            except (ConfigError, ValueError) as exc:
-                print(f"[WARN] {point.run_id}: {exc}", file=sys.stderr)
-                rc = 2
+        rc = 0 if args.dry_run else run_point(args, loaded, point, config, config_path, log_path)
         failed += rc != 0
         manifest.append({"run_id": point.run_id, "prompt_len": point.prompt_tokens, "gen_len": point.gen_tokens,
                          "repeat": point.repeat, **point.config, "config": str(config_path), "log": str(log_path),
@@ -93,6 +71,70 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f"[h2o-gate sweep] {len(points)} points, {failed} failed; wrote {args.out_dir / 'manifest.json'}",
           file=sys.stderr)
     return 2 if failed else 0
+
+
+def setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[Point], dict[str, Any]]:
+    """The preset's points (the plugin's loader: bundled names, schema, ``kv_*`` keys) and the base config,
+    with every option checked before anything runs; a usage error names the option otherwise."""
+    from .gate import GateSetupError, load_points  # here: gate imports gate_run, which imports this module
+
+    if bool(args.llm_bench) != bool(args.base_config):
+        parser.error("--llm-bench and --base-config go together")
+    try:
+        _, points = load_points(args.preset, {})
+    except GateSetupError as exc:
+        parser.error(f"--preset {exc}")
+    try:
+        base = read_base_config(args.base_config) if args.base_config else {}
+    except ValueError as exc:
+        parser.error(f"--base-config {exc}")
+    try:
+        check_setup(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return points, base
+
+
+def check_points_fit(loaded: LoadedModel, points: list[Point], preset: str, parser: argparse.ArgumentParser) -> None:
+    """A usage error, before the first run, when a point's tokens exceed the model's context or the memory."""
+    for point in points:
+        try:
+            check_run_fits(loaded.model.config, point.prompt_tokens, point.gen_tokens, f"--preset {preset} "
+                           f"({point.label})")
+        except RunTooLargeError as exc:
+            parser.error(str(exc))
+
+
+def run_point(args: argparse.Namespace, loaded: LoadedModel | None, point: Point, config: dict[str, Any],
+              config_path: Path, log_path: Path) -> int:
+    """Run one point on llm_bench or the reference runtime; its return code (2: the runtime refused it)."""
+    if args.llm_bench:
+        command = llm_bench_command(args.llm_bench, args.threads, point, config_path, log_path, args.backend,
+                                    args.attention_option)
+        return subprocess.run(command, check=False).returncode
+    assert loaded is not None
+    try:
+        prompt, continuation = bench_tokens(loaded, point.prompt_tokens, point.gen_tokens, args.text_file,
+                                            args.synthetic)
+        row, summary = run_bench(loaded, config, str(config_path), prompt, continuation, point.repeat, args.threads,
+                                 extra_kv_keys=point.extra_kv_keys)
+        write_log(log_path, row, summary, config, point.repeat,
+                  "synthetic" if args.synthetic else str(args.text_file or "pydoc_data.topics"))
+    except ValueError as exc:
+        print(f"[WARN] {point.run_id}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def check_setup(args: argparse.Namespace) -> None:
+    """ValueError naming the option unless the output folder, the text file and the llm_bench binary are usable."""
+    check_out_dir(args.out_dir, "--out-dir")
+    check_out_dir(args.out_dir / "configs", "--out-dir")
+    check_out_dir(args.out_dir / "logs", "--out-dir")
+    check_text_file(args.text_file, "--text-file")
+    if args.llm_bench and not shutil.which(args.llm_bench):
+        raise ValueError(f"--llm-bench {args.llm_bench}: not found or not executable; expected the path "
+                         "of an llm_bench binary (or its name on PATH)")
 
 
 def llm_bench_command(binary: str, threads: int, point: Point, config: Path, log: Path, backend: str = "cpu",

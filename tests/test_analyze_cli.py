@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,8 @@ import pytest
 
 from h2o_gates.log_parse import metric_row, read_csv
 from h2o_kernels.kvdump import write_dump
-from pytest_h2o.analyze_cli import check_offline, config_names
+from pytest_h2o.analyze_cli import (add_analyze_arguments, add_full_eval_arguments, add_parse_log_arguments,
+                                    check_offline, config_names)
 from pytest_h2o.cli import main
 
 V4_HEADER = ("model", "modelSize", "backend", "threads", "precision", "llm_demo", "speed(tok/s)", "h2o_keep",
@@ -150,7 +153,7 @@ def test_analyze_passes_on_hand_computed_numbers(tmp_path, capsys):
     online = write_json(tmp_path / "online.json", 1.35)
     upper = write_json(tmp_path / "upper.json", 1.60)
     assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", str(online),
-                   "--offline-lossless-json", str(upper)) == 0
+                   "--offline-lossless-json", str(upper), "--decode-baseline", "6.60") == 0
     captured = capsys.readouterr()
     assert "[WARN]" not in captured.err
     assert "overall_pass: true" in captured.out and "lossy_pass: true" in captured.out
@@ -166,7 +169,7 @@ def test_analyze_passes_on_hand_computed_numbers(tmp_path, capsys):
 def test_analyze_fails_on_decode_drop_just_over_target(tmp_path, capsys):
     csv_path = make_csv(tmp_path, {"slow": [bench_row(3.2, 1.1, 6.25)]})  # drop 0.0530
     online = write_json(tmp_path / "online.json", 1.35)
-    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", str(online)) == 1
+    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", str(online), "--decode-baseline", "6.60") == 1
     assert "overall_pass: false" in capsys.readouterr().out
     md, report = summary(tmp_path)
     assert "- overall_pass: false" in md
@@ -206,11 +209,12 @@ def test_lossless_online_falls_back_to_upper_bound_then_runtime(tmp_path, capsys
 def test_joint_needs_one_configuration_passing_everything(tmp_path, capsys):
     csv_path = make_csv(tmp_path, {"lossy": [bench_row(3.5, 1.1, 5.0)], "fast": [bench_row(2.5, 1.1, 6.6)]})
     online = str(write_json(tmp_path / "o.json", 1.35))
-    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", online, "--gate-mode", "independent") == 0
+    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", online, "--gate-mode", "independent",
+                   "--decode-baseline", "6.60") == 0
     md, report = summary(tmp_path)
     assert "- overall_pass: true" in md and report["joint"]["passed"] is False
     capsys.readouterr()
-    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", online) == 1
+    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", online, "--decode-baseline", "6.60") == 1
     out = capsys.readouterr().out
     assert "overall_pass: false (joint" in out and "original best-of: true" in out
     md, report = summary(tmp_path)
@@ -221,7 +225,7 @@ def test_joint_needs_one_configuration_passing_everything(tmp_path, capsys):
 def test_optional_limits_and_runtime_decomp(tmp_path):
     csv_path = make_csv(tmp_path, {"r": [bench_row(3.2, 1.1, 6.5, decomp=0.0, queue=3.0, fallback=1.0)]})
     online = str(write_json(tmp_path / "o.json", 1.35))
-    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", online) == 1
+    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", online, "--require-runtime-decomp") == 1
     assert failing(summary(tmp_path)[1]) == {"r": ["runtime_decomp_pass"]}
     assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", online, "--no-require-runtime-decomp") == 0
     assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", online, "--no-require-runtime-decomp",
@@ -259,6 +263,91 @@ def test_bad_offline_json_is_a_usage_error_naming_the_file(tmp_path, capsys, tex
 def test_missing_csv_is_a_usage_error(tmp_path, capsys):
     missing = tmp_path / "none.csv"
     assert str(missing) in usage_error(capsys, ["analyze", "--csv", str(missing), "--out", str(tmp_path / "s.md")])
+
+
+def test_analyze_defaults_are_the_originals_and_unchecked_rules_say_so(tmp_path, capsys):
+    csv_path = make_csv(tmp_path, {"r": [bench_row(3.2, 1.1, 5.0, decomp=0.0)]})  # slow, no runtime decode
+    online = write_json(tmp_path / "online.json", 1.35)
+    assert analyze(tmp_path, csv_path, "--offline-lossless-online-json", str(online)) == 0
+    out = capsys.readouterr().out
+    assert "decode_pass: not checked (no --decode-baseline)" in out
+    assert "runtime_decomp_pass: not checked (--require-runtime-decomp off)" in out
+    md, report = summary(tmp_path)
+    assert report["thresholds"]["decode_baseline"] is None and report["thresholds"]["require_runtime_decomp"] is False
+    gate = md.split("## Gate", 1)[1].split("\n\n")[1].splitlines()
+    assert gate == ["- lossy_pass: true", "- lossless_online_pass: true",
+                    "- decode_pass: not checked (no --decode-baseline)",
+                    "- runtime_decomp_pass: not checked (--require-runtime-decomp off)",
+                    "- runtime_queue_peak_pass: not checked (no --max-lossless-queue-peak)",
+                    "- runtime_fallback_pass: not checked (no --max-lossless-fallback)",
+                    "- fidelity_pass: not checked (llm_bench logs have no fidelity numbers)", "- overall_pass: true"]
+    assert "- decode_baseline: none (decode_pass not checked)" in md
+    assert "decode_drop" not in configs(report)["r"]["metrics"]  # no number for a rule that did not run
+
+
+def test_a_rule_checked_without_its_own_input_says_so(tmp_path, capsys):
+    csv_path = tmp_path / "early_v4.csv"  # an early v4 log: no decompression counter
+    csv_path.write_text("model,speed(tok/s),h2o_lossy,h2o_lossless,log_file\n"
+                        "llama2,48.3 ± 0.4<br>6.5 ± 0.1,3.2 ± 0.0,1.4 ± 0.0,logs/r.log\n", encoding="utf-8")
+    assert analyze(tmp_path, csv_path, "--require-runtime-decomp") == 1
+    out = capsys.readouterr().out
+    md, _ = summary(tmp_path)
+    for line in ("lossless_online_pass: true (from each row's runtime h2o_lossless: no offline JSON)",
+                 "runtime_decomp_pass: false (no h2o_lossless_decomp_us in the input)"):
+        assert f"- {line}\n" in md and f"  {line} - " in out
+    upper = write_json(tmp_path / "upper.json", 1.6)
+    assert analyze(tmp_path, csv_path, "--offline-lossless-json", str(upper)) == 0
+    line = f"- lossless_online_pass: true (from the upper-bound JSON {upper}: no online-sim JSON)"
+    assert line in summary(tmp_path)[0]
+
+
+def test_analyze_summary_has_no_empty_metadata_lines(tmp_path):
+    csv_path = make_csv(tmp_path, {"r": [bench_row(3.2, 1.1, 6.3)]})
+    analyze(tmp_path, csv_path)
+    md = summary(tmp_path)[0]
+    assert md.startswith("# H2O v4 Quality Gate Summary\n\n## Targets\n\n- lossy_target: 3.0\n")
+    assert "\n\n\n" not in md
+
+
+def help_blocks(capsys, command: str) -> dict[str, str]:
+    """``{first option string: its help, unwrapped}`` from ``h2o-gate COMMAND --help``."""
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out.split("options:", 1)[1]
+    blocks = [" ".join(block.split()) for block in re.split(r"\n  (?=-)", text) if block.strip()]
+    return {block.split()[0].rstrip(","): block for block in blocks}
+
+
+def check_help_defaults(capsys, command: str, add_arguments) -> None:
+    """Every option with a meaningful default shows it once, as its real value; no help text invents one."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    blocks = help_blocks(capsys, command)
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        block = blocks[action.option_strings[0]]
+        shown = re.findall(r"\(default: ([^)]*)\)", block)
+        assert block.count("(default") <= 1, block
+        if action.default is None or action.default is False or action.default == "":
+            assert shown == [], block
+        else:
+            assert shown == [str(action.default)], block
+
+
+@pytest.mark.parametrize("command, add_arguments", [("parse-log", add_parse_log_arguments),
+                                                    ("analyze", add_analyze_arguments),
+                                                    ("full-eval", add_full_eval_arguments)])
+def test_help_shows_each_default_once(capsys, command, add_arguments):
+    check_help_defaults(capsys, command, add_arguments)
+
+
+def test_help_shows_the_originals_defaults(capsys):
+    analyze_help, full_eval_help = help_blocks(capsys, "analyze"), help_blocks(capsys, "full-eval")
+    assert "(default: 0.0)" in analyze_help["--decode-baseline"]
+    assert "off unless given" in analyze_help["--require-runtime-decomp"]
+    assert "(default: True)" in full_eval_help["--require-runtime-decomp"]
 
 
 # --- full-eval -------------------------------------------------------------------------------------
@@ -327,3 +416,25 @@ def test_offline_accounting_check():
     assert "raw/comp" in check_offline({**good, "weighted_lossless_ratio": 1.6})
     assert "nothing compressed" in check_offline({**good, "compressed_bytes": 0})
     assert "verified" in check_offline({**good, "roundtrip_verified": False})
+
+
+def test_full_eval_uses_run_full_eval_defaults(tmp_path, kv_dir, capsys):
+    write_log(tmp_path / "logs" / "r.log", bench_row(3.2, 1.1, 5.0, decomp=0.0))
+    assert full_eval(tmp_path, kv_dir, "--lossless-target", "1.0") == 1
+    md, report = summary(tmp_path)
+    assert failing(report) == {"r": ["runtime_decomp_pass"]}  # required, as run_full_eval.sh; decode not checked
+    assert "- decode_pass: not checked (no --decode-baseline)" in md
+    assert "decode_pass: not checked (no --decode-baseline)" in capsys.readouterr().out
+
+
+def test_full_eval_names_the_logs_it_could_not_parse(tmp_path, kv_dir, capsys):
+    write_log(tmp_path / "logs" / "r.log", bench_row(3.2, 1.1, 6.5), bench_row(3.2, 1.1, 6.5) + " extra |")
+    (tmp_path / "logs" / "crash.log").write_text("segmentation fault\n")
+    assert full_eval(tmp_path, kv_dir, "--lossless-target", "1.0") == 0
+    err = capsys.readouterr().err
+    assert "[WARN] h2o-gate full-eval: 2 problems in 2 files" in err and "crash.log" in err
+    md, report = summary(tmp_path)
+    warnings = md.split("## Warnings", 1)[1]
+    assert "no llm_bench table: 1" in warnings and "crash.log" in warnings
+    assert f"row with the wrong cell count: 1 - {tmp_path / 'logs' / 'r.log'}:4" in warnings
+    assert len(report["warnings"]) == 3  # two kinds and the file without rows

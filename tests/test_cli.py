@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from h2o_test_helpers import write_standard_dump
 
 from h2o_kernels.offline_eval import EvalOptions, evaluate
 from pytest_h2o.cli import main
+from pytest_h2o.out_paths import OutPathError, check_out_dir, check_out_file
 
 ORIGINAL_OPTIONS = (
     "--dump-dir", "--out-json", "--out-md", "--overwrite", "--stage", "--scope", "--front-n", "--layer-start",
@@ -242,3 +244,179 @@ def test_console_script_help_and_errors(dump_dir, tmp_path):
                        "--scope", "layer_ids", "--layer-ids", "99")
     assert empty.returncode == 1 and "no entries selected" in empty.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+# --- output locations, numbers and help: checked before any work -----------------------------------
+
+TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 300, "rope_theta": 10000.0}
+MISSING_MODEL = "no-such-model.gguf"  # a run that got past the checks would stop here with exit 1
+COMMANDS = ("offline", "kv-dump", "bench", "sweep", "parse-log", "analyze", "full-eval", "history")
+
+
+@pytest.fixture
+def blocker(tmp_path) -> Path:
+    """A regular file where a folder is expected."""
+    path = tmp_path / "blocker"
+    path.write_text("a file\n")
+    return path
+
+
+def test_check_out_file_and_dir(tmp_path, blocker):
+    assert check_out_file(tmp_path / "new" / "deeper" / "r.json", "--x") == tmp_path / "new" / "deeper" / "r.json"
+    assert check_out_file(blocker, "--x") == blocker  # overwriting a file is the caller's decision
+    assert check_out_dir(tmp_path / "new" / "dir", "--x") == tmp_path / "new" / "dir"
+    assert check_out_dir(tmp_path, "--x") == tmp_path
+    with pytest.raises(OutPathError, match=r"^--x .*blocker/sub/r\.json: .*blocker is a file, not a folder"):
+        check_out_file(blocker / "sub" / "r.json", "--x")
+    with pytest.raises(OutPathError, match="is a folder; expected a file path"):
+        check_out_file(tmp_path, "--x")
+    with pytest.raises(OutPathError, match="is a file, not a folder"):
+        check_out_dir(blocker, "--x")
+    with pytest.raises(OutPathError, match="blocker is a file, not a folder"):
+        check_out_dir(blocker / "d", "--x")
+    assert issubclass(OutPathError, ValueError)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_folders_are_refused(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(OutPathError, match="permission denied"):
+            check_out_file(locked / "r.json", "--x")
+        with pytest.raises(OutPathError, match="not writable"):
+            check_out_dir(locked, "--x")
+        err = usage_error(capsys, ["bench", "-m", MISSING_MODEL, "-fp", str(locked / "b.log")])
+        assert "-fp" in err and "permission denied" in err
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--out-json", "{blocker}/r.json"], "--out-json {blocker}/r.json"),
+    (["--out-json", "{tmp}"], "--out-json {tmp}: is a folder"),
+    (["--out-json", "{tmp}/r.json", "--out-md", "{blocker}/md/r.md"], "--out-md {blocker}/md/r.md"),
+    (["--out-json", "{tmp}/r.json", "--out-md", "{tmp}/r.json"], "the same file as --out-json"),
+])
+def test_offline_outputs_are_checked_before_evaluating(dump_dir, tmp_path, blocker, capsys, monkeypatch, argv,
+                                                       fragment):
+    monkeypatch.setattr("pytest_h2o.cli.evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+    names = {"blocker": blocker, "tmp": tmp_path}
+    err = usage_error(capsys, ["offline", "--dump-dir", str(dump_dir), *[a.format(**names) for a in argv]])
+    assert fragment.format(**names) in err
+    assert len(err.strip().splitlines()) == 2
+
+
+def test_offline_dump_dir_must_be_a_folder(tmp_path, blocker, capsys):
+    for path in (tmp_path / "missing", blocker):
+        err = usage_error(capsys, ["offline", "--dump-dir", str(path), "--out-json", str(tmp_path / "r.json")])
+        assert f"--dump-dir {path}: not a folder" in err
+
+
+@pytest.mark.parametrize("out", ["{blocker}", "{blocker}/dump"])
+def test_kv_dump_out_is_checked_before_the_model(blocker, capsys, out):
+    out = out.format(blocker=blocker)
+    err = usage_error(capsys, ["kv-dump", "-m", MISSING_MODEL, "--out", out])
+    assert f"--out {out}" in err and "not a folder" in err
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["-fp", "{blocker}/logs/b.log"], "-fp {blocker}/logs/b.log: "),
+    (["-fp", "{tmp}"], "-fp {tmp}: is a folder"),
+    (["-fp", "{tmp}/b.json"], "its JSON twin would be the same file"),
+    (["-fp", "{tmp}/twin.log"], "-fp (its JSON twin) {tmp}/twin.json: is a folder"),
+    (["--dump-kv", "{blocker}"], "--dump-kv {blocker}: is a file"),
+    (["--text-file", "{tmp}"], "--text-file {tmp}: cannot read"),
+])
+def test_bench_outputs_and_text_are_checked_before_the_model(tmp_path, blocker, capsys, argv, fragment):
+    (tmp_path / "twin.json").mkdir()
+    names = {"blocker": blocker, "tmp": tmp_path}
+    err = usage_error(capsys, ["bench", "-m", MISSING_MODEL, *[a.format(**names) for a in argv]])
+    assert fragment.format(**names) in err
+
+
+@pytest.mark.parametrize("command,argv,option", [
+    ("bench", ["-t", "0"], "-t/--threads"),
+    ("bench", ["-t", "-2"], "-t/--threads"),
+    ("bench", ["-p", "0"], "-p/--prompt-tokens"),
+    ("bench", ["-p", "-5"], "-p/--prompt-tokens"),
+    ("bench", ["-n", "-1"], "-n/--gen-tokens"),
+    ("bench", ["-rep", "0"], "-rep/--repeat"),
+    ("bench", ["-rep", "two"], "-rep/--repeat"),
+    ("kv-dump", ["--out", "x", "-p", "1"], "-p/--prompt-tokens"),
+    ("kv-dump", ["--out", "x", "-n", "-1"], "-n/--gen-tokens"),
+    ("kv-dump", ["--out", "x", "-t", "0"], "-t/--threads"),
+    ("sweep", ["--preset", "target_ratio.json", "--out-dir", "x", "--threads", "0"], "--threads"),
+    ("sweep", ["--preset", "target_ratio.json", "--out-dir", "x", "--attention-option", "-1"], "--attention-option"),
+    ("offline", ["--front-n", "0"], "--front-n"),
+    ("offline", ["--layer-start", "-1"], "--layer-start"),
+    ("offline", ["--layer-end", "-2"], "--layer-end"),
+    ("offline", ["--zstd-level", "23"], "--zstd-level"),
+    ("offline", ["--zstd-level", "0"], "--zstd-level"),
+    ("offline", ["--min-seq-len", "-1"], "--min-seq-len"),
+    ("offline", ["--max-seq-len", "-1"], "--max-seq-len"),
+    ("offline", ["--online-chunk-seq", "-1"], "--online-chunk-seq"),
+    ("offline", ["--online-framing-bytes", "-8"], "--online-framing-bytes"),
+    ("offline", ["--adaptive-block-seq", "0"], "--adaptive-block-seq"),
+])
+def test_numeric_options_are_range_checked(dump_dir, tmp_path, capsys, command, argv, option):
+    base = {"bench": ["-m", MISSING_MODEL], "kv-dump": ["-m", MISSING_MODEL], "sweep": ["-m", MISSING_MODEL],
+            "offline": ["--dump-dir", str(dump_dir), "--out-json", str(tmp_path / "r.json")]}[command]
+    err = usage_error(capsys, [command, *base, *argv])
+    assert f"argument {option}: expected an integer" in err and argv[-1] in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_bench_refuses_a_misspelled_or_mistyped_key_before_loading_the_model(tmp_path, capsys):
+    config = tmp_path / "kv.json"
+    config.write_text(json.dumps({"kv_h2o_enabel": True}))
+    err = usage_error(capsys, ["bench", "-m", MISSING_MODEL, "-c", str(config)])
+    assert str(config) in err and "'kv_h2o_enabel'" in err and "'kv_h2o_enable'" in err
+    config.write_text(json.dumps({"kv_lossless_front_n": 2.5}))
+    err = usage_error(capsys, ["bench", "-m", MISSING_MODEL, "-c", str(config)])
+    assert "kv_lossless_front_n" in err and "integer" in err
+
+
+@pytest.mark.parametrize("command", ["bench", "kv-dump"])
+def test_a_run_too_large_for_memory_is_a_usage_error_before_running(tmp_path, capsys, command):
+    model = tmp_path / "config.json"
+    model.write_text(json.dumps(TINY))
+    out = ["--out", str(tmp_path / "kv")] if command == "kv-dump" else []
+    err = usage_error(capsys, [command, "-m", str(model), "-p", "5000000", "-n", "1", *out])
+    assert "-p/-n: 5000000 prompt + 1 generated tokens" in err
+    assert not (tmp_path / "kv").exists()
+
+
+def test_usage_errors_are_two_lines(capsys):
+    err = usage_error(capsys, ["bench", "-t", "0"])
+    assert err.splitlines() == ["h2o-gate bench: error: argument -t/--threads: expected an integer >= 1, got 0",
+                                "see 'h2o-gate bench --help' for the options"]
+
+
+def help_text(capsys, command: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_each_default_once(capsys, command):
+    text = help_text(capsys, command)
+    assert not re.search(r"\(default[^()]*(\([^()]*\))?[^()]*\)\s*\(default", text), text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+@pytest.mark.parametrize("command,shown", [
+    ("offline", ["--entry-mode {per_meta,aggregate,chunked,chunked_grouped} unit of", "(default: per_meta)",
+                 "(default: both)", "(default: 16)", "(default: 3)"]),
+    ("kv-dump", ["(default: smollm2)", "(default: 512)", "(default: 128)", "(default: 1)"]),
+    ("bench", ["(default: 512)", "(default: 128)", "discarded warm-up (default: 3)", "(default: 1)"]),
+    ("sweep", ["(default: cpu)", "(default: smollm2)", "(default: 0)"]),
+])
+def test_help_shows_the_defaults_of_the_own_subcommands(capsys, command, shown):
+    text = help_text(capsys, command)
+    for fragment in shown:
+        assert fragment in text, fragment

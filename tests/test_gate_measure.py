@@ -33,7 +33,7 @@ class FakeRuntime:
     calls: list[tuple[str, float]] = []
     factors: dict[str, tuple[float, float]] = {}
 
-    def __init__(self, model, config, source="config", log=None):
+    def __init__(self, model, config, source="config", log=None, extra_kv_keys=()):
         self.source = source
         self.n = 0
 
@@ -51,7 +51,8 @@ def fake(monkeypatch):
     model = SimpleNamespace(config=SimpleNamespace(num_layers=2, num_kv_heads=1, head_dim=4),
                             cache=SimpleNamespace(num_layers=2, nbytes=lambda layer: 64))
     loaded = SimpleNamespace(model=model, name="fake", size_bytes=1, tokenizer=None)
-    monkeypatch.setattr(gate_run, "load_model", lambda spec, threads: loaded)
+    monkeypatch.setattr(gate_run, "load_model", lambda spec, threads, **_: loaded)
+    monkeypatch.setattr(gate_run, "check_run_fits", lambda *a: None)
     monkeypatch.setattr(gate_run, "bench_tokens", lambda *a: (np.arange(8), np.arange(4)))
     monkeypatch.setattr(gate_run, "ReferenceRuntime", FakeRuntime)
     monkeypatch.setattr(gate_run, "fidelity", lambda *a: {})

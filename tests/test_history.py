@@ -580,3 +580,29 @@ def test_cli_empty_store_and_bad_options(store, monkeypatch, capsys):
         assert exc.value.code == 2 and f"--metric {bad}: in no stored run" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _cli("--store", str(store), "--last", "0")
+
+
+def test_trend_plot_is_titled_with_the_preset_asked_for(store, monkeypatch, tmp_path):
+    old, new = _trend_records(monkeypatch)
+    append(store, old)
+    append(store, new)
+    append(store, _record(_report(preset="other.json"), monkeypatch=monkeypatch))
+    titles = []
+
+    def capture(fig, path):
+        fig.canvas.draw()
+        box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
+        titles.append(fig._suptitle.get_text())
+        return Path(path)
+
+    monkeypatch.setattr("h2o_gates.plots.save_figure", capture)
+    assert _cli("--store", str(store), "--preset", PRESET) == 0
+    assert _cli("--store", str(store)) == 0
+    assert titles == [f"{PRESET}: trend over 2 runs", "all presets: trend over 3 runs"]
+
+
+def test_history_help_shows_each_default_once(capsys):
+    from test_analyze_cli import check_help_defaults
+
+    check_help_defaults(capsys, "history", history_cli.add_arguments)

@@ -102,7 +102,7 @@ def test_bad_model_specs_say_what_was_expected(tmp_path: Path, capsys):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ModelSpecError, match="incomplete.gguf: not a usable llama-architecture GGUF"):
+    with pytest.raises(ModelSpecError, match="incomplete.gguf: missing key llama.embedding_length"):
         load_model(str(incomplete))
     assert main(["kv-dump", "-m", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "x")]) == 1
     assert "no such file" in capsys.readouterr().err

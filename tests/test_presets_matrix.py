@@ -98,12 +98,13 @@ def test_a_dimension_listing_a_value_twice_is_rejected(preset, message):
 
 
 def test_distinct_values_with_the_same_label_text_get_distinct_labels():
-    points = expand({"kv_lossless_x": [True, "true", 1, "1", 2]}, "p.json")
+    points = expand({"kv_lossless_x": [True, "true", 1, "1", 2], "extra_kv_keys": ["kv_lossless_x"]}, "p.json")
     assert [p.label for p in points] == [
         "keep0.50-lr3.0-lossless_xtrue", 'keep0.50-lr3.0-lossless_x"true"', "keep0.50-lr3.0-lossless_x1",
         'keep0.50-lr3.0-lossless_x"1"', "keep0.50-lr3.0-lossless_x2"]  # only the colliding ones quoted
     assert [p.config["kv_lossless_x"] for p in points] == [True, "true", 1, "1", 2]
-    across = expand({"kv_lossless_a": ["x", "x-lossless_by"], "kv_lossless_b": ["y-lossless_by", "y"]})
+    across = expand({"kv_lossless_a": ["x", "x-lossless_by"], "kv_lossless_b": ["y-lossless_by", "y"],
+                     "extra_kv_keys": ["kv_lossless_a", "kv_lossless_b"]})
     assert len({p.label for p in across}) == 4  # "-" inside a value no longer merges two points
     close = expand({"h2o_keep_ratios": [0.35, 0.351, 0.3500001]})
     assert [p.label for p in close] == ["keep0.35-lr3.0", "keep0.351-lr3.0", "keep0.3500001-lr3.0"]
@@ -111,8 +112,9 @@ def test_distinct_values_with_the_same_label_text_get_distinct_labels():
 
 def test_labels_that_cannot_be_told_apart_name_both_points():
     with pytest.raises(PresetError, match="key 'kv_lossless_x' lists NaN twice"):
-        expand(json.loads('{"kv_lossless_x": [NaN, NaN]}'))  # JSON's NaN is one object: a repeat
+        # JSON's NaN is one object: a repeat
+        expand(json.loads('{"kv_lossless_x": [NaN, NaN], "extra_kv_keys": ["kv_lossless_x"]}'))
     two_nans = [float("nan"), float("nan")]  # distinct objects, and NaN != NaN: no repeat, but both print "nan"
     with pytest.raises(PresetError, match="p.json: points run_0001_.* and run_0002_.* both get the label "
                                           "'keep0.50-lr3.0-lossless_xnan'"):
-        expand({"kv_lossless_x": two_nans}, "p.json")
+        expand({"kv_lossless_x": two_nans, "extra_kv_keys": ["kv_lossless_x"]}, "p.json")

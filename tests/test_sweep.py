@@ -85,3 +85,64 @@ def test_empty_or_malformed_dimensions_are_usage_errors(tmp_path, preset, capsys
     assert exc.value.code == 2
     assert "p.json" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def usage_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bundled_preset_names_work_as_in_the_plugin(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["sweep", "--preset", "target_joint_scope_v4.json", "--out-dir", str(out), "--dry-run"]) == 0
+    assert len(json.loads((out / "manifest.json").read_text())) == 4
+    assert main(["sweep", "--preset", "target_ratio", "--out-dir", str(tmp_path / "o2"), "--dry-run"]) == 0
+    err = usage_error(capsys, ["sweep", "--preset", "target_ratio_v9.json", "--out-dir", str(tmp_path / "o3")])
+    assert "--preset target_ratio_v9.json: no such preset file" in err and "target_joint_scope_v4.json" in err
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("kv_lossless_front_n", "2", "'kv_lossless_front_n' must be a JSON integer"),
+    ("kv_h2o_enable", 1, "'kv_h2o_enable' must be a JSON bool"),
+    ("kv_lossless_frnt_n", 2, "did you mean 'kv_lossless_front_n'"),
+])
+def test_dry_run_checks_every_kv_key(tmp_path, capsys, key, value, fragment):
+    preset = write(tmp_path / "p.json", {"h2o_keep_ratios": [0.3, 0.5], key: value})
+    err = usage_error(capsys, ["sweep", "--preset", str(preset), "--out-dir", str(tmp_path / "o"), "--dry-run"])
+    assert f"--preset {preset}" in err and fragment in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("out", ["{blocker}", "{blocker}/sweep"])
+def test_out_dir_is_checked_before_anything_runs(tmp_path, capsys, fake_llm_bench, out):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file\n")
+    out = out.format(blocker=blocker)
+    preset = write(tmp_path / "p.json", {"h2o_keep_ratios": [0.3]})
+    base = write(tmp_path / "base.json", {})
+    err = usage_error(capsys, ["sweep", "--preset", str(preset), "--out-dir", out, "--llm-bench", str(fake_llm_bench),
+                               "--base-config", str(base)])
+    assert f"--out-dir {out}" in err and "not a folder" in err
+    assert not list(tmp_path.glob("**/*.args.json"))
+
+
+def test_a_missing_llm_bench_is_a_usage_error(tmp_path, capsys):
+    preset = write(tmp_path / "p.json", {"h2o_keep_ratios": [0.3]})
+    base = write(tmp_path / "base.json", {})
+    err = usage_error(capsys, ["sweep", "--preset", str(preset), "--out-dir", str(tmp_path / "o"), "--llm-bench",
+                               str(tmp_path / "no_llm_bench"), "--base-config", str(base)])
+    assert f"--llm-bench {tmp_path / 'no_llm_bench'}: not found or not executable" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_points_too_large_for_memory_are_refused_before_the_first_run(tmp_path, capsys):
+    model = write(tmp_path / "config.json", {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+                                             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
+                                             "rope_theta": 10000.0})
+    preset = write(tmp_path / "p.json", {"prompts": [16, 5000000], "gens": [4], "repeat": 1,
+                                         "h2o_keep_ratios": [0.5]})
+    err = usage_error(capsys, ["sweep", "--preset", str(preset), "--out-dir", str(tmp_path / "o"), "-m", str(model)])
+    assert f"--preset {preset}" in err and "5000000 prompt + 4 generated tokens" in err
+    assert not (tmp_path / "o").exists()

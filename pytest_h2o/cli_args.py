@@ -1,0 +1,60 @@
+"""Argument helpers shared by the ``h2o-gate`` subcommands: bounded integer types, a help formatter that
+shows defaults, and input-file checks done before any model is loaded."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable, NoReturn
+
+
+def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``[low, high]``; argparse prefixes the error with the option's name."""
+    expected = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+    parse.__name__ = "bounded_int"
+    return parse
+
+
+positive_int = bounded_int(1)
+non_negative_int = bounded_int(0)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage error is two lines: the error, then where the options are listed."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nsee '{self.prog} --help' for the options\n")
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help when it has a meaningful default and its help does not
+    already say one (no ``None``, ``False`` of a flag or empty string)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        silent = default is None or default is False or default is argparse.SUPPRESS or default == ""
+        if silent or "(default" in (action.help or "") or not action.option_strings:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def check_text_file(path: Path | None, option: str) -> None:
+    """ValueError naming ``option`` and the file unless ``path`` (when given) is readable UTF-8 text."""
+    if path is None:
+        return
+    try:
+        path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{option} {path}: cannot read it ({exc.strerror or exc}); expected a UTF-8 text file") \
+            from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{option} {path}: not UTF-8 text; expected a UTF-8 text file") from None
