@@ -27,6 +27,8 @@ from h2o_gates.log_parse import (LogParseError, ParseProblem, find_logs, metric_
 from h2o_gates.rules import RULES, Thresholds
 from h2o_kernels.offline_eval import ENTRY_MODES, EvalOptions, SelectionError, evaluate
 
+from .out_paths import OutPathError, check_out_file
+
 RATIO_KEY = "weighted_lossless_ratio"
 UPPER_JSON = "offline_lossless_upper.json"
 ONLINE_JSON = "offline_lossless_online_grouped.json"
@@ -48,12 +50,20 @@ def run_parse_log(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     files = [Path(part.strip()) for part in args.log_files.split(",") if part.strip()]
     if args.log_dir is None and not files:
         parser.error("give --log-dir, --log-files or both")
+    for path in files:
+        if not path.is_file():
+            parser.error(f"--log-files {path}: no such file; expected llm_bench .log files")
+    if args.log_dir is not None and not args.log_dir.is_dir():
+        parser.error(f"--log-dir {args.log_dir}: not a folder; expected a folder of llm_bench .log files")
     try:
+        check_out_file(args.out_csv, "--out-csv")
         count, _ = parse_to_csv(args.log_dir, files, args.out_csv)
-    except (LogParseError, OSError) as exc:
+    except (LogParseError, OutPathError) as exc:
+        parser.error(str(exc))
+    except OSError as exc:
         print(f"h2o-gate parse-log: {exc}", file=sys.stderr)
         return 1
-    return 0 if count else 1
+    return 0 if count else 2  # no usable input: a usage error, as a missing file
 
 
 def parse_to_csv(log_dir: Path | None, files: list[Path], out_csv: Path, prefix: str = "h2o-gate parse-log",
@@ -147,9 +157,12 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
 def run_analyze(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Execute ``h2o-gate analyze``."""
     thresholds = thresholds_from(args, parser)
-    for path in (args.out, args.out_json):
-        if path is not None and path.is_dir():
-            parser.error(f"{path} is a directory; --out and --out-json name files")
+    for path, option in ((args.out, "--out"), (args.out_json, "--out-json")):
+        try:
+            if path is not None:
+                check_out_file(path, option)
+        except OutPathError as exc:
+            parser.error(str(exc))
     try:
         rows = read_csv(args.csv)
     except LogParseError as exc:
@@ -251,8 +264,8 @@ def analyze(rows: list[dict[str, str]], choice: LosslessChoice, thresholds: Thre
             out_md: Path, out_json: Path | None, meta: dict[str, Any]) -> int:
     """Gate the rows, write the summaries, print the verdicts; return 0 (pass) or 1 (fail or no rows)."""
     if not rows:
-        print(f"h2o-gate analyze: no rows in {meta.get('csv')}", file=sys.stderr)
-        return 1
+        print(f"h2o-gate analyze: no rows in {meta.get('csv')}; expected the CSV of parse-log", file=sys.stderr)
+        return 2
     configs = metric_rows(rows, choice)
     meta = {**meta, "lossless_online_source": choice.source, "lossless_online": choice.ratio,
             "input_notes": input_notes(choice)}
@@ -366,18 +379,16 @@ def run_full_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     run_dir, logs = args.run_dir, args.run_dir / "logs"
     for path, what in ((logs, "--run-dir's logs/"), (args.kv_dumps, "--kv-dumps")):
         if not path.is_dir():
-            print(f"h2o-gate full-eval: {what} {path}: not a directory", file=sys.stderr)
-            return 1
+            parser.error(f"{what} {path}: not a directory")
     csv_path = run_dir / "h2o_metrics.csv"
     _step(1, f"parse {logs} -> {csv_path}")
     try:
         count, not_parsed = parse_to_csv(logs, [], csv_path, prefix="h2o-gate full-eval", stream=sys.stderr)
         if not count:
-            return 1
+            return 2
         rows = read_csv(csv_path)
     except LogParseError as exc:
-        print(f"h2o-gate full-eval: {exc}", file=sys.stderr)
-        return 1
+        parser.error(str(exc))
     paths = {"upper": run_dir / UPPER_JSON, "online": run_dir / ONLINE_JSON}
     for step, (key, options) in enumerate((("upper", upper_opts), ("online", online_opts)), start=2):
         label = "offline upper bound" if key == "upper" else f"offline online-sim ({options.entry_mode})"

@@ -60,7 +60,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(exc))
     try:
         loaded = load_model(args.model, threads=args.threads)
-    except (ModelSpecError, ModelFetchError) as exc:
+    except ModelSpecError as exc:
+        parser.error(str(exc))
+    except ModelFetchError as exc:
         print(f"h2o-gate bench: {exc}", file=sys.stderr)
         return 1
     prompt, continuation = run_tokens(args, loaded, parser)

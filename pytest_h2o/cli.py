@@ -215,7 +215,9 @@ def _run_kv_dump(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     text = args.text_file.read_text(encoding="utf-8") if args.text_file is not None else None
     try:
         loaded = load_model(args.model, threads=args.threads)
-    except (ModelSpecError, ModelFetchError) as exc:
+    except ModelSpecError as exc:
+        parser.error(str(exc))
+    except ModelFetchError as exc:
         print(f"h2o-gate kv-dump: {exc}", file=sys.stderr)
         return 1
     model, tokenizer = loaded.model, loaded.tokenizer

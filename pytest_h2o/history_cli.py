@@ -49,7 +49,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         held = f" (it holds runs of: {', '.join(presets)})" if presets else ""
         print(f"h2o-gate history: no stored runs{scope} in {args.store}{held}; a gate run appends one there",
               file=sys.stderr)
-        return 1
+        return 2
     if args.last is not None:
         records = records[-args.last:]
     metrics = args.metrics or list(DEFAULT_TREND_METRICS)

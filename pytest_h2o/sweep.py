@@ -49,7 +49,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.llm_bench and not args.dry_run:
         try:
             loaded = load_model(args.model, threads=args.threads)
-        except (ModelSpecError, ModelFetchError) as exc:
+        except ModelSpecError as exc:
+            parser.error(str(exc))
+        except ModelFetchError as exc:
             print(f"h2o-gate sweep: {exc}", file=sys.stderr)
             return 1
         check_points_fit(loaded, points, args.preset, parser)

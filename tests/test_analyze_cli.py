@@ -129,7 +129,7 @@ def test_parse_log_without_rows_fails_naming_what_was_searched(tmp_path, capsys)
     empty.mkdir()
     (empty / "notes.log").write_text("no table here\n")
     out = tmp_path / "m.csv"
-    assert main(["parse-log", "--log-dir", str(empty), "--out-csv", str(out)]) == 1
+    assert main(["parse-log", "--log-dir", str(empty), "--out-csv", str(out)]) == 2
     err = capsys.readouterr().err
     assert "no llm_bench table rows" in err and str(empty) in err and "1 log files" in err
     assert not out.exists()
@@ -137,7 +137,8 @@ def test_parse_log_without_rows_fails_naming_what_was_searched(tmp_path, capsys)
 
 def test_parse_log_unreadable_file_is_named(tmp_path, capsys):
     missing = tmp_path / "gone.log"
-    assert main(["parse-log", "--log-files", str(missing), "--out-csv", str(tmp_path / "m.csv")]) == 1
+    with pytest.raises(SystemExit, match="2"):
+        main(["parse-log", "--log-files", str(missing), "--out-csv", str(tmp_path / "m.csv")])
     assert str(missing) in capsys.readouterr().err
 
 
@@ -401,11 +402,13 @@ def test_full_eval_end_to_end(tmp_path, kv_dir, capsys):
                                              "run_0001#2": ["lossless_online_pass"]}
 
 
-def test_full_eval_without_logs_or_dumps_fails(tmp_path, kv_dir, capsys):
-    assert full_eval(tmp_path, kv_dir) == 1
+def test_full_eval_without_logs_or_dumps_is_a_usage_error(tmp_path, kv_dir, capsys):
+    with pytest.raises(SystemExit, match="2"):
+        full_eval(tmp_path, kv_dir)
     assert str(tmp_path / "logs") in capsys.readouterr().err
     write_log(tmp_path / "logs" / "r.log", bench_row(3.2, 1.1, 6.5))
-    assert full_eval(tmp_path, tmp_path / "no_dumps") == 1
+    with pytest.raises(SystemExit, match="2"):
+        full_eval(tmp_path, tmp_path / "no_dumps")
     assert "no_dumps" in capsys.readouterr().err
     assert not (tmp_path / "summary.md").exists()
 

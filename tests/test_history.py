@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from h2o_gates import history
-from h2o_gates.history import (CompareSpec, HistoryError, HistoryWarning, append, comparable, compare, incomplete_reason,
-                           load, load_with_errors, make_record, measured_anything, parse_compare_spec,
-                           parse_compare_specs, regressions, render_comparison, resolve)
+from h2o_gates.history import (CompareSpec, HistoryError, HistoryWarning, append, comparable, compare,
+                               incomplete_reason, load, load_with_errors, make_record, measured_anything, parse_compare_spec,
+                               parse_compare_specs, regressions, render_comparison, resolve)
 from h2o_gates.trend import plot_trend, representative_config, trend_table
 from pytest_h2o import history_cli
 
@@ -569,10 +569,10 @@ def test_cli_prints_the_trend_and_writes_the_plot(store, monkeypatch, capsys):
 
 
 def test_cli_empty_store_and_bad_options(store, monkeypatch, capsys):
-    assert _cli("--store", str(store)) == 1
+    assert _cli("--store", str(store)) == 2
     assert str(store) in capsys.readouterr().err
     append(store, _record(_report({"c": _speed_row(NOISE)}), monkeypatch=monkeypatch))
-    assert _cli("--store", str(store), "--preset", "nope") == 1
+    assert _cli("--store", str(store), "--preset", "nope") == 2
     assert "of preset 'nope'" in capsys.readouterr().err
     for bad in ("h2o_lossyy", "decode_log_ratios"):  # a per-round list is no trend metric
         with pytest.raises(SystemExit) as exc:

@@ -104,7 +104,8 @@ def test_bad_model_specs_say_what_was_expected(tmp_path: Path, capsys):
     writer.close()
     with pytest.raises(ModelSpecError, match="incomplete.gguf: missing key llama.embedding_length"):
         load_model(str(incomplete))
-    assert main(["kv-dump", "-m", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "x")]) == 1
+    with pytest.raises(SystemExit, match="2"):
+        main(["kv-dump", "-m", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "x")])
     assert "no such file" in capsys.readouterr().err
 
 

@@ -86,7 +86,8 @@ def test_the_users_modules_win_beside_a_running_gate(pytester: pytest.Pytester, 
 def test_version_and_help_load_nothing_heavy(tmp_path: Path):
     probe = ("import sys, pytest\n"
              "for args in (['--version'], ['--help']):\n"
-             "    assert pytest.main([*args, '-p', 'no:benchmark', '-p', 'no:hypothesispytest', '-p', 'no:xdist']) == 0\n"
+             "    others = ['-p', 'no:benchmark', '-p', 'no:hypothesispytest', '-p', 'no:xdist']\n"
+             "    assert pytest.main([*args, *others]) == 0\n"
              "heavy = ('numpy', 'matplotlib', 'zstandard', 'gguf', 'jsonschema', 'h2o_gates', 'h2o_presets',\n"
              "         'pytest_h2o.session')\n"
              "print('HEAVY', sorted(m for m in heavy if m in sys.modules))\n")
