@@ -20,11 +20,14 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Key:
-    """One config key: its JSON type (``int``, ``float``, ``bool`` or ``str``), default and clamp."""
+    """One config key: its JSON type (``int``, ``float``, ``bool`` or ``str``), default and clamp, and for
+    a string key the values it takes (the original mapped any other string to its default silently;
+    we refuse it, naming the closest value)."""
 
     kind: type
     default: Any
     clamp: Callable[[Any], Any] = staticmethod(lambda value: value)  # type: ignore[assignment]
+    choices: tuple[str, ...] | None = None
 
 
 def read_keys(config: dict[str, Any], keys: dict[str, Key], source: str = "config") -> dict[str, Any]:
@@ -37,6 +40,9 @@ def read_keys(config: dict[str, Any], keys: dict[str, Key], source: str = "confi
         value = config.get(name, key.default)
         if name in config and not _fits(value, key.kind):
             raise ConfigError(f"{source}: key {name!r} must be {_WORDS[key.kind]}, got {value!r}")
+        if key.choices is not None and value not in key.choices:
+            raise ConfigError(f"{source}: key {name!r} must be one of {', '.join(map(repr, key.choices))}, got "
+                              f"{value!r}{closest_hint(value, key.choices)}")
         out[name] = key.clamp(key.kind(value))
     return out
 

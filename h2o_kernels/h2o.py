@@ -28,22 +28,20 @@ _LOG_FORMAT = (
 )
 
 
-def _mode(value: str) -> str:
-    return "static" if value == "static" else "adaptive"
-
-
 _CLAMPS: dict[str, Callable[[Any], Any]] = {
     "layer_start": clamp(0),
     "block_tokens": clamp(1),
     "sink_tokens": clamp(0),
     "recent_tokens": clamp(0),
     "target_keep_ratio": clamp(0.0, 1.0),
-    "target_mode": _mode,
     "target_lossy_ratio": clamp(1.0),
     "ema_alpha": clamp(0.0, 1.0),
     "update_interval": clamp(1),
     "trigger_min_tokens": clamp(1),
 }
+
+
+_CHOICES = {"target_mode": ("static", "adaptive")}
 
 
 @dataclass(frozen=True)
@@ -79,8 +77,8 @@ class H2OConfig:
     @classmethod
     def keys(cls) -> dict[str, Key]:
         """The config keys read by :meth:`from_config` (``kv_h2o_<field>``)."""
-        return {f"kv_h2o_{f.name}": Key(type(f.default), f.default, _CLAMPS.get(f.name, lambda v: v))
-                for f in fields(cls)}
+        return {f"kv_h2o_{f.name}": Key(type(f.default), f.default, _CLAMPS.get(f.name, lambda v: v),
+                                        _CHOICES.get(f.name)) for f in fields(cls)}
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], source: str = "config") -> H2OConfig:

@@ -46,11 +46,12 @@ MODE_IDS: dict[str, int] = {"probe": 0, "full": 1, "store": 2}
 _PREFIX = "kv_lossless_"
 _KEYS: dict[str, Key] = {
     "kv_lossless_enable": Key(bool, False),
-    "kv_lossless_scope": Key(str, "front_n"),
+    "kv_lossless_scope": Key(str, "front_n", choices=("none", "front_n", "h2o_kept", "front_n_and_h2o_kept",
+                                                      "front_n+h2o_kept")),
     "kv_lossless_front_n": Key(int, 2, clamp(0)),
-    "kv_lossless_codec": Key(str, "none"),
+    "kv_lossless_codec": Key(str, "none", choices=("none", "gear_delta")),
     "kv_lossless_runtime_enable": Key(bool, False),
-    "kv_lossless_runtime_mode": Key(str, "probe"),
+    "kv_lossless_runtime_mode": Key(str, "probe", choices=tuple(MODE_IDS)),
     "kv_lossless_block_tokens": Key(int, 128, clamp(1)),
     "kv_lossless_hot_recent_tokens": Key(int, 256, clamp(0)),
     "kv_lossless_hot_sink_tokens": Key(int, 16, clamp(0)),
@@ -106,16 +107,13 @@ class LosslessConfig:
     def from_config(cls, cfg: dict[str, Any], source: str = "config") -> LosslessConfig:
         """Read the keys from a JSON-like dict; :class:`ConfigError` names the key of a bad value.
 
-        Scope/mode/codec strings map like the original (unknown scope → ``front_n``, unknown mode →
-        ``probe``, codec other than ``gear_delta`` → ``none``); an empty predictor list means ``raw``.
+        Scope, mode and codec take the original's values (``front_n+h2o_kept`` is ``front_n_and_h2o_kept``);
+        any other string is a :class:`ConfigError` naming the closest value, where the original silently
+        used its default. An empty predictor list means ``raw``.
         """
         values = read_keys(cfg, _KEYS, source)
-        scope = values["kv_lossless_scope"]
-        values["kv_lossless_scope"] = ("front_n_and_h2o_kept" if scope in ("front_n_and_h2o_kept", "front_n+h2o_kept")
-                                       else scope if scope in ("none", "h2o_kept") else "front_n")
-        mode = values["kv_lossless_runtime_mode"]
-        values["kv_lossless_runtime_mode"] = mode if mode in MODE_IDS else "probe"
-        values["kv_lossless_codec"] = "gear_delta" if values["kv_lossless_codec"] == "gear_delta" else "none"
+        if values["kv_lossless_scope"] == "front_n+h2o_kept":
+            values["kv_lossless_scope"] = "front_n_and_h2o_kept"
         for name in ("kv_lossless_predictors_k", "kv_lossless_predictors_v"):
             text = values[name]
             try:

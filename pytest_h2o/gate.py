@@ -46,6 +46,7 @@ class Gate:
     workload: dict[str, Any] = field(default_factory=dict)  # what is measured (history compares like with like)
     _results: dict[str, Any] | None = None
     _owner: FileLock | None = None
+    _created: Path | None = None  # the outermost folder claim() made (removed again if nothing was measured)
     _t0: float = 0.0
 
     @property
@@ -74,6 +75,10 @@ class Gate:
         (an earlier run's results, or what an interrupted one left): two sessions never mix or overwrite
         each other's numbers and reports."""
         where = f"--h2o-out {self.out_dir}"
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise GateSetupError(f"{where} is a file; give a new or empty folder for the reports")
+        self._created = next((p for p in (self.out_dir, *self.out_dir.parents) if p.parent.exists()), None) \
+            if not self.out_dir.exists() else None
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._owner = FileLock(str(self.out_dir / ".session.lock"))
@@ -92,10 +97,20 @@ class Gate:
                                  "(the default is a fresh .h2o/runs/<timestamp>-<pid>)")
 
     def release(self) -> None:
-        """Let go of the run folder (end of session)."""
+        """Let go of the run folder (end of session); remove it again if this session made it and
+        measured nothing there (``--collect-only``, a usage error): no empty run folders left behind."""
         if self._owner is not None:
             self._owner.release()
             self._owner = None
+            if self._created is not None and {p.name for p in self.out_dir.iterdir()} <= {".session.lock"}:
+                (self.out_dir / ".session.lock").unlink(missing_ok=True)
+                for folder in (self.out_dir, *self.out_dir.parents):
+                    try:
+                        folder.rmdir()
+                    except OSError:  # something else put a file there meanwhile: keep it
+                        break
+                    if folder == self._created:
+                        break
 
     def measured(self) -> bool:
         """Whether some process of this session has written the results."""

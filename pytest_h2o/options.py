@@ -7,6 +7,7 @@ the others read ``H2O_*``.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,15 +41,37 @@ def _bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _drop(text: str) -> float:
+    """A relative decode drop: a fraction in [0, 1) (0.05 = 5%)."""
+    value = _finite(text)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"expected a fraction in [0, 1) (0.05 = 5%), got {text!r}")
+    return value
+
+
 def _limit(text: str) -> float | None:
     """A float where a negative value means off, as the original's limits."""
-    value = float(text)
+    value = _finite(text)
     return None if value < 0 else value
 
 
 def _baseline(text: str) -> float | None:
     """A fixed decode baseline; <= 0 means none (the same-run baseline), as the original skipped it."""
-    value = float(text)
+    value = _finite(text)
     return value if value > 0 else None
 
 
@@ -66,7 +89,7 @@ def _positive_int(text: str) -> int:
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    value = _finite(text)
     if not 0.0 <= value <= 10.0:
         raise ValueError(f"expected a fraction of the baseline step time in [0, 10] (0.10 = 10%), got {text!r}")
     return value
@@ -89,16 +112,16 @@ SETTINGS: tuple[Setting, ...] = (
             ".h2o/runs/<timestamp>-<pid>)"),
     Setting("h2o_model", "H2O_MODEL", str, "smollm2", "reference runtime model: smollm2, a .gguf or a config.json"),
     Setting("h2o_text_file", "H2O_TEXT_FILE", Path, None, "text for prompts (default: Python's pydoc help)"),
-    Setting("h2o_threads", "H2O_THREADS", int, 1, "BLAS threads of the reference runtime / llm_bench -t"),
+    Setting("h2o_threads", "H2O_THREADS", _positive_int, 1, "BLAS threads of the reference runtime / llm_bench -t"),
     Setting("h2o_gate_mode", "H2O_GATE_MODE", _mode, "joint", "joint: one configuration passes every rule; "
             "independent: the original's per-metric best of"),
     Setting("h2o_kv_dumps", "H2O_KV_DUMPS", Path, None, "KV dumps for the online-sim instead of the run's own"),
     Setting("h2o_llm_bench", "H2O_LLM_BENCH", str, None, "run this external llm_bench binary per configuration"),
     Setting("h2o_base_config", "H2O_BASE_CONFIG", Path, None, "with --h2o-llm-bench: the model's base config"),
     Setting("h2o_logs", "H2O_LOGS", Path, None, "gate existing llm_bench logs (a folder of <run_id>.log) or a CSV"),
-    Setting("h2o_lossy_target", "LOSSY_TARGET", float, 3.0, "lossy_pass: h2o_lossy >= this"),
-    Setting("h2o_lossless_target", "LOSSLESS_TARGET", float, 1.3, "lossless_online_pass: online-sim >= this"),
-    Setting("h2o_decode_drop_target", "DECODE_DROP_TARGET", float, 0.05, "decode_pass: drop <= this"),
+    Setting("h2o_lossy_target", "LOSSY_TARGET", _finite, 3.0, "lossy_pass: h2o_lossy >= this"),
+    Setting("h2o_lossless_target", "LOSSLESS_TARGET", _finite, 1.3, "lossless_online_pass: online-sim >= this"),
+    Setting("h2o_decode_drop_target", "DECODE_DROP_TARGET", _drop, 0.05, "decode_pass: drop <= this"),
     Setting("h2o_decode_baseline", "DECODE_BASELINE", _baseline, None,
             "fixed decode baseline tok/s (default: measured in the same run; <= 0 means same-run)"),
     Setting("h2o_rounds", "H2O_ROUNDS", _positive_int, None,
@@ -115,17 +138,17 @@ SETTINGS: tuple[Setting, ...] = (
             "every configuration must pass every rule (default: the exit status follows overall_pass)"),
     Setting("h2o_require_runtime_decomp", "REQUIRE_RUNTIME_DECOMP", _bool, True,
             "runtime_decomp_pass: require h2o_lossless_decomp_us > 0"),
-    Setting("h2o_max_queue_peak", "MAX_LOSSLESS_QUEUE_PEAK", float, -1.0, "runtime_queue_peak_pass limit (< 0: off)"),
-    Setting("h2o_max_fallback", "MAX_LOSSLESS_FALLBACK", float, -1.0, "runtime_fallback_pass limit (< 0: off)"),
+    Setting("h2o_max_queue_peak", "MAX_LOSSLESS_QUEUE_PEAK", _finite, -1.0, "runtime_queue_peak_pass limit (< 0: off)"),
+    Setting("h2o_max_fallback", "MAX_LOSSLESS_FALLBACK", _finite, -1.0, "runtime_fallback_pass limit (< 0: off)"),
     Setting("h2o_min_top1", "H2O_MIN_TOP1", _limit, None, "fidelity_pass: top-1 agreement >= this (< 0: off)"),
-    Setting("h2o_max_ppl_delta", "H2O_MAX_PPL_DELTA", float, None, "fidelity_pass: perplexity delta <= this "
+    Setting("h2o_max_ppl_delta", "H2O_MAX_PPL_DELTA", _finite, None, "fidelity_pass: perplexity delta <= this "
             "(0.07 = +7%)"),
     Setting("h2o_runtime_mode", "KV_LOSSLESS_RUNTIME_MODE", str, None, "override kv_lossless_runtime_mode",
             "kv_lossless_runtime_mode"),
     Setting("h2o_scope", "KV_LOSSLESS_SCOPE", str, None, "override kv_lossless_scope", "kv_lossless_scope"),
-    Setting("h2o_kept_sample_layers", "KV_LOSSLESS_KEPT_SAMPLE_LAYERS", int, None,
+    Setting("h2o_kept_sample_layers", "KV_LOSSLESS_KEPT_SAMPLE_LAYERS", _int, None,
             "override kv_lossless_kept_sample_layers", "kv_lossless_kept_sample_layers"),
-    Setting("h2o_kept_sample_token_interval", "KV_LOSSLESS_KEPT_SAMPLE_TOKEN_INTERVAL", int, None,
+    Setting("h2o_kept_sample_token_interval", "KV_LOSSLESS_KEPT_SAMPLE_TOKEN_INTERVAL", _int, None,
             "override kv_lossless_kept_sample_token_interval", "kv_lossless_kept_sample_token_interval"),
     Setting("h2o_history", "H2O_HISTORY", _store, Path(".h2o/history"), "history store; 'off' disables it"),
     Setting("h2o_compare", "H2O_COMPARE", str, None, "compare with a stored run: latest, a commit or a record path"),

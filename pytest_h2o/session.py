@@ -114,6 +114,12 @@ class GatePlugin:
         text = r("h2o_text_file")
         if text is not None and not Path(text).is_file():
             raise pytest.UsageError(f"--h2o-text-file {text}: not a file; expected a UTF-8 text file")
+        if text is not None:
+            try:
+                Path(text).read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise pytest.UsageError(f"--h2o-text-file {text}: not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+                                        f"at offset {exc.start}); give a UTF-8 text file") from None
         if llm_bench:
             local = config.invocation_params.dir / llm_bench
             if local.is_file():
@@ -171,6 +177,11 @@ class GatePlugin:
 
     def _history_setup(self) -> HistorySetup:
         r = lambda name: resolve(self.config, name)  # noqa: E731
+        target = r("h2o_compare")
+        if target is not None and (Path(target).is_dir() or target.endswith(".py")):
+            raise pytest.UsageError(f"--h2o-compare {target}: a test path, not a stored run (the option's value is "
+                                    "optional); write --h2o-compare=latest, a commit or a record path, or put test "
+                                    "paths before the option")
         try:
             return HistorySetup.from_settings(r("h2o_history"), r("h2o_compare"), r("h2o_compare_fail"),
                                               self.gate.name, self.config.rootpath, workload=self.workload)

@@ -78,7 +78,7 @@ def test_config_defaults_are_the_originals():
 def test_config_clamps():
     cfg = H2OConfig.from_config({
         "kv_h2o_layer_start": -3, "kv_h2o_layer_end": -7, "kv_h2o_block_tokens": 0, "kv_h2o_sink_tokens": -1,
-        "kv_h2o_recent_tokens": -5, "kv_h2o_target_keep_ratio": 1.5, "kv_h2o_target_mode": "Static",
+        "kv_h2o_recent_tokens": -5, "kv_h2o_target_keep_ratio": 1.5, "kv_h2o_target_mode": "adaptive",
         "kv_h2o_target_lossy_ratio": 0.5, "kv_h2o_ema_alpha": 2, "kv_h2o_update_interval": 0,
         "kv_h2o_trigger_min_tokens": -4, "kv_h2o_prefill_scoring": False, "other_key": "ignored"})
     assert (cfg.layer_start, cfg.layer_end, cfg.block_tokens, cfg.sink_tokens, cfg.recent_tokens) == (0, -7, 1, 0, 0)
@@ -89,7 +89,9 @@ def test_config_clamps():
     assert H2OConfig.from_config({"kv_h2o_target_keep_ratio": -0.2, "kv_h2o_target_mode": "static"}) == H2OConfig(
         target_keep_ratio=0.0, target_mode="static")
     assert H2OConfig(block_tokens=-2, target_mode="x").block_tokens == 1  # direct construction clamps too
-    assert H2OConfig(target_mode="x").target_mode == "adaptive"
+    with pytest.raises(ConfigError, match="'kv_h2o_target_mode' must be one of 'static', 'adaptive', got 'Static' "
+                                          r"\(did you mean 'static'\?\)"):
+        H2OConfig.from_config({"kv_h2o_target_mode": "Static"})
 
 
 @pytest.mark.parametrize("key,value", [

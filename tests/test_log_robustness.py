@@ -93,12 +93,14 @@ def test_malformed_rows_and_files_are_each_reported_with_a_reason_and_a_count(tm
     assert summary[2].startswith(f"{CELL_COUNT}: 3 - {mixed}:3 (20 cells, header has 21); {mixed}:5 ")
     assert summary[2].endswith("; and 1 more")
 
-    assert parse_log_cli(tmp_path, "--log-dir", str(logs), "--log-files", str(missing)) == 0
+    assert parse_log_cli(tmp_path, "--log-dir", str(logs)) == 0
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("[WARN] h2o-gate parse-log: 7 problems in 5 files")
+    assert err[0].startswith("[WARN] h2o-gate parse-log: 6 problems in 4 files")
     assert sum(line.startswith(f"  {CELL_COUNT}: 3 - ") for line in err) == 1  # one line per kind, with its count
-    assert err[-1] == (f"  files without rows: 4 - {logs / 'header_only.log'}, {no_speed}, {logs / 'notes.log'}, "
-                       f"{missing}")
+    assert err[-1] == f"  files without rows: 3 - {logs / 'header_only.log'}, {no_speed}, {logs / 'notes.log'}"
+    with pytest.raises(SystemExit, match="2"):  # a file named on the command line that is not there: a usage error
+        parse_log_cli(tmp_path, "--log-dir", str(logs), "--log-files", str(missing))
+    assert f"--log-files {missing}: no such file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("rows", [0, 1, 5])
