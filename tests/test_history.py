@@ -18,8 +18,8 @@ import pytest
 
 from h2o_gates import history
 from h2o_gates.history import (CompareSpec, HistoryError, HistoryWarning, append, comparable, compare,
-                               incomplete_reason, load, load_with_errors, make_record, measured_anything, parse_compare_spec,
-                               parse_compare_specs, regressions, render_comparison, resolve)
+                               incomplete_reason, load, load_with_errors, make_record, measured_anything,
+                               parse_compare_spec, parse_compare_specs, regressions, render_comparison, resolve)
 from h2o_gates.trend import plot_trend, representative_config, trend_table
 from pytest_h2o import history_cli
 
