@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from h2o_gates.history import CompareSpec, regressions
-from h2o_gates.rules import RULES
+from h2o_gates.rules import RULES, format_number
 
 from .compare import HistorySetup
 from .gate import Gate
@@ -132,6 +132,6 @@ class CompareItem(_GateItem):
         bad = regressions(self.history.compare(self.gate.report(), [self.spec]))
         if bad:
             raise GateFailure("; ".join(
-                f"{c.config}: {c.basis} {c.old:.4g} -> {c.new:.4g} ({c.change:+.2f}"
+                f"{c.config}: {c.basis} {c.old:.4g} -> {c.new:.4g} ({format_number('{:+.2f}', c.change)}"
                 f"{' pp' if c.unit == 'pp' else '%'}, tolerance {c.tolerance:g}) {c.note}".rstrip()
                 if not c.missing else f"{c.config}: {c.note}" for c in bad))

@@ -86,8 +86,28 @@ def terminal_lines(report: Mapping[str, Any], comparison: str | None = None) -> 
     for warning in report.get("warnings", []):
         lines.append(warning)
     if comparison:
-        lines += ["", comparison]
+        lines += ["", *plain_text(comparison)]
     return lines
+
+
+def plain_text(markdown: str) -> list[str]:
+    """A markdown comparison as terminal lines: headings without ``#``, tables as aligned columns."""
+    out: list[str] = []
+    table: list[list[str]] = []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            if not all(set(cell) <= set("-:") for cell in cells):  # not the |---| separator
+                table.append(cells)
+            continue
+        if table:
+            widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+            out += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+            table = []
+        out.append(line.lstrip("#").strip())
+    while out and not out[-1]:
+        out.pop()
+    return out
 
 
 def _b(value: bool) -> str:

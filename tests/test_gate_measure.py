@@ -18,7 +18,7 @@ from h2o_kernels.runtime import ReferenceRuntime
 from h2o_presets.matrix import Point
 from pytest_h2o import gate_run
 from pytest_h2o.gate_run import RunSpec, whole_cache_ratio
-from pytest_h2o.summary import junit_properties, terminal_lines
+from pytest_h2o.summary import junit_properties, plain_text, terminal_lines, threshold_text
 
 from h2o_test_helpers import write_standard_dump
 
@@ -171,3 +171,15 @@ def test_a_run_without_decode_steps_has_no_speed_to_pair(fake, tmp_path):
     configs, _, _ = gate_run._run_reference(points("a"), RunSpec("reference", tmp_path, rounds=2, max_rounds=5),
                                             lambda line: None)
     assert configs["a"]["decode_log_ratios"] == [] and len(configs["a"]["decode_tps_rounds"]) == 2
+
+
+def test_junit_thresholds_read_as_ci_shows_them():
+    assert [threshold_text(v) for v in (None, True, False, 0.05, 3.0, 8)] == ["off", "true", "false", "0.05", "3", "8"]
+
+
+def test_the_terminal_shows_a_comparison_as_plain_columns():
+    markdown = ("## Compared with abc123 (asked for latest)\n\n| config | change |\n|---|---:|\n"
+                "| keep0.30-lr3.0 | +1.20% |\n| k | 0.00% |\n\nNo regression beyond tolerance.\n")
+    assert plain_text(markdown) == ["Compared with abc123 (asked for latest)", "", "config          change",
+                                    "keep0.30-lr3.0  +1.20%", "k               0.00%", "",
+                                    "No regression beyond tolerance."]

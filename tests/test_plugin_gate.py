@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import pytest_h2o.session  # noqa: F401  - imported once here: in-process runs cannot import numpy a second time
+
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 300}
 PRESET = {
@@ -174,6 +176,26 @@ def test_explicit_test_paths_still_run_beside_the_gate(pytester, gate_dir):
     result.stdout.fnmatch_lines(["test_own.py::test_own", "tiny::overall_pass"])
 
 
+def test_collect_only_leaves_no_run_folder(pytester, gate_dir):
+    result = pytester.runpytest("--h2o-preset=tiny.json", "--collect-only", "-q")
+    assert result.ret == pytest.ExitCode.OK
+    assert not (gate_dir / ".h2o").exists()
+
+
+def test_progress_lines_start_their_own_line_and_the_item_is_named_again(pytester, gate_dir):
+    result = run_gate(pytester, *EASY, "-v", "-k", "lossy_pass and keep0.30")
+    assert all(line.startswith("[h2o]") for line in result.outlines if "[h2o]" in line)
+    result.stdout.fnmatch_lines(["tiny::lossy_pass[[]keep0.30-lr3.0] PASSED*"])
+
+
+def test_a_preset_outside_the_project_is_located_by_name_not_path(pytester, gate_dir, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("site-packages") / "tiny.json"
+    elsewhere.write_text((gate_dir / "tiny.json").read_text())
+    result = pytester.runpytest(f"--h2o-preset={elsewhere}", "--h2o-out=out", *EASY, "-rs")
+    result.stdout.fnmatch_lines(["SKIPPED [[]1] tiny.json:1: not enforced: *"])
+    assert str(elsewhere.parent) not in "\n".join(line for line in result.outlines if line.startswith("SKIPPED"))
+
+
 def test_xdist_workers_give_the_same_verdicts_and_measure_once(pytester, gate_dir):
     args = (*EASY, "--h2o-decode-baseline=1e-6", "-p", "xdist")
     single = pytester.runpytest_subprocess("--h2o-preset=tiny.json", "--h2o-out=single", *args)
@@ -181,6 +203,10 @@ def test_xdist_workers_give_the_same_verdicts_and_measure_once(pytester, gate_di
     spread = pytester.runpytest_subprocess("--h2o-preset=tiny.json", "--h2o-out=spread", *args, "-n", "2")
     spread.assert_outcomes(passed=9, skipped=6)
     spread.stdout.fnmatch_lines(["*h2o gate*", "overall_pass: true*"])
+    # the controller shows the worker's progress, its last line (the online-sim) included, before the summary
+    last = (gate_dir / "spread" / "progress.log").read_text().splitlines()[-1]
+    assert "online-sim" in last
+    spread.stderr.fnmatch_lines([f"[[]h2o[]] {last}"])
 
     def verdicts(folder: str) -> dict:
         summary = json.loads((gate_dir / folder / "summary.json").read_text())
