@@ -21,6 +21,7 @@ import pytest
 
 from h2o_gates.history import CompareSpec, regressions
 from h2o_gates.rules import RULES, format_number
+from h2o_presets.matrix import PRESET_DIR
 
 from .compare import HistorySetup
 from .gate import Gate
@@ -70,10 +71,12 @@ class _GateItem(pytest.Item):
 
 
 def _location(gate: Gate, config: pytest.Config) -> Path:
-    """Where an item's report points (skip lines of ``-ra`` too): the preset file when it lies in
-    the project, else the bare preset name (a bundled preset, never a path into site-packages)."""
+    """Where an item's report points (skip lines of ``-ra`` too): the preset file when it is the
+    project's own, else the bare preset name (a bundled preset: never a path into site-packages,
+    which may lie inside the project as ``.venv/``)."""
     path = gate.preset_path
-    return path if path.is_relative_to(config.rootpath) else Path(path.name)
+    bundled = path.parent == PRESET_DIR
+    return path if path.is_relative_to(config.rootpath) and not bundled else Path(path.name)
 
 
 def _skip(reason: str) -> None:

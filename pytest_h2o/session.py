@@ -63,6 +63,7 @@ class GatePlugin:
         self.written: list[Path] = []
         self._done = threading.Event()
         self._tailer: threading.Thread | None = None
+        self._after_progress = False  # progress lines were written since pytest last wrote an outcome
         # a preset without explicit test paths gates alone (xdist workers get the controller's choice)
         self.gate_only = (config.workerinput["h2o_gate_only"] if self.is_worker
                           else config.args_source != pytest.Config.ArgsSource.ARGS)
@@ -213,6 +214,17 @@ class GatePlugin:
                 write(f"[h2o] {line}")
         else:
             write(f"[h2o] {line}")
+        self._after_progress = True
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """After progress lines, name the item's file again before pytest writes its outcome letter
+        (``-v`` names the item by itself)."""
+        reporter = self.config.pluginmanager.getplugin("terminalreporter")
+        if self._after_progress and report.when == "call" and reporter is not None:
+            if self.config.get_verbosity() <= 0:
+                reporter.write_fspath_result(report.nodeid, "")
+            self._after_progress = False
 
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         if not self.is_worker and getattr(self.config.option, "numprocesses", None):

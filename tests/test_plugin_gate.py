@@ -445,3 +445,16 @@ def test_the_layers_no_configuration_evicts_are_stored_once(pytester, gate_dir):
     layer0 = sorted(kv.glob("*/k_*layer000*.bin"))  # layer_start 1: layer 0 is never evicted
     assert len(layer0) >= 2 and len({p.stat().st_ino for p in layer0}) < len(layer0)
     assert all(p.stat().st_nlink >= 2 for p in layer0)
+
+
+def test_a_bundled_preset_is_located_by_name_even_when_the_environment_lies_in_the_project():
+    from types import SimpleNamespace
+
+    from h2o_presets.matrix import PRESET_DIR
+    from pytest_h2o.items import _location
+
+    project = SimpleNamespace(rootpath=PRESET_DIR.parent)  # as a .venv/ inside the project
+    bundled = SimpleNamespace(preset_path=PRESET_DIR / "target_speed.json")
+    assert _location(bundled, project) == Path("target_speed.json")
+    own = PRESET_DIR.parent / "mine.json"
+    assert _location(SimpleNamespace(preset_path=own), project) == own
