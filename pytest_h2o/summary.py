@@ -13,6 +13,10 @@ JUNIT_METRICS = ("h2o_lossy", "h2o_lossy_model", "lossless_online", "lossless_sc
                  "h2o_lossless_fallback", "h2o_fidelity_top1", "h2o_fidelity_ppl_delta", "h2o_fidelity_kl")
 
 
+# limits that are off when negative (the original's convention)
+NEGATIVE_IS_OFF = ("max_queue_peak", "max_fallback")
+
+
 def junit_properties(report: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     """Run-level numbers, then ``<config>.<metric>`` and ``<config>::<rule>`` entries, as
     ``<testsuite>`` properties (valid under the default xunit2 family, where ``<testcase>``
@@ -24,7 +28,8 @@ def junit_properties(report: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     yield "h2o_overall_pass", _b(report["overall"]["passed"])
     yield "h2o_passing_configs", ",".join(report["overall"]["passing"])
     for key, value in report["thresholds"].items():
-        yield f"h2o_threshold.{key}", threshold_text(value)
+        off = key in NEGATIVE_IS_OFF and isinstance(value, (int, float)) and value < 0
+        yield f"h2o_threshold.{key}", "off" if off else threshold_text(value)
     for i, warning in enumerate(report.get("warnings", []), start=1):
         yield f"h2o_warning.{i}", warning
     for c in report["configs"]:
