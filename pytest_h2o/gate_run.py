@@ -34,8 +34,8 @@ from h2o_kernels.h2o import H2OConfig
 from h2o_kernels.kvdump import link_identical
 from h2o_kernels.lossless_runtime import LosslessConfig
 from h2o_kernels.models import load_model
-from h2o_kernels.run_memory import check_run_fits
 from h2o_kernels.offline_eval import EvalOptions, SelectionError, evaluate
+from h2o_kernels.run_memory import check_run_fits
 from h2o_kernels.runtime import ReferenceRuntime
 from h2o_presets.matrix import Point
 
@@ -99,7 +99,9 @@ def _run_reference(points: list[Point], spec: RunSpec, progress: Progress):
     progress(f"loading model {spec.model}")
     loaded = load_model(spec.model, threads=spec.threads, progress=lambda line: progress(f"download: {line}"),
                         model_option="--h2o-model")
-    for prompt_len, gen_len in _by_size(points):  # every size, before the first one is measured
+    # every size before the first is measured (the session checked them up front when the model was
+    # already here; a first-use download is checked only now)
+    for prompt_len, gen_len in _by_size(points):
         check_run_fits(loaded.model.config, prompt_len, gen_len, f"{spec.model} p{prompt_len} g{gen_len}")
     configs: dict[str, dict[str, Any]] = {}
     baselines: dict[str, float | None] = {}
