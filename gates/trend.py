@@ -43,6 +43,13 @@ def _commit_label(record: Mapping[str, Any]) -> str:
     return short_commit(record) + ("+" if record.get("git", {}).get("dirty") else "")
 
 
+def _run_label(record: Mapping[str, Any]) -> str:
+    """A run's x label: its short commit, or its time when it was not run in a git checkout."""
+    if record.get("git", {}).get("commit"):
+        return _commit_label(record)[:8]
+    return record_time(record).strftime("%m-%d %H:%M")
+
+
 def _verdict(record: Mapping[str, Any]) -> str:
     """``incomplete`` (a configuration or the whole run not measured), else ``yes``/``no``."""
     if record.get("complete", True) is False:
@@ -111,14 +118,15 @@ def trend_figure(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], p
         for (name, points), marker in zip(series[metric].items(), cycle(MARKERS)):
             ax.plot([x for x, _ in points], [y for _, y in points], marker=marker, markersize=4, label=name)
         ax.set_ylabel(metric, fontsize=8)
+        ax.ticklabel_format(axis="y", useOffset=False)  # a 0.0002 change must not read as a big gap
         ax.grid(alpha=0.3)
     bottom = axes[-1, 0]
     bottom.set_xticks(range(len(rows)))
-    bottom.set_xticklabels([_commit_label(r)[:8] for r in rows], rotation=45, ha="right", fontsize=7)
+    bottom.set_xticklabels([_run_label(r) for r in rows], rotation=45, ha="right", fontsize=7)
     for label, record in zip(bottom.get_xticklabels(), rows):
         if not record.get("overall", {}).get("passed"):
             label.set_color("tab:red")
-    bottom.set_xlabel("run (commit; red: gate failed)")
+    bottom.set_xlabel("run (commit, or time outside git; red: gate failed)")
     names = {name: handle for ax in axes[:, 0] for handle, name in zip(*ax.get_legend_handles_labels())}
     fig.legend(list(names.values()), list(names), loc="outside lower center", ncols=3, fontsize=7, frameon=False)
     fig.suptitle(wrap_title(f"{preset or 'all presets'}: trend over {len(rows)} runs", width), fontsize=10)

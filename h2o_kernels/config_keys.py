@@ -47,14 +47,15 @@ def read_keys(config: dict[str, Any], keys: dict[str, Key], source: str = "confi
     return out
 
 
-def check_known_keys(config: Mapping[str, Any], known: Collection[str], source: str = "config") -> None:
+def check_known_keys(config: Mapping[str, Any], known: Collection[str], source: str = "config",
+                     escape: str = "") -> None:
     """Raise :class:`ConfigError` naming ``source``, every ``kv_*`` key of ``config`` not in ``known`` and the
-    closest known key of each. Keys without the ``kv_`` prefix are not checked (an llm_bench config has many)."""
+    closest known key of each, then ``escape`` (how to declare a key on purpose, where there is a way).
+    Keys without the ``kv_`` prefix are not checked (an llm_bench config has many)."""
     unknown = [name for name in config if name.startswith("kv_") and name not in known]
     if unknown:
         names = ", ".join(f"{name!r}{closest_hint(name, known)}" for name in unknown)
-        raise ConfigError(f"{source}: unknown config key {names}: fix the spelling; a key that only another "
-                          'runtime reads goes into the preset\'s "extra_kv_keys" list')
+        raise ConfigError(f"{source}: unknown config key {names}: fix the spelling{escape}")
 
 
 def closest_hint(name: str, known: Collection[str]) -> str:

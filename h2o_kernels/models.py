@@ -43,14 +43,14 @@ def load_model(spec: str, threads: int | None = 1, progress: Callable[[str], Non
     else:
         path = Path(spec)
         if not path.is_file():
-            raise ModelSpecError(f"{model_option} {spec}: no such file; expected '{EMBEDDED_MODEL}', a .gguf file "
+            raise ModelSpecError(f"{model_option} {spec}: {_missing(path)}; expected '{EMBEDDED_MODEL}', a .gguf file "
                                  f"or a config.json")
     if path.suffix == ".json":
         return _load_random(path, threads)
     try:
         reader = GGUFReader(str(path))
-    except Exception as exc:  # gguf raises ValueError/struct errors/OSError for foreign files
-        raise ModelSpecError(f"{path}: not a readable GGUF file ({exc})") from None
+    except Exception:  # gguf raises ValueError/struct errors/OSError for foreign files
+        raise ModelSpecError(f"{model_option} {spec}: {_not_gguf(path)}") from None
     name = EMBEDDED_MODEL if spec == EMBEDDED_MODEL else path.stem
     try:
         model, tokenizer = LlamaModel.from_gguf(reader, threads=threads), load_tokenizer(reader)
@@ -69,7 +69,7 @@ def model_config(spec: str, model_option: str = "-m") -> LlamaConfig | None:
     if path is None:
         return None
     if not path.is_file():
-        raise ModelSpecError(f"{model_option} {spec}: no such file; expected '{EMBEDDED_MODEL}', a .gguf file "
+        raise ModelSpecError(f"{model_option} {spec}: {_missing(path)}; expected '{EMBEDDED_MODEL}', a .gguf file "
                              "or a config.json")
     try:
         if path.suffix == ".json":
@@ -84,8 +84,24 @@ def model_config(spec: str, model_option: str = "-m") -> LlamaConfig | None:
         raise ModelSpecError(f"{path}: not valid JSON ({exc})") from None
     except ModelSpecError:
         raise
-    except Exception as exc:  # gguf raises ValueError/struct errors/OSError for foreign files
-        raise ModelSpecError(f"{path}: not a readable model file ({exc})") from None
+    except Exception:  # gguf raises ValueError/struct errors/OSError for foreign files
+        raise ModelSpecError(f"{model_option} {spec}: {_not_gguf(path)}") from None
+
+
+def _missing(path: Path) -> str:
+    return "a folder, not a model file" if path.is_dir() else "no such file"
+
+
+def _not_gguf(path: Path) -> str:
+    """Why a file is no model, without the parser's internals (numpy dtype errors, struct errors)."""
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc})"
+    if magic == b"GGUF":
+        return "a truncated or damaged GGUF file; fetch it again"
+    return f"not a GGUF file; expected '{EMBEDDED_MODEL}', a .gguf file or a HF-style config.json"
 
 
 def _load_random(path: Path, threads: int | None) -> LoadedModel:

@@ -27,6 +27,7 @@ from h2o_kernels.config_keys import ConfigError, check_known_keys, closest_hint
 from h2o_kernels.runtime import KNOWN_KV_KEYS
 
 PRESET_DIR = Path(__file__).resolve().parent
+EXTRA_KEYS_HINT = '; a key that only an external runtime reads goes into the preset\'s "extra_kv_keys" list'
 SCHEMA_PATH = PRESET_DIR / "preset.schema.json"
 
 # preset list key -> config key (None: a bench argument, not a config key), original default
@@ -141,7 +142,7 @@ def expand(preset: dict[str, Any], source: str = "preset") -> list[Point]:
     validate(preset, source)
     extra_kv_keys = tuple(preset.get("extra_kv_keys", ()))
     try:
-        check_known_keys(preset, KNOWN_KV_KEYS | set(extra_kv_keys), source)
+        check_known_keys(preset, KNOWN_KV_KEYS | set(extra_kv_keys), source, escape=EXTRA_KEYS_HINT)
     except ConfigError as exc:
         raise PresetError(str(exc)) from None
     dims: dict[str, list[Any]] = {key: preset.get(key, default) for key, (_, default) in DIMENSIONS.items()}

@@ -76,7 +76,8 @@ def parse_to_csv(log_dir: Path | None, files: list[Path], out_csv: Path, prefix:
     rows, problems = parse_logs_report(paths)
     report = problem_lines(paths, rows, problems)
     if report:
-        print(f"[WARN] {prefix}: {len(problems)} problems in {len({p.file for p in problems})} files:",
+        with_problems = len({p.file for p in problems})
+        print(f"[WARN] {prefix}: {_count(len(problems), 'problem')} in {_count(with_problems, 'file')}:",
               file=sys.stderr)
         print("\n".join(f"  {line}" for line in report), file=sys.stderr)
     if not rows:
@@ -103,6 +104,10 @@ def problem_lines(paths: list[Path], rows: list[dict[str, str]], problems: list[
         more = f", and {len(empty) - 10} more" if len(empty) > 10 else ""
         lines.append(f"files without rows: {len(empty)} - {', '.join(empty[:10])}{more}")
     return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _searched(log_dir: Path | None, files: list[Path], count: int) -> str:

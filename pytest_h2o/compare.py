@@ -11,6 +11,10 @@ from h2o_gates.history import (CompareSpec, Comparison, HistoryError, append, co
                            parse_compare_specs, render_comparison, resolve)
 
 
+class CompareSpecError(ValueError):
+    """A malformed ``--h2o-compare-fail`` spec (the caller names where the setting came from)."""
+
+
 @dataclass
 class HistorySetup:
     """The store (None: off), the previous run (or why there is none) and the fail specs."""
@@ -35,7 +39,10 @@ class HistorySetup:
         path or malformed ref that names no comparable run (the message lists the comparable ones and
         the store). ``latest`` finding nothing is not an error: ``missing`` says why (empty store, or
         why the newest run of the preset is not comparable) and the compare items skip."""
-        specs = parse_compare_specs([fail]) if fail else []
+        try:
+            specs = parse_compare_specs([fail]) if fail else []
+        except ValueError as exc:
+            raise CompareSpecError(str(exc)) from None
         ref = (ref or "").strip() or ("latest" if specs else None)
         setup = cls(store, root, specs, ref)
         if ref is None:

@@ -97,13 +97,14 @@ class Gate:
                                  "(the default is a fresh .h2o/runs/<timestamp>-<pid>)")
 
     def release(self) -> None:
-        """Let go of the run folder (end of session); remove it again if this session made it and
-        measured nothing there (``--collect-only``, a usage error): no empty run folders left behind."""
+        """Let go of the run folder (end of session) and remove its lock files; remove the folder too if
+        this session made it and measured nothing there (``--collect-only``): no empty run folders."""
         if self._owner is not None:
             self._owner.release()
             self._owner = None
-            if self._created is not None and {p.name for p in self.out_dir.iterdir()} <= {".session.lock"}:
-                (self.out_dir / ".session.lock").unlink(missing_ok=True)
+            for lock in (".measure.lock", ".session.lock"):  # the session is over: the folder holds reports only
+                (self.out_dir / lock).unlink(missing_ok=True)
+            if self._created is not None and not any(self.out_dir.iterdir()):
                 for folder in (self.out_dir, *self.out_dir.parents):
                     try:
                         folder.rmdir()

@@ -420,7 +420,7 @@ def _online_sim(dump_dir: Path, label: str, warnings: list[str],
     for skipped in result["skipped"]:
         warnings.append(f"[WARN] {label}: online-sim skipped {skipped['file']} ({skipped['reason']}): "
                         f"{skipped['detail']}")
-    progress(f"online-sim {label}: {result['weighted_lossless_ratio']:.4f} over "
+    progress(f"online-sim {label}: {result['weighted_lossless_ratio']:.4f} over all layers' held KV, "
              f"{result['raw_bytes'] / 1e6:.1f} MB of {dump_dir}, verified {result['roundtrip_verified']}"
              + (f", {len(result['skipped'])} entries skipped" if result["skipped"] else ""))
     return {int(layer): (v["raw_bytes"], v["compressed_bytes"]) for layer, v in result["per_layer"].items()}

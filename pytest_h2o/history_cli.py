@@ -39,6 +39,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Execute ``h2o-gate history``."""
     if args.last is not None and args.last < 1:
         parser.error("--last needs N >= 1")
+    if not args.store.is_dir():
+        parser.error(f"--store {args.store}: no such folder; a gate run creates it (default .h2o/history of the "
+                     "project it ran in)")
     loaded = load_with_errors(args.store)
     for message in loaded.errors:
         print(f"h2o-gate history: {message}", file=sys.stderr)

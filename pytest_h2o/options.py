@@ -49,7 +49,10 @@ def _int(text: str) -> int:
 
 
 def _finite(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
     if not math.isfinite(value):
         raise ValueError(f"expected a finite number, got {text!r}")
     return value
@@ -82,7 +85,7 @@ def _undecided(text: str) -> str:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise ValueError(f"expected an integer >= 1, got {text!r}")
     return value
@@ -174,21 +177,27 @@ def add_options(parser: pytest.Parser) -> None:
         parser.addini(s.name, f"{s.help} (option {s.flag})", default=None)
 
 
+def raw_setting(config: pytest.Config, name: str) -> tuple[str | None, str]:
+    """The setting's text as given and where: the option, else the ini key, else the environment
+    variable (``(None, flag)`` when none is set)."""
+    s = BY_NAME[name]
+    raw = config.getoption(s.name)
+    if s.name == "h2o_compare_fail" and raw:
+        raw = ",".join(raw)
+    if raw is not None:
+        return str(raw), s.flag
+    ini = config.getini(s.name)
+    if ini not in (None, "", []):
+        return (",".join(ini) if isinstance(ini, list) else str(ini)), f"ini {s.name}"
+    env = os.environ.get(s.env) or None
+    return (env, f"${s.env}") if env is not None else (None, s.flag)
+
+
 def resolve(config: pytest.Config, name: str) -> Any:
     """The setting's value: option, else ini, else environment, else default. A value that does not
     parse is a usage error naming where it came from."""
     s = BY_NAME[name]
-    raw = config.getoption(s.name)
-    source = s.flag
-    if s.name == "h2o_compare_fail" and raw:
-        raw = ",".join(raw)
-    if raw is None:
-        raw, source = config.getini(s.name), f"ini {s.name}"
-        raw = raw if raw not in (None, "", []) else None
-        if isinstance(raw, list):
-            raw = ",".join(raw)
-    if raw is None:
-        raw, source = os.environ.get(s.env) or None, f"${s.env}"
+    raw, source = raw_setting(config, name)
     if raw is None:
         return s.default
     try:

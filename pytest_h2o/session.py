@@ -23,11 +23,11 @@ from h2o_gates.rules import Thresholds
 from h2o_kernels.models import ModelSpecError, model_config
 from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
 
-from .compare import HistorySetup
+from .compare import CompareSpecError, HistorySetup
 from .gate import Gate, GateSetupError, load_points
 from .gate_run import RunSpec
 from .items import PresetCollector, node_name
-from .options import SETTINGS, resolve
+from .options import SETTINGS, raw_setting, resolve
 from .summary import junit_properties, terminal_lines
 
 DEFAULT_MAX_ROUNDS = 10
@@ -35,11 +35,27 @@ DEFAULT_MAX_ROUNDS = 10
 
 def start(config: pytest.Config) -> GatePlugin:
     """Set up the gate of this session and register its hooks (and the xdist hand-over)."""
+    _refuse_spaced_outside_paths(config)
     plugin = GatePlugin(config)
     config.pluginmanager.register(plugin, "h2o-gate")
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(plugin), "h2o-gate-xdist")
     return plugin
+
+
+def _refuse_spaced_outside_paths(config: pytest.Config) -> None:
+    """``--h2o-logs /elsewhere`` (a space, not ``=``): pytest chooses rootdir and the ini file before it
+    knows plugin options, so it takes an existing path after the flag for a test path. Outside the
+    invocation folder that moves rootdir away from the project and silently drops its ini settings
+    (thresholds, history): refuse it and say how to write it."""
+    args, here = config.invocation_params.args, config.invocation_params.dir
+    flags = {s.flag for s in SETTINGS}
+    for flag, value in zip(args, args[1:]):
+        path = Path(value).expanduser()
+        if flag in flags and path.exists() and not path.resolve().is_relative_to(here.resolve()):
+            raise pytest.UsageError(f"{flag} {value}: write {flag}={value}; pytest reads a separate value that is an "
+                                    "existing path as a test path when it picks rootdir and the ini file, so the "
+                                    "project's settings would be ignored")
 
 
 class _XdistHooks:
@@ -72,7 +88,7 @@ class GatePlugin:
         try:
             preset_path, self.points = load_points(resolve(config, "h2o_preset"), overrides)
         except GateSetupError as exc:
-            raise pytest.UsageError(f"--h2o-preset: {exc}") from None
+            raise pytest.UsageError(f"{raw_setting(config, 'h2o_preset')[1]}: {exc}") from None
         self.gate = Gate(preset_path, self.points, self._thresholds(), resolve(config, "h2o_gate_mode"),
                          self._spec(config), progress=self._progress, strict=resolve(config, "h2o_strict"))
         self.gate.workload = self.workload
@@ -186,6 +202,8 @@ class GatePlugin:
         try:
             return HistorySetup.from_settings(r("h2o_history"), r("h2o_compare"), r("h2o_compare_fail"),
                                               self.gate.name, self.config.rootpath, workload=self.workload)
+        except CompareSpecError as exc:
+            raise pytest.UsageError(f"{raw_setting(self.config, 'h2o_compare_fail')[1]}: {exc}") from None
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
 

@@ -64,14 +64,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         config = {**base, **point.config}
         config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         print(f"[h2o-gate sweep] {number}/{len(points)} {point.run_id}", file=sys.stderr, flush=True)
-        rc = 0 if args.dry_run else run_point(args, loaded, point, config, config_path, log_path)
-        failed += rc != 0
+        rc = None if args.dry_run else run_point(args, loaded, point, config, config_path, log_path)
+        failed += rc not in (0, None)
         manifest.append({"run_id": point.run_id, "prompt_len": point.prompt_tokens, "gen_len": point.gen_tokens,
                          "repeat": point.repeat, **point.config, "config": str(config_path), "log": str(log_path),
                          "return_code": rc})
     (args.out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    print(f"[h2o-gate sweep] {len(points)} points, {failed} failed; wrote {args.out_dir / 'manifest.json'}",
-          file=sys.stderr)
+    done = "written, none run (--dry-run)" if args.dry_run else f"{failed} failed"
+    print(f"[h2o-gate sweep] {len(points)} points, {done}; wrote {args.out_dir / 'manifest.json'}", file=sys.stderr)
     return 2 if failed else 0
 
 

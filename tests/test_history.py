@@ -569,7 +569,11 @@ def test_cli_prints_the_trend_and_writes_the_plot(store, monkeypatch, capsys):
 
 
 def test_cli_empty_store_and_bad_options(store, monkeypatch, capsys):
-    assert _cli("--store", str(store)) == 2
+    with pytest.raises(SystemExit, match="2"):  # no store folder at all
+        _cli("--store", str(store))
+    assert f"--store {store}: no such folder" in capsys.readouterr().err
+    store.mkdir()
+    assert _cli("--store", str(store)) == 2  # an empty store
     assert str(store) in capsys.readouterr().err
     append(store, _record(_report({"c": _speed_row(NOISE)}), monkeypatch=monkeypatch))
     assert _cli("--store", str(store), "--preset", "nope") == 2

@@ -60,7 +60,7 @@ def test_a_non_utf8_byte_in_a_row_drops_that_row_only_and_names_file_line_and_of
     assert f"byte 0xb1 at offset {offset}" in problem.detail
     assert parse_log_cli(tmp_path, "--log-dir", str(tmp_path / "logs")) == 0
     err = capsys.readouterr().err
-    assert f"{bad}:4" in err and f"offset {offset}" in err and "1 problems in 1 files" in err
+    assert f"{bad}:4" in err and f"offset {offset}" in err and "1 problem in 1 file" in err
 
 
 def test_a_non_utf8_byte_outside_the_table_is_reported_and_the_rows_kept(tmp_path):

@@ -91,7 +91,7 @@ def test_bad_model_specs_say_what_was_expected(tmp_path: Path, capsys):
         load_model(str(bad_json))
     not_gguf = tmp_path / "model.gguf"
     not_gguf.write_bytes(b"definitely not gguf")
-    with pytest.raises(ModelSpecError, match="not a readable GGUF"):
+    with pytest.raises(ModelSpecError, match="not a GGUF file"):
         load_model(str(not_gguf))
     import gguf
 

@@ -25,6 +25,7 @@ FILES = {
     "heads.json": json.dumps({**TINY, "num_key_value_heads": 3}),
     "odd.json": json.dumps({**TINY, "hidden_size": 36, "num_attention_heads": 4}),
     "garbage.bin": bytes(range(256)) * 4,
+    "truncated.gguf": b"GGUF" + bytes(60),
     "file": "",
 }
 BASE = ("--h2o-preset=tiny.json", "--h2o-model=model.json")
@@ -45,11 +46,12 @@ CASES = [
     case("--h2o-preset=typed.json", "--h2o-model=model.json", culprit="kv_h2o_enable"),
     # the model
     case("--h2o-preset=tiny.json", "--h2o-model=missing.gguf", culprit="--h2o-model missing.gguf"),
-    case("--h2o-preset=tiny.json", "--h2o-model=folder", culprit="--h2o-model folder"),
     case("--h2o-preset=tiny.json", "--h2o-model=garbage.bin", culprit="garbage.bin"),
     case("--h2o-preset=tiny.json", "--h2o-model=broken.json", culprit="broken.json"),
     case("--h2o-preset=tiny.json", "--h2o-model=heads.json", culprit="num_key_value_heads"),
     case("--h2o-preset=tiny.json", "--h2o-model=odd.json", culprit="head"),
+    case("--h2o-preset=tiny.json", "--h2o-model=truncated.gguf", culprit="--h2o-model truncated.gguf: a truncated"),
+    case("--h2o-preset=tiny.json", "--h2o-model=folder", culprit="--h2o-model folder: a folder"),
     # where reports go, what is read
     case(*BASE, "--h2o-out=file", culprit="--h2o-out"),
     case(*BASE, "--h2o-out=file/sub", culprit="--h2o-out"),
@@ -58,6 +60,8 @@ CASES = [
     case(*BASE, "--h2o-text-file=garbage.bin", culprit="--h2o-text-file"),
     case(*BASE, "--h2o-kv-dumps=missing", culprit="--h2o-kv-dumps"),
     case(*BASE, "--h2o-logs=missing", culprit="--h2o-logs"),
+    # a separate value that is an existing path outside the project would move pytest's rootdir
+    case(*BASE, "--h2o-logs", "..", culprit="write --h2o-logs=.."),
     case(*BASE, "--h2o-llm-bench=no-such-binary", "--h2o-base-config=model.json", culprit="--h2o-llm-bench"),
     case(*BASE, "--h2o-base-config=model.json", culprit="--h2o-base-config"),
     # numbers and choices
@@ -87,12 +91,14 @@ CASES = [
     case(*BASE, "--h2o-compare-fail=h2o_lossy", culprit="h2o_lossy"),
     case(*BASE, "--h2o-compare-fail=nosuchmetric:5%", culprit="nosuchmetric"),
     # the same settings from the environment and the ini file name where they came from
-    case(*BASE, env={"LOSSY_TARGET": "three"}, culprit="$LOSSY_TARGET"),
+    case(*BASE, env={"LOSSY_TARGET": "three"}, culprit="$LOSSY_TARGET='three': expected a number"),
+    case(*BASE, env={"H2O_COMPARE_FAIL": "h2o_lossy"}, culprit="$H2O_COMPARE_FAIL"),
     case(*BASE, env={"H2O_THREADS": "-1"}, culprit="$H2O_THREADS"),
     case(*BASE, env={"KV_LOSSLESS_SCOPE": "all"}, culprit="kv_lossless_scope"),
     case(*BASE, ini="h2o_decode_drop_target = 1.5", culprit="ini h2o_decode_drop_target"),
     case(*BASE, ini="h2o_gate_mode = both", culprit="ini h2o_gate_mode"),
-    case("--h2o-model=model.json", env={"H2O_PRESET": "missing.json"}, culprit="missing.json"),
+    case("--h2o-model=model.json", env={"H2O_PRESET": "missing.json"}, culprit="$H2O_PRESET: missing.json"),
+    case("--h2o-model=model.json", ini="h2o_preset = broken.json", culprit="ini h2o_preset: "),
 ]
 
 

@@ -74,6 +74,7 @@ def test_a_passing_gate_writes_reports_junit_and_history(pytester, gate_dir):
     lossy = float(props["keep0.30-lr3.0.h2o_lossy"])
     assert lossy == pytest.approx(summary["configs"][0]["metrics"]["h2o_lossy"], rel=1e-5) and lossy > 1.2
     assert all(case.find("properties") is None for case in suite.iter("testcase"))  # valid xunit2
+    assert not list((gate_dir / "out").glob(".*.lock"))  # the session is over: reports only
     # the classname is the preset alone: CI viewers split it at dots into packages
     cases = [(case.get("classname"), case.get("name")) for case in suite.iter("testcase")]
     assert ("tiny", "lossy_pass[keep0.30-lr3.0]") in cases and {c for c, _ in cases} == {"tiny"}

@@ -97,7 +97,9 @@ def usage_error(capsys, argv: list[str]) -> str:
 def test_bundled_preset_names_work_as_in_the_plugin(tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["sweep", "--preset", "target_joint_scope_v4.json", "--out-dir", str(out), "--dry-run"]) == 0
-    assert len(json.loads((out / "manifest.json").read_text())) == 4
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest) == 4 and all(m["return_code"] is None for m in manifest)  # a dry run ran nothing
+    assert "none run (--dry-run)" in capsys.readouterr().err
     assert main(["sweep", "--preset", "target_ratio", "--out-dir", str(tmp_path / "o2"), "--dry-run"]) == 0
     err = usage_error(capsys, ["sweep", "--preset", "target_ratio_v9.json", "--out-dir", str(tmp_path / "o3")])
     assert "--preset target_ratio_v9.json: no such preset file" in err and "target_joint_scope_v4.json" in err
