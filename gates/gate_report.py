@@ -25,7 +25,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("decode_tps", "decode tok/s", "{:.2f}"),
     ("decode_drop", "drop [interval]", "{:+.3f}"),
     ("h2o_lossless_decomp_us", "decomp us", "{:.0f}"),
-    ("h2o_lossless_queue_peak", "queue peak", "{:.0f}"),
+    ("h2o_lossless_queue_peak", "queue peak", "{:.3g}"),
     ("h2o_lossless_fallback", "fallback", "{:.0f}"),
     ("h2o_fidelity_top1", "top1", "{:.3f}"),
     ("h2o_fidelity_ppl_delta", "ppl delta", "{:+.3f}"),

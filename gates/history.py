@@ -41,7 +41,7 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -245,10 +245,9 @@ def append(store: Path, record: Mapping[str, Any]) -> Path:
     store.mkdir(parents=True, exist_ok=True)
     stem = _file_stem(record)
     text = json.dumps(record, indent=2, allow_nan=False) + "\n"
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=store)
-    tmp = Path(tmp_name)
+    tmp = store / f".{stem}.{os.getpid()}.{uuid.uuid4().hex}.tmp"  # not mkstemp: its files are private (0600)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
+        with open(tmp, "x", encoding="utf-8") as out:
             out.write(text)
             out.flush()
             os.fsync(out.fileno())
