@@ -188,11 +188,12 @@ def summarize_problems(problems: Sequence[ParseProblem], shown: int = 3) -> list
     return lines
 
 
-def find_logs(log_dir: Path) -> list[Path]:
-    """The ``*.log`` files under ``log_dir``, sorted."""
+def find_logs(log_dir: Path, recursive: bool = True) -> list[Path]:
+    """The ``*.log`` files under ``log_dir`` (only its top level unless ``recursive``, as the original's
+    ``--log-dir``), sorted."""
     if not Path(log_dir).is_dir():
         raise LogParseError(f"{log_dir}: not a directory")
-    return sorted(Path(log_dir).rglob("*.log"))
+    return sorted(Path(log_dir).rglob("*.log") if recursive else Path(log_dir).glob("*.log"))
 
 
 def first_number(cell: str | None) -> float | None:

@@ -227,47 +227,91 @@ def overall_joint(verdicts: Mapping[str, Mapping[str, Verdict]]) -> Overall:
 
 def best_of(rows: Mapping[str, Mapping[str, float]], t: Thresholds,
             baselines: Mapping[str, float | None] | None = None) -> dict[str, Verdict]:
-    """The original's per-metric "best of": each rule on the best row for its metric (max lossy,
-    max lossless_online, max decode, max decomp_us; max queue peak and fallback against their limits)."""
+    """The original's per-metric "best of" (analyze_h2o_v4.py; spec §8.2 step 7): each rule on one number
+    aggregated over the rows: max ``h2o_lossy``, max ``h2o_lossless_decomp_us``, max queue peak and max
+    fallback against their limits, the decode of the fastest row (here: the smallest drop against each row's
+    baseline), and ``lossless_online``: the one offline ratio, or, when every row falls back to its runtime
+    ``h2o_lossless``, the mean over all rows. A value no row has is read as 0, as the original's parse_float."""
     if not rows:
         return {}
     baselines = baselines or {}
-
-    def best(key: str, pick=max) -> tuple[str, float | None]:
-        present = [(name, _num(row, key)) for name, row in rows.items() if _num(row, key) is not None]
-        if not present:
-            return next(iter(rows)), None
-        return pick(present, key=lambda item: item[1])
-
     combined: dict[str, Any] = {}
     names: dict[str, str] = {}
-    for key in ("h2o_lossy", "lossless_online", "h2o_lossless_decomp_us", "h2o_lossless_queue_peak",
-                "h2o_lossless_fallback", "h2o_fidelity_top1"):
-        names[key], value = best(key)
-        if value is not None:
-            combined[key] = value
-    names["h2o_fidelity_ppl_delta"], ppl = best("h2o_fidelity_ppl_delta", min)
-    if ppl is not None:
-        combined["h2o_fidelity_ppl_delta"] = ppl
-    # decode: the row with the smallest drop against its own baseline
-    drops = [(name, paired.drop if (paired := paired_drop(row, t)) is not None
-              else decode_drop(_num(row, "decode_tps"), t.decode_baseline or baselines.get(name)))
-             for name, row in rows.items()]
-    drops = [(name, d) for name, d in drops if d is not None]
-    decode_name = min(drops, key=lambda item: item[1])[0] if drops else next(iter(rows))
+    notes: dict[str, str] = {}
+    for key in ("h2o_lossy", "h2o_lossless_decomp_us", "h2o_lossless_queue_peak", "h2o_lossless_fallback"):
+        names[key], combined[key], notes[key] = _best(rows, key)
+    names["lossless_online"], combined["lossless_online"], notes["lossless_online"] = _best_lossless(rows)
+    names["h2o_fidelity_top1"], top1 = _present_best(rows, "h2o_fidelity_top1", max)
+    names["h2o_fidelity_ppl_delta"], ppl = _present_best(rows, "h2o_fidelity_ppl_delta", min)
+    combined.update({k: v for k, v in (("h2o_fidelity_top1", top1), ("h2o_fidelity_ppl_delta", ppl)) if v is not None})
+    decode_name = _best_decode(rows, t, baselines)
     for key in ("decode_tps", "decode_log_ratios", "decode_tps_rounds"):
         if key in rows[decode_name]:
             combined[key] = rows[decode_name][key]
-    combined["lossless_online_source"] = rows[names["lossless_online"]].get("lossless_online_source", "online_sim")
+    combined["lossless_online_source"] = rows[next(iter(rows))].get("lossless_online_source", "online_sim")
     verdicts = check_row(combined, t, baselines.get(decode_name), "best of")
     rule_keys = {"lossy_pass": "h2o_lossy", "lossless_online_pass": "lossless_online",
                  "runtime_decomp_pass": "h2o_lossless_decomp_us", "runtime_queue_peak_pass": "h2o_lossless_queue_peak",
                  "runtime_fallback_pass": "h2o_lossless_fallback", "fidelity_pass": "h2o_fidelity_top1"}
     out = {}
     for rule, v in verdicts.items():
-        source = decode_name if rule == "decode_pass" else names[rule_keys[rule]]
-        reason = v.reason.replace("(best of)", f"(best: {source})")
+        key = rule_keys.get(rule)
+        source = decode_name if key is None else names[key]
+        reason = v.reason.replace("(best of)", f"(best: {source}{notes.get(key or '', '')})")
         out[rule] = replace(v, reason=reason)
+    return out
+
+
+def _present_best(rows: Mapping[str, Mapping[str, float]], key: str, pick=max) -> tuple[str, float | None]:
+    """``(row name, value)`` of the best row having ``key`` (the first row and None when none has it)."""
+    present = [(name, value) for name, row in rows.items() if (value := _num(row, key)) is not None]
+    return pick(present, key=lambda item: item[1]) if present else (next(iter(rows)), None)
+
+
+def _best(rows: Mapping[str, Mapping[str, float]], key: str) -> tuple[str, float, str]:
+    """``(row, max value, note)``; a key no row has reads 0, as the original's parse_float default."""
+    name, value = _present_best(rows, key)
+    return (name, value, "") if value is not None else (name, 0.0, f"; no {key} in any row: read as 0, as the original")
+
+
+def _best_lossless(rows: Mapping[str, Mapping[str, float]]) -> tuple[str, float, str]:
+    """``lossless_online`` of the best of: the mean over all rows (missing as 0) when every row falls back
+    to its runtime ``h2o_lossless`` (analyze_h2o_v4.py's ``avg_runtime_lossless``), else the largest ratio
+    (the one offline ratio when the rows share it)."""
+    if any(row.get("lossless_online_source") != "runtime" for row in rows.values()):
+        return _best(rows, "lossless_online")
+    values = [_num(row, "lossless_online") for row in rows.values()]
+    missing = sum(v is None for v in values)
+    note = f"; {missing} without h2o_lossless read as 0, as the original" if missing else ""
+    name = f"mean of {len(values)} row{'s' if len(values) > 1 else ''}"
+    return name, sum(v or 0.0 for v in values) / len(values), note
+
+
+def _best_decode(rows: Mapping[str, Mapping[str, Any]], t: Thresholds, baselines: Mapping[str, float | None]) -> str:
+    """The row with the smallest decode drop against its baseline (the fastest row against one fixed
+    baseline, as the original's ``best_decode``); the first row when no drop is known."""
+    drops = [(name, paired.drop if (paired := paired_drop(row, t)) is not None
+              else decode_drop(_num(row, "decode_tps"), t.decode_baseline or baselines.get(name)))
+             for name, row in rows.items()]
+    known = [(name, d) for name, d in drops if d is not None]
+    return min(known, key=lambda item: item[1])[0] if known else next(iter(rows))
+
+
+def original_differences(rows: Mapping[str, Mapping[str, Any]], t: Thresholds,
+                         baselines: Mapping[str, float | None] | None = None) -> list[str]:
+    """Why :func:`best_of` on these rows is not exactly what the original's analyze computes; empty when it is
+    (a fixed or no decode baseline, single numbers, one offline ratio or the runtime fallback, no fidelity rule)."""
+    out = []
+    if t.decode_baseline is None and any(v is not None for v in (baselines or {}).values()):
+        out.append("decode against same-run baselines (the original: a fixed --decode-baseline)")
+    if any(row.get("decode_log_ratios") or row.get("decode_tps_rounds") for row in rows.values()):
+        out.append("decode drop from paired rounds (the original: one number per row)")
+    sources = {row.get("lossless_online_source", "online_sim") for row in rows.values()}
+    ratios = {_num(row, "lossless_online") for row in rows.values()}
+    if sources != {"runtime"} and len(ratios) > 1:
+        out.append("a lossless ratio per configuration (the original: one offline ratio for all rows)")
+    if t.min_top1 is not None or t.max_ppl_delta is not None:
+        out.append("fidelity_pass is ours")
     return out
 
 

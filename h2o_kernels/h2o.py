@@ -206,7 +206,7 @@ class H2OPolicy:
         self._pending: list[tuple[int, np.ndarray] | None] = [None] * n
         self._final: list[int | None] = [None] * n
         self._bytes = {"full": 0, "held": 0, "model_full": 0, "model_held": 0}
-        self._trigger_ratios = (1.0, 1.0, 1.0)
+        self._trigger_ratios = (1.0, 1.0, 1.0, 1.0, 1.0)
         self.evict_us = 0.0
         self.evictions = 0
         self.evicted_tokens = 0
@@ -291,10 +291,17 @@ class H2OPolicy:
         return kv if final is None else final
 
     def metrics(self) -> dict[str, float]:
-        """Run metrics: honest held/full ratios over the H2O range and the model, last trigger's ratios."""
+        """Run metrics: honest held/full ratios over the H2O range and the model, and the last trigger's ratios.
+
+        As the original (§3.4, §7.2), ``h2o_target_keep_effective`` = max(target0, floor), ``h2o_floor_keep`` =
+        sink+recent blocks and ``h2o_quantized_keep`` = the block-quantized keep, each over the tokens seen (the
+        original's ``kv``: its layers are compacted once, so a trigger sees every token), from the last trigger of
+        any kind; ``1 / max(floor, quantized)`` is the lossy ceiling the original's step 4.5 checks. Ours:
+        ``h2o_floor_keep_held`` and ``h2o_quantized_keep_held``, the same over the cache the layer held then.
+        """
         b = self._bytes
         lossy = b["full"] / b["held"] if b["held"] else 1.0
-        effective, floor, quantized = self._trigger_ratios
+        effective, floor, quantized, floor_held, quantized_held = self._trigger_ratios
         return {
             "h2o_keep": 1.0 / lossy,
             "h2o_lossy": lossy,
@@ -302,6 +309,8 @@ class H2OPolicy:
             "h2o_target_keep_effective": effective,
             "h2o_floor_keep": floor,
             "h2o_quantized_keep": quantized,
+            "h2o_floor_keep_held": floor_held,
+            "h2o_quantized_keep_held": quantized_held,
             "h2o_evict_us": self.evict_us,
             "h2o_evictions": self.evictions,
             "h2o_evicted_tokens": self.evicted_tokens,
@@ -323,13 +332,13 @@ class H2OPolicy:
         self._last_trigger[layer] = self._steps[layer]
         self._final[layer] = plan.final
         kv = plan.kv
-        if not plan.floor_dominates:
-            self._trigger_ratios = (plan.target / kv, plan.floor / kv, plan.quantized / kv)
+        effective, floor, quantized = max(plan.target0, plan.floor) / seen, plan.floor / seen, plan.quantized / seen
+        self._trigger_ratios = (effective, floor, quantized, plan.floor / kv, plan.quantized / kv)
         self._pending[layer] = (kv, plan.kept) if plan.evicted > 0 else None
         if plan.evicted > 0 and self.config.log_stats:
             c, bpt = self.config, self.bytes_per_token
             self._log(_LOG_FORMAT.format(
                 layer=layer, kv=kv, keep=plan.final / kv, evict=plan.evicted,
                 lossy=kv * bpt / (plan.final * bpt + 8 * plan.runs), us=int(us), pairs=plan.runs,
-                target=c.target_keep_ratio, effective=plan.target / kv, floor=plan.floor / kv,
-                quantized=plan.quantized / kv, recent=c.recent_tokens, sink=c.sink_tokens, block=c.block_tokens))
+                target=c.target_keep_ratio, effective=effective, floor=floor, quantized=quantized,
+                recent=c.recent_tokens, sink=c.sink_tokens, block=c.block_tokens))

@@ -8,10 +8,21 @@ version, ``roundtrip_verified`` and encode/decode throughput.
 Entry modes: ``per_meta`` (one unit per entry), ``aggregate`` (entries of one run x layer (x stage)
 concatenated along seq: the upper bound), ``chunked`` (each entry cut into ``online_chunk_seq``
 chunks) and ``chunked_grouped`` (aggregate, then cut: the online simulation of the runtime's windows).
+
+Codec modes (the original's ``--codec-mode``): ``adaptive_v22`` is our codec as it is (a predictor per
+block of ``adaptive_block_seq`` tokens); ``legacy`` is the original's fixed scheme in our codec: ``delta_seq``
+on the hi plane and ``raw`` on the lo plane over the whole tensor, no channel centering.
+
+Skip reasons are the original's (``meta_parse_error``, ``meta_invalid_numeric_fields``, ``invalid_shape``,
+``missing_k_or_v_file``, ``missing_k_or_v_binary``, ``binary_read_error``, ``skip_fp32_strict``,
+``unsupported_bytes_per_elem_N``, ``compression_failed``), checked in its order; ``npz_read_error`` is
+ours. Each ``skipped`` record adds a finer ``cause`` (e.g. ``size_mismatch`` or ``roundtrip_mismatch``
+for ``compression_failed``).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -21,12 +32,17 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 
 from .codec import CODEC_NAME, FORMAT_VERSION, CodecError, FP16Codec, decode_with_info, inspect
-from .kvdump import DumpEntry, DumpError, iter_dump_files, read_meta, read_npz
+from .kvdump import DumpEntry, DumpError, iter_dump_files, read_npz
 from .predictors import K_DEFAULT, V_DEFAULT, parse_predictors
 
 SCHEMA_VERSION = 4
 EntryMode = Literal["per_meta", "aggregate", "chunked", "chunked_grouped"]
 ENTRY_MODES: tuple[str, ...] = ("per_meta", "aggregate", "chunked", "chunked_grouped")
+CODEC_MODES: tuple[str, ...] = ("adaptive_v22", "legacy")
+LEGACY_PREDICTORS: tuple[tuple[str, ...], tuple[str, ...]] = (("delta_seq",), ("raw",))  # (hi, lo), K and V
+_WHOLE_TENSOR = 1 << 30  # block_seq of the legacy mode: one block per plane
+BITSHUFFLE_REFUSAL = ("--bitshuffle: not supported: our codec's blob format ({name} v{version}) has no bit-shuffle "
+                      "stage, so a bit-shuffled size would not be the size of a blob that decodes; drop --bitshuffle")
 
 
 class SelectionError(ValueError):
@@ -59,6 +75,8 @@ class EvalOptions:
     predictor_choice: Literal["estimate", "exhaustive"] = "estimate"
     verify: bool = True
     plain_baseline: bool = False
+    codec_mode: Literal["adaptive_v22", "legacy"] = "adaptive_v22"
+    bitshuffle: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent option."""
@@ -73,12 +91,35 @@ class EvalOptions:
             (self.online_chunk_seq >= 0, "--online-chunk-seq must be >= 0"),
             (self.online_framing_bytes >= 0, "--online-framing-bytes must be >= 0"),
             (self.min_seq_len >= 0 and self.max_seq_len >= 0, "--min-seq-len/--max-seq-len must be >= 0"),
+            (self.codec_mode in CODEC_MODES, f"--codec-mode: {self.codec_mode!r} is not one of {CODEC_MODES}"),
+            (not self.bitshuffle, BITSHUFFLE_REFUSAL.format(name=CODEC_NAME, version=FORMAT_VERSION)),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         for name in ("k_hi_predictors", "k_lo_predictors", "v_hi_predictors", "v_lo_predictors"):
             setattr(self, name, parse_predictors(getattr(self, name), "--" + name.replace("_", "-")))
+
+    def plane_predictors(self, kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The (hi, lo) predictor sets that run for ``kind`` ("k" or "v"): the options', or legacy's fixed pair."""
+        if self.codec_mode == "legacy":
+            return LEGACY_PREDICTORS
+        return (self.k_hi_predictors, self.k_lo_predictors) if kind == "k" else (self.v_hi_predictors,
+                                                                                  self.v_lo_predictors)
+
+    def codec(self, kind: str) -> FP16Codec:
+        """The encoder of ``kind`` ("k" or "v") for these options."""
+        hi, lo = self.plane_predictors(kind)
+        if self.codec_mode == "legacy":
+            return FP16Codec(hi, lo, block_seq=_WHOLE_TENSOR, level=self.zstd_level, center=False)
+        return FP16Codec(hi, lo, block_seq=self.adaptive_block_seq, level=self.zstd_level,
+                         choose=self.predictor_choice)
+
+    def codec_scheme(self) -> str:
+        """What the codec does under these options, in words (the JSON's ``codec_scheme``)."""
+        if self.codec_mode == "legacy":
+            return "fixed predictors (hi delta_seq, lo raw) over the whole tensor, no channel centering"
+        return f"a predictor per {self.adaptive_block_seq}-token block, chosen by {self.predictor_choice}"
 
     def keeps_layer(self, layer_id: int) -> bool:
         """Whether the layer scope selects ``layer_id``."""
@@ -143,12 +184,7 @@ def evaluate(dump_dir: Path, options: EvalOptions, progress: Progress | None = N
     started = time.perf_counter()
     selection = _select(dump_dir, options)
     groups = list(_groups(selection.entries, options))
-    codecs = {
-        "k": FP16Codec(options.k_hi_predictors, options.k_lo_predictors, block_seq=options.adaptive_block_seq,
-                       level=options.zstd_level, choose=options.predictor_choice),
-        "v": FP16Codec(options.v_hi_predictors, options.v_lo_predictors, block_seq=options.adaptive_block_seq,
-                       level=options.zstd_level, choose=options.predictor_choice),
-    }
+    codecs = {kind: options.codec(kind) for kind in ("k", "v")}
     tallies = {"k": _Tally(), "v": _Tally()}
     per_layer: dict[int, list[int]] = {}
     timing = {"encode": 0.0, "decode": 0.0}
@@ -187,50 +223,109 @@ class _Selection:
     skipped: list[dict] = field(default_factory=list)
     filtered: Counter = field(default_factory=Counter)
 
-    def skip(self, reason: str, source: Path, detail: str) -> None:
+    def skip(self, reason: str, source: Path, detail: str, cause: str | None = None) -> None:
+        """Count a skipped entry under the original's ``reason``; ``cause`` is our finer name (default: reason)."""
         self.skip_reasons[reason] += 1
-        self.skipped.append({"file": str(source), "reason": reason, "detail": detail})
+        self.skipped.append({"file": str(source), "reason": reason, "cause": cause or reason, "detail": detail})
+
+
+# The original's meta fields read as integers, with its defaults for a missing key.
+_META_INTS = {"layer_id": -1, "seq_start": 0, "seq_len": 0, "kv_heads": 0, "head_dim": 0, "bytes_per_elem": 0}
 
 
 def _select(dump_dir: Path, options: EvalOptions) -> _Selection:
     sel = _Selection()
     for path in iter_dump_files(dump_dir):
         sel.scanned += 1
-        try:
-            entry = read_npz(path) if path.suffix == ".npz" else read_meta(path)
-        except DumpError as exc:
-            reason = "npz_read_error" if path.suffix == ".npz" else "meta_parse_error"
-            sel.skip(reason, path, str(exc))
-            continue
-        if options.stage != "both" and entry.stage != options.stage:
-            sel.filtered[f"--stage {options.stage} (entry stage {entry.stage!r})"] += 1
-            continue
-        if not options.keeps_layer(entry.layer_id):
-            sel.filtered[options.scope_text()] += 1
-            continue
-        if options.min_seq_len and entry.seq_len < options.min_seq_len:
-            sel.filtered[f"--min-seq-len {options.min_seq_len}"] += 1
-            continue
-        if options.max_seq_len and entry.seq_len > options.max_seq_len:
-            sel.filtered[f"--max-seq-len {options.max_seq_len}"] += 1
-            continue
-        if entry.bytes_per_elem == 4:
-            if options.strict_fp16:
-                sel.skip("skip_fp32_strict", path, f"{path}: fp32 dump skipped because of --strict-fp16")
-                continue
-            sel.converted_fp32 += 1
-        elif entry.bytes_per_elem != 2:
-            sel.skip(f"unsupported_bytes_per_elem_{entry.bytes_per_elem}", path,
-                     f"{path}: bytes_per_elem={entry.bytes_per_elem}, expected 2 (fp16) or 4 (fp32)")
-            continue
-        if entry.k_path is not None and not (entry.k_path.is_file() and entry.v_path.is_file()):
-            missing = [str(p) for p in (entry.k_path, entry.v_path) if not p.is_file()]
-            sel.skip("missing_k_or_v_binary", path, f"{path}: missing K/V file(s) {missing}")
-            continue
-        sel.entries.append(entry)
+        entry = _npz_entry(path, options, sel) if path.suffix == ".npz" else _meta_entry(path, options, sel)
+        if entry is not None and _element_size_ok(entry, options, sel):
+            sel.entries.append(entry)
     if not sel.entries:
         raise SelectionError(_empty_message(dump_dir, sel))
     return sel
+
+
+def _meta_entry(path: Path, options: EvalOptions, sel: _Selection) -> DumpEntry | None:
+    """A ``meta_*.json`` entry that passes the filters, checked in the original's order; None if skipped or
+    filtered: parse, stage, integer fields, layer scope, shape, seq-len bounds, file names, files present."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return sel.skip("meta_parse_error", path, f"{path}: not readable JSON ({exc})")
+    if not isinstance(meta, dict):
+        return sel.skip("meta_parse_error", path, f"{path}: expected a JSON object, got {type(meta).__name__}")
+    stage = str(meta.get("stage", "unknown"))
+    if not _keeps_stage(stage, options, sel):
+        return None
+    ints = {key: meta.get(key, default) for key, default in _META_INTS.items()}
+    bad = {key: value for key, value in ints.items() if isinstance(value, bool) or not isinstance(value, int)}
+    if bad:
+        return sel.skip("meta_invalid_numeric_fields", path, f"{path}: not integers: {bad}")
+    shape = {key: ints[key] for key in ("seq_len", "kv_heads", "head_dim")}
+    if not _passes_scope(ints["layer_id"], shape, path, options, sel):
+        return None
+    names = {key: meta.get(key, "") for key in ("k_file", "v_file")}
+    if not all(isinstance(name, str) and name for name in names.values()):
+        return sel.skip("missing_k_or_v_file", path, f"{path}: k_file/v_file must name files, got {names}")
+    k_path, v_path = (path.parent / names["k_file"], path.parent / names["v_file"])
+    missing = [str(p) for p in (k_path, v_path) if not p.is_file()]
+    if missing:
+        return sel.skip("missing_k_or_v_binary", path, f"{path}: missing K/V file(s) {missing}")
+    run_id = meta.get("run_id", "")
+    return DumpEntry(source=path, run_id=run_id if isinstance(run_id, str) else "", stage=stage,
+                     k_path=k_path, v_path=v_path, **ints)
+
+
+def _npz_entry(path: Path, options: EvalOptions, sel: _Selection) -> DumpEntry | None:
+    """An ``.npz`` entry that passes the filters; None if unreadable (``npz_read_error``, ours) or filtered."""
+    try:
+        entry = read_npz(path)
+    except DumpError as exc:
+        return sel.skip("npz_read_error", path, str(exc))
+    shape = {"seq_len": entry.seq_len, "kv_heads": entry.kv_heads, "head_dim": entry.head_dim}
+    if _keeps_stage(entry.stage, options, sel) and _passes_scope(entry.layer_id, shape, path, options, sel):
+        return entry
+    return None
+
+
+def _keeps_stage(stage: str, options: EvalOptions, sel: _Selection) -> bool:
+    if options.stage == "both" or stage == options.stage:
+        return True
+    sel.filtered[f"--stage {options.stage} (entry stage {stage!r})"] += 1
+    return False
+
+
+def _passes_scope(layer_id: int, shape: dict[str, int], path: Path, options: EvalOptions, sel: _Selection) -> bool:
+    """Layer scope, then the original's ``invalid_shape`` (a length, heads or dim <= 0), then the seq-len bounds."""
+    if not options.keeps_layer(layer_id):
+        sel.filtered[options.scope_text()] += 1
+        return False
+    if min(shape.values()) <= 0:
+        sel.skip("invalid_shape", path, f"{path}: seq_len, kv_heads and head_dim must be > 0, got {shape}")
+        return False
+    seq_len = shape["seq_len"]
+    if options.min_seq_len and seq_len < options.min_seq_len:
+        sel.filtered[f"--min-seq-len {options.min_seq_len}"] += 1
+        return False
+    if options.max_seq_len and seq_len > options.max_seq_len:
+        sel.filtered[f"--max-seq-len {options.max_seq_len}"] += 1
+        return False
+    return True
+
+
+def _element_size_ok(entry: DumpEntry, options: EvalOptions, sel: _Selection) -> bool:
+    """fp16 passes; fp32 is converted (counted) unless ``--strict-fp16``; anything else is skipped."""
+    if entry.bytes_per_elem == 2:
+        return True
+    if entry.bytes_per_elem == 4 and not options.strict_fp16:
+        sel.converted_fp32 += 1
+        return True
+    if entry.bytes_per_elem == 4:
+        sel.skip("skip_fp32_strict", entry.source, f"{entry.source}: fp32 dump skipped because of --strict-fp16")
+    else:
+        sel.skip(f"unsupported_bytes_per_elem_{entry.bytes_per_elem}", entry.source,
+                 f"{entry.source}: bytes_per_elem={entry.bytes_per_elem}, expected 2 (fp16) or 4 (fp32)")
+    return False
 
 
 def _empty_message(dump_dir: Path, sel: _Selection) -> str:
@@ -266,7 +361,33 @@ def _groups(entries: list[DumpEntry], options: EvalOptions) -> Iterator[_Group]:
                                                            options.online_framing_bytes))
 
 
+class _SizeMismatch(ValueError):
+    """A K/V file's size disagrees with its meta: the original's ``compression_failed`` (cause ``size_mismatch``)."""
+
+
+class _RoundTripError(CodecError):
+    """A blob did not decode back to the exact input (cause ``roundtrip_mismatch``)."""
+
+
+def _check_sizes(entry: DumpEntry) -> None:
+    """Raise :class:`_SizeMismatch` for a K/V file of the wrong size, :class:`DumpError` for one that is gone."""
+    if entry.k_path is None or entry.v_path is None:
+        return
+    expected = entry.raw_bytes // 2
+    for path in (entry.k_path, entry.v_path):
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise DumpError(f"{entry.source}: cannot read {path}: {exc.strerror or exc}") from None
+        if size != expected:
+            raise _SizeMismatch(f"{path}: {size} bytes, expected {expected} for shape "
+                                f"{[entry.seq_len, entry.kv_heads, entry.head_dim]} at {entry.bytes_per_elem} "
+                                f"bytes/elem (from {entry.source.name})")
+
+
 def _load(entries: list[DumpEntry]) -> tuple[np.ndarray, np.ndarray]:
+    for entry in entries:
+        _check_sizes(entry)
     ks, vs = zip(*(entry.load() for entry in entries))
     k = np.concatenate(ks) if len(ks) > 1 else ks[0]
     v = np.concatenate(vs) if len(vs) > 1 else vs[0]
@@ -312,7 +433,8 @@ def _code_wave(wave: list[_Group], codecs: dict[str, FP16Codec], options: EvalOp
         return _code_groups(wave, codecs, options, timing)
     except _FAILURES as exc:
         if len(wave) == 1:
-            selection.skip(_reason(exc), wave[0].entries[0].source, str(exc))
+            reason, cause = _reason(exc)
+            selection.skip(reason, wave[0].entries[0].source, str(exc), cause)
             return [None]
     return [outcome for group in wave for outcome in _code_wave([group], codecs, options, timing, selection)]
 
@@ -338,7 +460,7 @@ def _code_groups(groups: list[_Group], codecs: dict[str, FP16Codec], options: Ev
             timing["decode"] += time.perf_counter() - t1
             for unit, tensor, (back, _) in zip(units, tensors, restored):
                 if not np.array_equal(back.view(np.uint16), tensor.view(np.uint16)):
-                    raise CodecError(f"{kind.upper()} of layer {unit.layer_id} did not round-trip bit-exactly")
+                    raise _RoundTripError(f"{kind.upper()} of layer {unit.layer_id} did not round-trip bit-exactly")
             infos = [info for _, info in restored]
         else:
             infos = [inspect(blob) for blob in blobs]
@@ -359,12 +481,16 @@ def _plain_zstd_bytes(tensor: np.ndarray, codec: FP16Codec) -> int:
     return sum(len(codec.zstd.compress(plane)) for plane in planes)
 
 
-def _reason(exc: Exception) -> str:
+def _reason(exc: Exception) -> tuple[str, str]:
+    """(the original's reason, our cause) of a group that failed: an unreadable file is ``binary_read_error``;
+    everything else failed while compressing, as in the original (``compression_failed``)."""
     if isinstance(exc, DumpError):
-        return "binary_read_error"
-    if isinstance(exc, CodecError) and "round-trip" in str(exc):
-        return "roundtrip_mismatch"
-    return "compression_failed"
+        return "binary_read_error", "read_error"
+    if isinstance(exc, _SizeMismatch):
+        return "compression_failed", "size_mismatch"
+    if isinstance(exc, _RoundTripError):
+        return "compression_failed", "roundtrip_mismatch"
+    return "compression_failed", "codec_error"
 
 
 def _ratio(raw: int, comp: int) -> float:
@@ -403,11 +529,13 @@ def _report(dump_dir: Path, options: EvalOptions, sel: _Selection, groups: list[
         "online_chunks": 2 * coded_units if options.entry_mode in ("chunked", "chunked_grouped") else 0,
         "codec": CODEC_NAME,
         "codec_version": FORMAT_VERSION,
-        "codec_mode": options.predictor_choice,
+        "codec_mode": options.codec_mode,
+        "codec_scheme": options.codec_scheme(),
+        "predictor_choice": options.predictor_choice,
         "bitshuffle": False,
         "adaptive_block_seq": options.adaptive_block_seq,
-        **{key: list(opts[key]) for key in ("k_hi_predictors", "k_lo_predictors", "v_hi_predictors",
-                                            "v_lo_predictors")},
+        **{f"{kind}_{plane}_predictors": list(names) for kind in ("k", "v")
+           for plane, names in zip(("hi", "lo"), options.plane_predictors(kind))},
         "zstd_level": options.zstd_level,
         "k_raw_bytes": k.raw, "k_compressed_bytes": k.compressed,
         "v_raw_bytes": v.raw, "v_compressed_bytes": v.compressed,
@@ -417,10 +545,9 @@ def _report(dump_dir: Path, options: EvalOptions, sel: _Selection, groups: list[
         "v_lossless_ratio": _ratio(v.raw, v.compressed),
         "lossless_ratio": totals["lossless_ratio"],
         "weighted_lossless_ratio": totals["lossless_ratio"],
-        "k_hi_mode_counts": modes(k.hi_modes, options.k_hi_predictors),
-        "k_lo_mode_counts": modes(k.lo_modes, options.k_lo_predictors),
-        "v_hi_mode_counts": modes(v.hi_modes, options.v_hi_predictors),
-        "v_lo_mode_counts": modes(v.lo_modes, options.v_lo_predictors),
+        **{f"{kind}_{plane}_mode_counts": modes(counter, names) for kind, tally in (("k", k), ("v", v))
+           for plane, counter, names in zip(("hi", "lo"), (tally.hi_modes, tally.lo_modes),
+                                            options.plane_predictors(kind))},
         "per_layer": {str(layer): {"raw_bytes": raw, "compressed_bytes": comp, "lossless_ratio": _ratio(raw, comp)}
                       for layer, (raw, comp) in sorted(per_layer.items())},
         "scanned_entries": sel.scanned,

@@ -49,6 +49,43 @@ SCALARS: dict[str, tuple[str, Any]] = {
     "h2o_target_mode": ("kv_h2o_target_mode", "adaptive"),
     "h2o_log_stats": ("kv_h2o_log_stats", False),
 }
+# run_h2o_v4_bench.py parses these dimensions as floats (``k1.0`` in a run id, ``1.0`` in a config)
+FLOAT_DIMENSIONS = ("h2o_keep_ratios", "h2o_ema_alphas", "h2o_target_lossy_ratios")
+# The kv_* keys run_h2o_v4_bench.py writes into every generated config, in its order, with its defaults
+# (the runtime's, original-runtime.md §1, except kv_h2o_enable: the sweep always turns H2O on).
+GENERATED_KV_DEFAULTS: dict[str, Any] = {
+    "kv_h2o_enable": True,
+    "kv_h2o_layer_start": 2,
+    "kv_h2o_layer_end": -1,
+    "kv_h2o_block_tokens": 64,
+    "kv_h2o_sink_tokens": 32,
+    "kv_h2o_recent_tokens": 256,
+    "kv_h2o_target_keep_ratio": 0.5,
+    "kv_h2o_target_mode": "adaptive",
+    "kv_h2o_target_lossy_ratio": 3.0,
+    "kv_h2o_ema_alpha": 0.9,
+    "kv_h2o_update_interval": 16,
+    "kv_h2o_trigger_min_tokens": 512,
+    "kv_h2o_log_stats": False,
+    "kv_lossless_enable": False,
+    "kv_lossless_scope": "front_n",
+    "kv_lossless_front_n": 2,
+    "kv_lossless_codec": "none",
+    "kv_lossless_runtime_enable": False,
+    "kv_lossless_runtime_mode": "probe",
+    "kv_lossless_block_tokens": 128,
+    "kv_lossless_hot_recent_tokens": 256,
+    "kv_lossless_hot_sink_tokens": 16,
+    "kv_lossless_kept_sample_layers": 1,
+    "kv_lossless_kept_sample_token_interval": 1,
+    "kv_lossless_codec_runtime": "fp16_gear_predictive_v3",
+    "kv_lossless_predictors_k": "raw,delta_seq,xor_seq,pair_delta",
+    "kv_lossless_predictors_v": "raw,delta_seq,xor_seq",
+    "kv_lossless_async_threads": 1,
+    "kv_lossless_max_queue": 256,
+    "kv_lossless_decode_cache_blocks": 64,
+    "kv_lossless_strict_roundtrip_check": False,
+}
 
 
 class PresetError(ValueError):
@@ -67,6 +104,12 @@ class Point:
     config: dict[str, Any]
     label: str = ""
     extra_kv_keys: tuple[str, ...] = ()
+
+
+def generated_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A point's config as the original sweep wrote it: every key of :data:`GENERATED_KV_DEFAULTS` in its order
+    (the point's value, else the default), then the point's other keys (ours, or an external runtime's)."""
+    return {**GENERATED_KV_DEFAULTS, **config}
 
 
 def available_presets() -> list[str]:
@@ -138,7 +181,8 @@ def expand(preset: dict[str, Any], source: str = "preset") -> list[Point]:
     if isinstance(preset, dict):
         empty = [key for key, value in preset.items() if value == [] and key != "extra_kv_keys"]
         if empty:
-            raise PresetError(f"{source}: empty sweep dimension(s) {', '.join(empty)}: 0 runs would be produced")
+            raise PresetError(f"{source}: Empty sweep dimension(s): {', '.join(empty)}. "
+                              "Check argument values — 0 runs would be produced.")
     validate(preset, source)
     extra_kv_keys = tuple(preset.get("extra_kv_keys", ()))
     try:
@@ -150,6 +194,7 @@ def expand(preset: dict[str, Any], source: str = "preset") -> list[Point]:
         dims["h2o_target_lossy_ratios"] = [preset["h2o_target_lossy_ratio"]]
     extra = {key: value for key, value in preset.items() if key.startswith("kv_") and isinstance(value, list)}
     _reject_repeats({**dims, **extra}, source)
+    dims.update({key: [float(value) for value in dims[key]] for key in FLOAT_DIMENSIONS})
     repeat = preset.get("repeat", 3)
     base = {"kv_h2o_enable": True}
     base.update({config_key: preset.get(key, default) for key, (config_key, default) in SCALARS.items()})

@@ -1,9 +1,11 @@
 """h2o-gate parse-log / analyze / full-eval: the original kit's parse_h2o_v4_log.py, analyze_h2o_v4.py
 and run_full_eval.sh, with their option names and defaults.
 
-- ``parse-log``: llm_bench markdown logs to one CSV (one row per table row, ``log_file`` added).
-- ``analyze``: CSV rows plus the offline lossless JSONs through the gate rules; writes summary.md
-  (``- overall_pass: true|false``); exit 0 pass, 1 fail, 2 usage error.
+- ``parse-log``: llm_bench markdown logs to one CSV (one row per table row, ``log_file`` added); the top
+  level of ``--log-dir`` unless ``--recursive``; a missing input is skipped with a ``[WARN]``, as the original.
+- ``analyze``: CSV rows plus the offline lossless JSONs through the gate rules; writes summary.md (the
+  original's ``## Quality Gate`` section, then ours; ``- overall_pass: true|false``); exit 0 pass, 1 fail
+  (0 with ``--exit-zero`` or ``$H2O_ANALYZE_EXIT_ZERO=1``, as the original), 2 usage error.
 - ``full-eval``: parse RUN_DIR/logs, run the offline upper bound and online simulation on the KV
   dumps, then analyze; everything lands in RUN_DIR.
 """
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from h2o_gates.gate_report import build_report, render_markdown, rule_line
+from h2o_gates.gate_report import build_report, independent_label, render_markdown, rule_line
 from h2o_gates.log_parse import (LogParseError, ParseProblem, find_logs, metric_row, parse_logs_report,
                                  read_csv, summarize_problems, write_csv)
 from h2o_gates.rules import RULES, Thresholds
@@ -38,27 +40,31 @@ ONLINE_JSON = "offline_lossless_online_grouped.json"
 
 
 def add_parse_log_arguments(p: argparse.ArgumentParser) -> None:
-    """The parse_h2o_v4_log.py options."""
-    p.add_argument("--log-dir", type=Path, help="read every *.log under this directory")
-    p.add_argument("--log-files", default="", help="comma-separated log files (with or instead of --log-dir)")
+    """The parse_h2o_v4_log.py options, and ``--recursive``."""
+    p.add_argument("--log-dir", type=Path,
+                   help="read the *.log files of this directory (its top level, as the original)")
+    p.add_argument("--log-files", default="", help="comma-separated log files (with or instead of --log-dir); "
+                   "one that is not there is skipped with a [WARN], as the original")
+    add_recursive_argument(p)
     p.add_argument("--out-csv", required=True, type=Path, help="where to write the CSV")
     p.set_defaults(run=run_parse_log)
 
 
+def add_recursive_argument(p: argparse.ArgumentParser) -> None:
+    """``--recursive``: also the *.log files of --log-dir's subfolders."""
+    p.add_argument("--recursive", action="store_true",
+                   help="also read the *.log files in the subfolders of the log directory")
+
+
 def run_parse_log(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Execute ``h2o-gate parse-log``."""
+    """Execute ``h2o-gate parse-log``: exit 0 rows written, 2 no rows at all (or a usage error)."""
     files = [Path(part.strip()) for part in args.log_files.split(",") if part.strip()]
     if args.log_dir is None and not files:
         parser.error("give --log-dir, --log-files or both")
-    for path in files:
-        if not path.is_file():
-            parser.error(f"--log-files {path}: no such file; expected llm_bench .log files")
-    if args.log_dir is not None and not args.log_dir.is_dir():
-        parser.error(f"--log-dir {args.log_dir}: not a folder; expected a folder of llm_bench .log files")
     try:
         check_out_file(args.out_csv, "--out-csv")
-        count, _ = parse_to_csv(args.log_dir, files, args.out_csv)
-    except (LogParseError, OutPathError) as exc:
+        count, _ = parse_to_csv(args.log_dir, files, args.out_csv, recursive=args.recursive)
+    except OutPathError as exc:
         parser.error(str(exc))
     except OSError as exc:
         print(f"h2o-gate parse-log: {exc}", file=sys.stderr)
@@ -66,12 +72,35 @@ def run_parse_log(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return 0 if count else 2  # no usable input: a usage error, as a missing file
 
 
+def collect_logs(log_dir: Path | None, files: list[Path], recursive: bool) -> tuple[list[Path], list[str]]:
+    """The logs to read and, as the original does, what is skipped: a ``--log-dir`` that is not a folder,
+    a ``--log-files`` entry that is not a file; also the subfolders' logs not read without ``recursive``."""
+    paths: list[Path] = []
+    skipped: list[str] = []
+    if log_dir is not None and not log_dir.is_dir():
+        skipped.append(f"--log-dir {log_dir}: {'not a folder' if log_dir.exists() else 'no such folder'}; skipped")
+    elif log_dir is not None:
+        paths = find_logs(log_dir, recursive)
+        below = len(find_logs(log_dir, recursive=True)) - len(paths) if not recursive else 0
+        if below:
+            skipped.append(f"--log-dir {log_dir}: {_count(below, '*.log file')} in subfolders not read "
+                           "(--recursive reads them)")
+    for path in files:
+        if path.is_file():
+            paths.append(path)
+        else:
+            skipped.append(f"--log-files {path}: {'a folder' if path.is_dir() else 'no such file'}; skipped")
+    return paths, skipped
+
+
 def parse_to_csv(log_dir: Path | None, files: list[Path], out_csv: Path, prefix: str = "h2o-gate parse-log",
-                 stream: TextIO | None = None) -> tuple[int, list[str]]:
+                 stream: TextIO | None = None, recursive: bool = False) -> tuple[int, list[str]]:
     """Parse the logs of ``log_dir`` and ``files`` into ``out_csv``; return the row count (0: nothing
     written, the message on stderr names what was searched) and the report lines on what was not parsed
-    (also printed on stderr). Raises LogParseError when ``log_dir`` is not a directory."""
-    paths = (find_logs(log_dir) if log_dir is not None else []) + files
+    or skipped (also printed on stderr, each skipped input as a ``[WARN]`` line)."""
+    paths, skipped = collect_logs(log_dir, files, recursive)
+    for line in skipped:
+        print(f"[WARN] {prefix}: {line}", file=sys.stderr)
     unique = {path.resolve() for path in paths}
     rows, problems = parse_logs_report(paths)
     report = problem_lines(paths, rows, problems)
@@ -81,13 +110,14 @@ def parse_to_csv(log_dir: Path | None, files: list[Path], out_csv: Path, prefix:
               file=sys.stderr)
         print("\n".join(f"  {line}" for line in report), file=sys.stderr)
     if not rows:
-        print(f"{prefix}: no llm_bench table rows in {_searched(log_dir, files, len(unique))}", file=sys.stderr)
-        return 0, report
+        print(f"{prefix}: no llm_bench table rows in {_searched(log_dir, files, len(unique), recursive)}",
+              file=sys.stderr)
+        return 0, skipped + report
     write_csv(rows, out_csv)
     with_rows = len({row["log_file"] for row in rows})
     print(f"[{prefix}] {len(rows)} rows from {with_rows} of {len(unique)} files -> {out_csv}",
           file=stream or sys.stdout)
-    return len(rows), report
+    return len(rows), skipped + report
 
 
 def problem_lines(paths: list[Path], rows: list[dict[str, str]], problems: list[ParseProblem]) -> list[str]:
@@ -110,14 +140,37 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _searched(log_dir: Path | None, files: list[Path], count: int) -> str:
-    parts = [f"--log-dir {log_dir} (*.log, recursively)"] if log_dir is not None else []
+def _searched(log_dir: Path | None, files: list[Path], count: int, recursive: bool) -> str:
+    where = "recursively" if recursive else "top level"
+    parts = [f"--log-dir {log_dir} (*.log, {where})"] if log_dir is not None else []
     if files:
         parts.append(f"--log-files {','.join(str(f) for f in files)}")
-    return f"{' and '.join(parts)}: {count} log files"
+    return f"{' and '.join(parts)}: {_count(count, 'log file')} read"
 
 
 # --- analyze ---------------------------------------------------------------------------------------
+
+
+EXIT_ZERO_ENV = "H2O_ANALYZE_EXIT_ZERO"
+GATE_MODE_ENV = "H2O_GATE_MODE"
+GATE_MODES: dict[str, str] = {"joint": "joint", "independent": "independent", "": "joint"}  # "": unset
+SWITCH: dict[str, bool] = {**dict.fromkeys(("1", "true", "yes", "on"), True),
+                           **dict.fromkeys(("", "0", "false", "no", "off"), False)}
+
+
+@dataclass(frozen=True)
+class OfflineJson:
+    """An offline evaluator JSON as analyze reads it: the ratio and what the original's summary quotes."""
+
+    path: Path
+    ratio: float
+    selected_entries: int
+    selected_layers: Any
+
+    def quoted(self) -> dict[str, Any]:
+        """The ``<key>_selected_entries``, ``_selected_layers`` and ``_json`` values of the original's summary."""
+        return {"path": str(self.path), "selected_entries": self.selected_entries,
+                "selected_layers": self.selected_layers}
 
 
 @dataclass(frozen=True)
@@ -127,6 +180,8 @@ class LosslessChoice:
     ratio: float | None  # None: each row's own h2o_lossless
     source: str  # "online_sim" | "upper_bound" | "runtime"
     path: Path | None = None
+    upper: OfflineJson | None = None
+    online: OfflineJson | None = None
 
 
 def add_gate_arguments(p: argparse.ArgumentParser, require_decomp: bool) -> None:
@@ -144,8 +199,11 @@ def add_gate_arguments(p: argparse.ArgumentParser, require_decomp: bool) -> None
                    help="limit on h2o_lossless_queue_peak; negative = off")
     p.add_argument("--max-lossless-fallback", type=float, default=-1.0,
                    help="limit on h2o_lossless_fallback; negative = off")
-    p.add_argument("--gate-mode", choices=["joint", "independent"], default="joint",
-                   help="joint: one configuration passes every rule; independent: the original's per-metric best of")
+    p.add_argument("--gate-mode", choices=["joint", "independent"],
+                   help=f"joint: one configuration passes every rule; independent: the original's per-metric best of "
+                        f"(joint unless ${GATE_MODE_ENV} says independent)")
+    p.add_argument("--exit-zero", action="store_true",
+                   help=f"exit 0 whatever the verdict, as the original (or ${EXIT_ZERO_ENV}=1); usage errors still 2")
 
 
 def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
@@ -173,17 +231,21 @@ def run_analyze(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     except LogParseError as exc:
         parser.error(str(exc))
     choice = choose_lossless(args.offline_lossless_online_json, args.offline_lossless_json, parser.error)
-    return analyze(rows, choice, thresholds, args.gate_mode, args.out, args.out_json,
-                   {"csv": str(args.csv), "offline_lossless_json": _str(args.offline_lossless_json),
-                    "offline_lossless_online_json": _str(args.offline_lossless_online_json)})
+    status = analyze(rows, choice, thresholds, args.gate_mode, args.out, args.out_json,
+                     {"csv": str(args.csv), "offline_lossless_json": _str(args.offline_lossless_json),
+                      "offline_lossless_online_json": _str(args.offline_lossless_online_json)})
+    return verdict_status(status, args.exit_zero)
 
 
 def thresholds_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Thresholds:
-    """The rules' Thresholds from the gate options (decode baseline <= 0: no decode gate)."""
+    """The rules' Thresholds from the gate options (decode baseline <= 0: no decode gate); also resolves
+    ``args.gate_mode`` and ``args.exit_zero`` from their environment variables."""
     for name in ("lossy_target", "lossless_target", "decode_baseline", "decode_drop_target",
                  "max_lossless_queue_peak", "max_lossless_fallback"):
         if not math.isfinite(getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} must be a finite number")
+    args.gate_mode = args.gate_mode or _env_choice(GATE_MODE_ENV, GATE_MODES, parser)
+    args.exit_zero = args.exit_zero or _env_choice(EXIT_ZERO_ENV, SWITCH, parser)
     return Thresholds(lossy_target=args.lossy_target, lossless_target=args.lossless_target,
                       decode_drop_target=args.decode_drop_target,
                       decode_baseline=args.decode_baseline if args.decode_baseline > 0 else None,
@@ -191,8 +253,24 @@ def thresholds_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -
                       max_queue_peak=args.max_lossless_queue_peak, max_fallback=args.max_lossless_fallback)
 
 
-def read_ratio(path: Path | None, fail: Callable[[str], Any]) -> float | None:
-    """``weighted_lossless_ratio`` of an offline JSON; None when the path is not given or absent.
+def _env_choice(name: str, values: dict[str, Any], parser: argparse.ArgumentParser) -> Any:
+    """The value an environment variable's text maps to (unset: as empty); another text is a usage error."""
+    text = os.environ.get(name, "").strip().lower()
+    if text not in values:
+        parser.error(f"${name}={os.environ[name]!r}: expected one of {', '.join(repr(v) for v in values if v)}")
+    return values[text]
+
+
+def verdict_status(status: int, exit_zero: bool) -> int:
+    """analyze's exit status: 1 (gate failed) becomes 0 with --exit-zero / $H2O_ANALYZE_EXIT_ZERO, as the original."""
+    if status == 1 and exit_zero:
+        print(f"exit 0 although overall_pass is false (--exit-zero or ${EXIT_ZERO_ENV}=1)")
+        return 0
+    return status
+
+
+def read_offline(path: Path | None, fail: Callable[[str], Any]) -> OfflineJson | None:
+    """An offline JSON's ``weighted_lossless_ratio`` and selection; None when the path is not given or absent.
     A file that exists but cannot be read, or lacks a positive ratio, calls ``fail`` (parser.error)."""
     if path is None or not path.exists():
         return None
@@ -203,24 +281,26 @@ def read_ratio(path: Path | None, fail: Callable[[str], Any]) -> float | None:
     value = data.get(RATIO_KEY) if isinstance(data, dict) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         fail(f"{path}: expected a positive number under {RATIO_KEY!r}, got {value!r}")
-    return float(value)
+    entries = data.get("selected_entries", 0)
+    entries = int(entries) if isinstance(entries, (int, float)) and math.isfinite(entries) else 0
+    return OfflineJson(path, float(value), entries, data.get("selected_layers", []))
 
 
 def choose_lossless(online: Path | None, upper: Path | None, fail: Callable[[str], Any]) -> LosslessChoice:
     """The original's fallback chain: online-sim JSON, else upper-bound JSON, else the runtime
-    ``h2o_lossless`` of each row; a ``[WARN]`` line on stderr for either fallback."""
-    ratio = read_ratio(online, fail)
-    if ratio is not None:
-        return LosslessChoice(ratio, "online_sim", online)
+    ``h2o_lossless`` (each row's own in the joint gate, their mean in the best of); a ``[WARN]`` line on
+    stderr for either fallback. Both JSONs are read when given, as the original."""
+    online_json, upper_json = read_offline(online, fail), read_offline(upper, fail)
+    if online_json is not None:
+        return LosslessChoice(online_json.ratio, "online_sim", online, upper_json, online_json)
     missing = f"--offline-lossless-online-json {online} not found" if online else "no --offline-lossless-online-json"
-    ratio = read_ratio(upper, fail)
-    if ratio is not None:
-        print(f"[WARN] {missing}; lossless_online uses the upper-bound ratio {ratio:.4f} from {upper} "
+    if upper_json is not None:
+        print(f"[WARN] {missing}; lossless_online uses the upper-bound ratio {upper_json.ratio:.4f} from {upper} "
               "(an upper bound, not what the runtime's windows reach)", file=sys.stderr)
-        return LosslessChoice(ratio, "upper_bound", upper)
+        return LosslessChoice(upper_json.ratio, "upper_bound", upper, upper_json)
     missing_upper = f"--offline-lossless-json {upper} not found" if upper else "no --offline-lossless-json"
-    print(f"[WARN] {missing} and {missing_upper}; lossless_online uses each row's runtime h2o_lossless mean",
-          file=sys.stderr)
+    print(f"[WARN] {missing} and {missing_upper}; lossless_online uses the runtime h2o_lossless: each row's own "
+          "in the joint gate, their mean over rows in the original's best of", file=sys.stderr)
     return LosslessChoice(None, "runtime")
 
 
@@ -276,7 +356,8 @@ def analyze(rows: list[dict[str, str]], choice: LosslessChoice, thresholds: Thre
             "input_notes": input_notes(choice)}
     report = build_report(configs, thresholds, mode, baselines=None, meta=meta)
     out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text(render_markdown(report) + _inputs_section(meta), encoding="utf-8")
+    out_md.write_text(render_markdown(report, original_inputs(configs, choice)) + _inputs_section(meta),
+                      encoding="utf-8")
     written = [out_md]
     if out_json is not None:
         out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -287,6 +368,18 @@ def analyze(rows: list[dict[str, str]], choice: LosslessChoice, thresholds: Thre
     _print_verdicts(report)
     print(f"wrote {' and '.join(str(p) for p in written)}")
     return 0 if report["overall"]["passed"] else 1
+
+
+def original_inputs(configs: dict[str, dict[str, Any]], choice: LosslessChoice) -> dict[str, Any]:
+    """What the original's ``## Quality Gate`` section quotes beyond the verdicts (see
+    :func:`h2o_gates.gate_report.quality_gate_lines`): the fastest row's decode tok/s (0 when none has one,
+    as the original) and the offline JSONs read."""
+    out: dict[str, Any] = {"lossless_source": choice.source,
+                           "decode_best": max(m.get("decode_tps", 0.0) for m in configs.values())}
+    for key, json_in in (("upper", choice.upper), ("online", choice.online)):
+        if json_in is not None:
+            out[key] = json_in.quoted()
+    return out
 
 
 def input_notes(choice: LosslessChoice) -> dict[str, str]:
@@ -319,7 +412,7 @@ def _print_verdicts(report: dict[str, Any]) -> None:
         failed = [rule for rule, v in config["verdicts"].items() if v["enabled"] and not v["passed"]]
         print(f"{config['name']}: {'pass' if config['passed'] else 'fail (' + ', '.join(failed) + ')'}")
         _print_rules(report, config["verdicts"], config["metrics"], enabled_only=True)
-    print("best of (the original's per-metric verdict):")
+    print(f"{independent_label(report)}:")
     _print_rules(report, report["independent"]["verdicts"], first["metrics"], enabled_only=False)
     overall = report["overall"]
     line = f"overall_pass: {_bool(overall['passed'])} ({report['mode']}: {overall['reason']})"
@@ -358,6 +451,7 @@ def add_full_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--online-framing-bytes", type=int, default=8, help="online-sim bytes charged per tensor chunk")
     p.add_argument("--adaptive-block-seq", type=int, default=64, help="tokens per predictor block (both runs)")
     p.add_argument("--entry-mode", choices=ENTRY_MODES, default="chunked_grouped", help="online-sim entry mode")
+    add_recursive_argument(p)
     add_gate_arguments(p, require_decomp=True)
     p.set_defaults(run=run_full_eval)
 
@@ -388,7 +482,8 @@ def run_full_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     csv_path = run_dir / "h2o_metrics.csv"
     _step(1, f"parse {logs} -> {csv_path}")
     try:
-        count, not_parsed = parse_to_csv(logs, [], csv_path, prefix="h2o-gate full-eval", stream=sys.stderr)
+        count, not_parsed = parse_to_csv(logs, [], csv_path, prefix="h2o-gate full-eval", stream=sys.stderr,
+                                         recursive=args.recursive)
         if not count:
             return 2
         rows = read_csv(csv_path)
@@ -403,10 +498,11 @@ def run_full_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     out_md, out_json = run_dir / "summary.md", run_dir / "summary.json"
     _step(4, f"analyze -> {out_md}")
     choice = choose_lossless(paths["online"], paths["upper"], parser.error)
-    return analyze(rows, choice, thresholds, args.gate_mode, out_md, out_json,
-                   {"csv": str(csv_path), "offline_lossless_json": str(paths["upper"]),
-                    "offline_lossless_online_json": str(paths["online"]), "kv_dumps": str(args.kv_dumps),
-                    "warnings": [f"[WARN] {logs}: {line}" for line in not_parsed]})
+    status = analyze(rows, choice, thresholds, args.gate_mode, out_md, out_json,
+                     {"csv": str(csv_path), "offline_lossless_json": str(paths["upper"]),
+                      "offline_lossless_online_json": str(paths["online"]), "kv_dumps": str(args.kv_dumps),
+                      "warnings": [f"[WARN] {logs}: {line}" for line in not_parsed]})
+    return verdict_status(status, args.exit_zero)
 
 
 def run_offline(dump_dir: Path, options: EvalOptions, out_json: Path, label: str) -> bool:

@@ -22,7 +22,7 @@ from typing import Sequence
 from h2o_kernels.kv_capture import capture_kv, prompt_ids
 from h2o_kernels.model_fetch import ModelFetchError
 from h2o_kernels.models import EMBEDDED_MODEL, ModelSpecError, load_model
-from h2o_kernels.offline_eval import ENTRY_MODES, EvalOptions, SelectionError, evaluate
+from h2o_kernels.offline_eval import CODEC_MODES, ENTRY_MODES, EvalOptions, SelectionError, evaluate
 from h2o_kernels.predictors import K_DEFAULT, V_DEFAULT
 from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
 
@@ -93,6 +93,11 @@ def _add_offline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--online-framing-bytes", type=non_negative_int, default=16,
                    help="chunked modes: bytes charged per tensor chunk")
     p.add_argument("--aggregate-by-stage", action="store_true", help="aggregate modes: keep stages apart")
+    p.add_argument("--codec-mode", choices=CODEC_MODES, default="adaptive_v22",
+                   help="the original's codec modes, both run by our codec: adaptive_v22 = a predictor per block; "
+                        "legacy = hi delta_seq, lo raw over the whole tensor")
+    p.add_argument("--bitshuffle", action="store_true",
+                   help="the original's bit-shuffle stage: refused, our codec's blob format has none")
     p.add_argument("--adaptive-block-seq", type=positive_int, default=64, help="tokens per predictor block")
     for tensor, default in (("k", K_DEFAULT), ("v", V_DEFAULT)):
         for plane in ("hi", "lo"):
@@ -120,7 +125,8 @@ def _run_offline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         aggregate_by_stage=args.aggregate_by_stage, adaptive_block_seq=args.adaptive_block_seq,
         k_hi_predictors=args.k_hi_predictors, k_lo_predictors=args.k_lo_predictors,
         v_hi_predictors=args.v_hi_predictors, v_lo_predictors=args.v_lo_predictors,
-        predictor_choice=args.predictor_choice, verify=not args.no_verify, plain_baseline=args.plain_baseline)
+        predictor_choice=args.predictor_choice, verify=not args.no_verify, plain_baseline=args.plain_baseline,
+        codec_mode=args.codec_mode, bitshuffle=args.bitshuffle)
     try:
         options.validate()
     except ValueError as exc:
@@ -140,14 +146,16 @@ def _run_offline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     if args.out_md:
         write_offline_markdown(args.out_md, result)
     for item in result["skipped"] if args.verbose else result["skipped"][:5]:
-        print(f"skipped {item['reason']}: {item['detail']}", file=sys.stderr)
+        cause = f" ({item['cause']})" if item["cause"] != item["reason"] else ""
+        print(f"skipped {item['reason']}{cause}: {item['detail']}", file=sys.stderr)
     if len(result["skipped"]) > 5 and not args.verbose:
         print(f"... and {len(result['skipped']) - 5} more skipped (see --verbose or {args.out_json})", file=sys.stderr)
     if args.verbose:
         for layer, row in result["per_layer"].items():
             print(f"layer {layer}: {row['lossless_ratio']:.4f} ({row['raw_bytes']} -> {row['compressed_bytes']} bytes)")
     plain = f" plain={result['plain_zstd_ratio']:.4f}" if "plain_zstd_ratio" in result else ""
-    print(f"[h2o-gate offline] {result['entry_mode']} {options.scope_text()} stage={result['stage']}: "
+    print(f"[h2o-gate offline] {result['entry_mode']} {options.scope_text()} stage={result['stage']} "
+          f"codec={result['codec']} v{result['codec_version']} ({result['codec_mode']}): "
           f"ratio={result['weighted_lossless_ratio']:.4f} k={result['k_lossless_ratio']:.4f} "
           f"v={result['v_lossless_ratio']:.4f}{plain} entries={result['selected_entries']} "
           f"skipped={result['skipped_entries']} verified={str(result['roundtrip_verified']).lower()} "

@@ -40,7 +40,7 @@ from h2o_kernels.runtime import ReferenceRuntime
 from h2o_presets.matrix import Point
 
 from .bench import bench_tokens, size_text, write_log
-from .sweep import llm_bench_command, read_base_config
+from .sweep import llm_bench_command, read_base_config, sweep_config
 
 BASELINE_CONFIG = {"kv_h2o_enable": False, "kv_lossless_enable": False}
 ONLINE_SIM = dict(entry_mode="chunked_grouped", online_chunk_seq=192, online_framing_bytes=8, adaptive_block_seq=64,
@@ -240,20 +240,21 @@ def _by_size(points: Iterable[Point]) -> dict[tuple[int, int], list[Point]]:
 
 # external llm_bench --------------------------------------------------------------------------------
 def _run_llm_bench(points: list[Point], spec: RunSpec, progress: Progress, warnings: list[str]):
-    base = read_base_config(spec.base_config) if spec.base_config else {}
+    base = read_base_config(spec.base_config) if spec.base_config else None
     configs: dict[str, dict[str, Any]] = {}
     baselines: dict[str, float | None] = {}
     for (prompt_len, gen_len), group in _by_size(points).items():
         base_id = f"baseline_p{prompt_len}_g{gen_len}"
         base_speeds = []
         for tag in ("before", "after"):
-            row = _external(f"{base_id}_{tag}", {**base, **BASELINE_CONFIG}, group[0], spec, progress)
+            row = _external(f"{base_id}_{tag}", sweep_config(base, BASELINE_CONFIG), group[0], spec, progress)
             if row.get("decode_tps", 0) > 0:
                 base_speeds.append(row["decode_tps"])
             if tag == "before":
                 for point in group:
                     configs[point.label] = {"run_id": point.run_id,
-                                            **_external(point.run_id, {**base, **point.config}, point, spec, progress)}
+                                            **_external(point.run_id, sweep_config(base, point.config), point, spec,
+                                                        progress)}
         baseline = sum(base_speeds) / len(base_speeds) if base_speeds else None
         if baseline is None:
             warnings.append(f"baseline p{prompt_len} g{gen_len}: llm_bench gave no decode speed")

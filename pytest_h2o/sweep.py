@@ -18,11 +18,27 @@ from typing import Any
 from h2o_kernels.model_fetch import ModelFetchError
 from h2o_kernels.models import EMBEDDED_MODEL, LoadedModel, ModelSpecError, load_model
 from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
-from h2o_presets.matrix import Point
+from h2o_presets.matrix import GENERATED_KV_DEFAULTS, Point, generated_config
 
 from .bench import bench_tokens, run_bench, write_log
 from .cli_args import check_text_file, non_negative_int, positive_int
 from .out_paths import check_out_dir
+
+
+LLM_BENCH_THREADS = 4  # the original sweep's -t
+# run_h2o_v4_bench.py's model files (LlmConfig's names) and their defaults, in the order it normalises them
+MODEL_FILE_DEFAULTS = {"llm_config": "llm_config.json", "llm_model": "llm.mnn", "llm_weight": "llm.mnn.weight",
+                       "embedding_file": "embeddings_bf16.bin", "tokenizer_file": "tokenizer.txt",
+                       "context_file": "context.json"}
+# run_h2o_v4_bench.py's manifest keys (after run_id, prompt_len, gen_len) -> the config key they show
+MANIFEST_KEYS = {
+    "keep_ratio": "kv_h2o_target_keep_ratio", "block_tokens": "kv_h2o_block_tokens",
+    "sink_tokens": "kv_h2o_sink_tokens", "recent_tokens": "kv_h2o_recent_tokens", "ema_alpha": "kv_h2o_ema_alpha",
+    "update_interval": "kv_h2o_update_interval", "trigger_min_tokens": "kv_h2o_trigger_min_tokens",
+    "h2o_layer_start": "kv_h2o_layer_start", "h2o_layer_end": "kv_h2o_layer_end",
+    "h2o_target_mode": "kv_h2o_target_mode", "h2o_target_lossy_ratio": "kv_h2o_target_lossy_ratio",
+    **{key: key for key in GENERATED_KV_DEFAULTS if key.startswith("kv_lossless_")},
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm-bench", help="run this external llm_bench binary per point instead")
     p.add_argument("--base-config", type=Path, help="with --llm-bench: the model's base config JSON")
     p.add_argument("--backend", default="cpu", help="with --llm-bench: -a")
-    p.add_argument("--threads", type=positive_int, default=1, help="-t: BLAS threads, or llm_bench's threads")
+    p.add_argument("--threads", type=positive_int,
+                   help="-t: llm_bench's threads (default 4, the original's) or the reference runtime's BLAS threads "
+                        "(default 1: more collapse on a busy core)")
     p.add_argument("--attention-option", type=non_negative_int, default=0, help="with --llm-bench: -qatten")
     p.add_argument("--text-file", type=Path, help="reference runtime: text for prompt and continuation")
     p.add_argument("--synthetic", action="store_true", help="reference runtime: token 16 repeated, as llm_bench")
@@ -61,33 +79,33 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     manifest, failed = [], 0
     for number, point in enumerate(points, start=1):
         config_path, log_path = configs / f"{point.run_id}.json", logs / f"{point.run_id}.log"
-        config = {**base, **point.config}
-        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        config = sweep_config(base, point.config)
+        config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
         print(f"[h2o-gate sweep] {number}/{len(points)} {point.run_id}", file=sys.stderr, flush=True)
         rc = None if args.dry_run else run_point(args, loaded, point, config, config_path, log_path)
         failed += rc not in (0, None)
-        manifest.append({"run_id": point.run_id, "prompt_len": point.prompt_tokens, "gen_len": point.gen_tokens,
-                         "repeat": point.repeat, **point.config, "config": str(config_path), "log": str(log_path),
-                         "return_code": rc})
-    (args.out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        manifest.append(manifest_entry(point, config, config_path, log_path, rc))
+    (args.out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     done = "written, none run (--dry-run)" if args.dry_run else f"{failed} failed"
     print(f"[h2o-gate sweep] {len(points)} points, {done}; wrote {args.out_dir / 'manifest.json'}", file=sys.stderr)
     return 2 if failed else 0
 
 
-def setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[Point], dict[str, Any]]:
+def setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[Point], dict[str, Any] | None]:
     """The preset's points (the plugin's loader: bundled names, schema, ``kv_*`` keys) and the base config,
     with every option checked before anything runs; a usage error names the option otherwise."""
     from .gate import GateSetupError, load_points  # here: gate imports gate_run, which imports this module
 
     if bool(args.llm_bench) != bool(args.base_config):
         parser.error("--llm-bench and --base-config go together")
+    if args.threads is None:
+        args.threads = LLM_BENCH_THREADS if args.llm_bench else 1
     try:
         _, points = load_points(args.preset, {})
     except GateSetupError as exc:
         parser.error(f"--preset {exc}")
     try:
-        base = read_base_config(args.base_config) if args.base_config else {}
+        base = read_base_config(args.base_config) if args.base_config else None
     except ValueError as exc:
         parser.error(f"--base-config {exc}")
     try:
@@ -95,6 +113,38 @@ def setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[li
     except ValueError as exc:
         parser.error(str(exc))
     return points, base
+
+
+def sweep_config(base: dict[str, Any] | None, config: dict[str, Any]) -> dict[str, Any]:
+    """One point's config file as run_h2o_v4_bench.py wrote it: the base config's keys in their order, every
+    generated ``kv_*`` key (:func:`h2o_presets.matrix.generated_config`), then, with a base config, its model
+    files relative to ``base_dir`` (MNN reads ``base_dir + field``) with the original's defaults filled in."""
+    merged = {**(base or {}), **generated_config(config)}
+    if base is not None:
+        for key, default in MODEL_FILE_DEFAULTS.items():
+            relative_model_path(merged, key, default)
+    return merged
+
+
+def relative_model_path(config: dict[str, Any], key: str, default: str) -> None:
+    """Set ``config[key]`` (or ``default`` when absent) relative to ``config["base_dir"]``, as the original's
+    ``normalize_mnn_path_field``; a non-string or empty value is left as it is."""
+    raw = config.get(key, default)
+    if not isinstance(raw, str) or not raw:
+        return
+    base_dir = Path(config["base_dir"]).resolve()
+    config[key] = os.path.relpath((base_dir / raw).resolve(), base_dir).replace("\\", "/")
+
+
+def manifest_entry(point: Point, config: dict[str, Any], config_path: Path, log_path: Path,
+                   rc: int | None) -> dict[str, Any]:
+    """One manifest record: run_h2o_v4_bench.py's keys in its order, then ours (``repeat`` and the point's
+    ``kv_*`` keys the original has no manifest key for). ``return_code`` is None for a point not run."""
+    entry = {"run_id": point.run_id, "prompt_len": point.prompt_tokens, "gen_len": point.gen_tokens,
+             **{name: config[key] for name, key in MANIFEST_KEYS.items()},
+             "config": str(config_path), "log": str(log_path), "return_code": rc, "repeat": point.repeat}
+    shown = set(MANIFEST_KEYS.values())
+    return {**entry, **{key: value for key, value in point.config.items() if key not in shown}}
 
 
 def check_points_fit(loaded: LoadedModel, points: list[Point], preset: str, parser: argparse.ArgumentParser) -> None:

@@ -20,8 +20,9 @@ from pytest_h2o.out_paths import OutPathError, check_out_dir, check_out_file
 ORIGINAL_OPTIONS = (
     "--dump-dir", "--out-json", "--out-md", "--overwrite", "--stage", "--scope", "--front-n", "--layer-start",
     "--layer-end", "--layer-ids", "--zstd-level", "--strict-fp16", "--min-seq-len", "--max-seq-len",
-    "--entry-mode", "--online-chunk-seq", "--online-framing-bytes", "--aggregate-by-stage",
-    "--adaptive-block-seq", "--k-hi-predictors", "--k-lo-predictors", "--v-hi-predictors", "--v-lo-predictors",
+    "--entry-mode", "--online-chunk-seq", "--online-framing-bytes", "--aggregate-by-stage", "--codec-mode",
+    "--bitshuffle", "--adaptive-block-seq", "--k-hi-predictors", "--k-lo-predictors", "--v-hi-predictors",
+    "--v-lo-predictors", "--verbose",
 )
 
 
@@ -91,7 +92,7 @@ def test_writes_markdown_with_out_md(dump_dir, tmp_path):
     assert offline(dump_dir, out, "--out-md", str(md), "--plain-baseline") == 0
     text = md.read_text()
     result = json.loads(out.read_text())
-    assert text.startswith("# H2O Offline Lossless Summary")
+    assert text.startswith("# H2O v4 Offline Lossless Summary\n")
     assert f"{result['weighted_lossless_ratio']:.4f}" in text
     assert "Plain split planes + zstd" in text
     assert "| 0 |" in text and "| 1 |" in text  # per-layer rows

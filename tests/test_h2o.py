@@ -372,28 +372,28 @@ def test_honest_lossy_ratio_over_the_range_and_the_model():
     assert m["h2o_lossy"] == pytest.approx(35 / 23) and m["h2o_keep"] == pytest.approx(23 / 35)
     assert m["h2o_lossy_model"] == pytest.approx(70 / 58)
     assert (m["h2o_evictions"], m["h2o_evicted_tokens"]) == (3, 4)  # steps 2, 3, 5 applied 2 + 1 + 1
-    assert m["h2o_target_keep_effective"] == pytest.approx(5 / 5)  # step 5: target0 ceil(4.5) = 5 of kv 5
+    assert m["h2o_target_keep_effective"] == pytest.approx(5 / 9)  # step 5: target0 ceil(4.5) = 5 of 9 seen
     assert m["h2o_evict_us"] > 0
     assert cache.length(0) == 5 and cache.length(1) == 9
     policy.reset()
     assert policy.metrics()["h2o_lossy"] == 1.0 and policy.metrics()["h2o_evictions"] == 0
 
 
-def test_floor_dominated_trigger_keeps_previous_ratios():
+def test_trigger_ratios_are_fractions_of_the_tokens_seen_from_the_last_trigger_of_any_kind():
+    """The original's effective/floor/quantized columns: its kv is the tokens seen (a layer is compacted once);
+    ours repeatedly compacts, so they are over the tokens seen, and ``*_held`` over the cache held then."""
     policy, cache = make(block_tokens=4, sink_tokens=0, recent_tokens=1, target_mode="static",
                          target_keep_ratio=0.25)
-    drive(policy, cache, 8, 1)  # kv 9: floor 1 (block 2), target0 3, quantized 5 -> evict 4
-    m = policy.metrics()
-    assert (m["h2o_target_keep_effective"], m["h2o_floor_keep"], m["h2o_quantized_keep"]) == pytest.approx(
-        (3 / 9, 1 / 9, 5 / 9))
+    names = ("h2o_target_keep_effective", "h2o_floor_keep", "h2o_quantized_keep", "h2o_floor_keep_held",
+             "h2o_quantized_keep_held")
+    drive(policy, cache, 8, 1)  # seen 9 = kv 9: floor 1 (block 2), target0 3, quantized 5 -> evict 4
+    assert [policy.metrics()[n] for n in names] == pytest.approx([3 / 9, 1 / 9, 5 / 9, 1 / 9, 5 / 9])
     assert policy.budget(0, 9) == 5
-    decode_step(policy, cache)  # kv 6: floor 2, target0 3, quantized 6
-    m = policy.metrics()
-    assert (m["h2o_target_keep_effective"], m["h2o_floor_keep"], m["h2o_quantized_keep"]) == pytest.approx(
-        (3 / 6, 2 / 6, 1.0))
+    decode_step(policy, cache)  # seen 10, kv 6: floor 2, target0 3, quantized 6
+    assert [policy.metrics()[n] for n in names] == pytest.approx([3 / 10, 2 / 10, 6 / 10, 2 / 6, 1.0])
     assert policy.pending(0) is None and policy.budget(0, 6) == 6
-    decode_step(policy, cache)  # kv 7: floor 3 (block 1 = tokens 4-6) >= target0 3 -> dominated
-    assert policy.metrics()["h2o_target_keep_effective"] == pytest.approx(3 / 6)
+    decode_step(policy, cache)  # seen 11, kv 7: floor 3 (block 1 = tokens 4-6) >= target0 3 -> dominated
+    assert [policy.metrics()[n] for n in names] == pytest.approx([3 / 11, 3 / 11, 3 / 11, 3 / 7, 3 / 7])
     assert policy.pending(0) is None and policy.budget(0, 7) == 7
 
 
@@ -442,13 +442,14 @@ def test_log_lines_of_the_worked_example():
 
 def test_log_line_without_sink_or_recent_tokens():
     # kv 128 in two 64-token blocks, no floor, adaptive plan (128 + 0.5) / 3 - 0.5 = 42 tokens, less than
-    # a block: the target is one token and one block is kept (it kept none, and the lossy ratio divided by zero)
+    # a block: the target is one token and one block is kept (it kept none, and the lossy ratio divided by zero);
+    # effective is max(target0 42, floor 0) / 128 seen, as the original
     policy, cache = make(block_tokens=64, sink_tokens=0, recent_tokens=0, log_stats=True)
     drive(policy, cache, 127, 1)
     assert len(policy.log_lines) == 1
     fields = LOG_LINE.match(policy.log_lines[0]).groups()
     assert fields[1:5] == ("128", "0.5000", "64", f"{128 * 4 / (64 * 4 + 8):.4f}")
-    assert fields[6] == "1" and fields[8:] == ("0.008", "0.000", "0.500", "0", "0", "64")
+    assert fields[6] == "1" and fields[8:] == ("0.328", "0.000", "0.500", "0", "0", "64")
     decode_step(policy, cache)
     assert cache.length(0) == 65 and 1.0 < policy.metrics()["h2o_lossy"] < 2.0
 

@@ -145,7 +145,8 @@ def test_default_report(std_dir):
     assert result["selected_dumps"] == 1
     assert result["entry_mode"] == "per_meta"
     assert result["codec"] == CODEC_NAME and result["codec_version"] == FORMAT_VERSION
-    assert result["codec_mode"] == "estimate"
+    assert result["codec_mode"] == "adaptive_v22" and result["predictor_choice"] == "estimate"
+    assert result["bitshuffle"] is False and "64-token block" in result["codec_scheme"]
     assert result["roundtrip_verified"] is True
     assert result["skip_reasons"] == {} and result["skipped"] == [] and result["skipped_entries"] == 0
     assert result["converted_fp32_entries"] == 0
@@ -349,6 +350,7 @@ def test_eval_options_defaults_match_the_original():
     assert (o.entry_mode, o.online_chunk_seq, o.online_framing_bytes) == ("per_meta", 0, 16)
     assert o.aggregate_by_stage is False
     assert o.adaptive_block_seq == 64
+    assert (o.codec_mode, o.bitshuffle) == ("adaptive_v22", False)
     assert tuple(o.k_hi_predictors) == tuple(o.k_lo_predictors) == K_DEFAULT
     assert tuple(o.v_hi_predictors) == tuple(o.v_lo_predictors) == V_DEFAULT
 
@@ -357,7 +359,8 @@ def test_predictor_options_reach_the_codec(std_dir):
     options = EvalOptions(k_hi_predictors="raw", k_lo_predictors=("delta_seq",), v_hi_predictors="raw,xor_seq",
                           predictor_choice="exhaustive", adaptive_block_seq=8, zstd_level=5)
     result = evaluate(std_dir, options)
-    assert result["codec_mode"] == "exhaustive" and result["zstd_level"] == 5 and result["adaptive_block_seq"] == 8
+    assert result["predictor_choice"] == "exhaustive" and result["zstd_level"] == 5
+    assert result["adaptive_block_seq"] == 8
     blocks = sum(-(-s // 8) for s in (prefill_seq(0), prefill_seq(1), DECODE_SEQ, DECODE_SEQ))
     assert result["k_hi_mode_counts"] == {"raw": blocks}
     assert set(result["k_lo_mode_counts"]) == {"delta_seq"}
@@ -380,12 +383,12 @@ def test_mode_counts_add_up_to_the_coded_blocks_with_restricted_sets(std_dir):
 def test_malformed_meta_is_counted_and_adds_nothing(std_dir, work_dir):
     clean = evaluate(std_dir, EvalOptions())
     (work_dir / "meta_broken.json").write_text('{"layer_id": 0, "stage": "prefill"')
-    (work_dir / "meta_missing_keys.json").write_text('{"layer_id": 1, "stage": "prefill"}')
+    (work_dir / "meta_list.json").write_text('[1, 2]')
     result = evaluate(work_dir, EvalOptions())
     assert result["skip_reasons"] == {"meta_parse_error": 2}
     assert result["skipped_entries"] == 2
-    assert {Path(s["file"]).name for s in result["skipped"]} == {"meta_broken.json", "meta_missing_keys.json"}
-    assert all(s["reason"] == "meta_parse_error" and s["detail"] for s in result["skipped"])
+    assert {Path(s["file"]).name for s in result["skipped"]} == {"meta_broken.json", "meta_list.json"}
+    assert all(s["reason"] == s["cause"] == "meta_parse_error" and s["detail"] for s in result["skipped"])
     assert result["scanned_entries"] == clean["scanned_entries"] + 2
     assert totals(result) == totals(clean)
 
@@ -398,8 +401,9 @@ def test_wrong_size_binary_is_counted_and_its_group_adds_nothing(std_dir, work_d
     data = bad.k_path.read_bytes()
     bad.k_path.write_bytes(data[:-2] if damage == "truncate" else data + b"\0\0")
     result = evaluate(work_dir, options)
-    assert result["skip_reasons"] == {"binary_read_error": 1}
+    assert result["skip_reasons"] == {"compression_failed": 1}  # the original's name for it
     assert len(result["skipped"]) == 1 and str(bad.k_path.name) in result["skipped"][0]["detail"]
+    assert result["skipped"][0]["cause"] == "size_mismatch"
 
     reference = Path(shutil.copytree(std_dir, tmp_path / "reference"))
     remove_entry(reference, 1, "prefill")
@@ -510,6 +514,7 @@ def test_codec_failure_is_counted_and_adds_nothing(std_dir, tmp_path, monkeypatc
     _patch_encode_to_fail(monkeypatch, exc_type)
     result = evaluate(std_dir, EvalOptions())
     assert result["skip_reasons"] == {"compression_failed": 1}
+    assert result["skipped"][0]["cause"] == "codec_error"
     assert "injected codec failure" in result["skipped"][0]["detail"]
     assert totals(result) == expected_totals
     assert result["selected_entries"] == 4  # selected, then failed
@@ -521,7 +526,8 @@ def test_roundtrip_mismatch_is_counted_and_adds_nothing(std_dir, tmp_path, monke
     expected_totals = totals(evaluate(reference, EvalOptions()))
     _patch_decode_to_lie(monkeypatch)
     result = evaluate(std_dir, EvalOptions())
-    assert result["skip_reasons"] == {"roundtrip_mismatch": 1}
+    assert result["skip_reasons"] == {"compression_failed": 1}
+    assert result["skipped"][0]["cause"] == "roundtrip_mismatch"
     assert totals(result) == expected_totals
     assert result["roundtrip_verified"] is True  # what was counted was verified
 
@@ -535,7 +541,8 @@ def test_roundtrip_mismatch_drops_the_whole_aggregate_group(std_dir, tmp_path, m
     expected_totals = totals(evaluate(reference, options))
     _patch_decode_to_lie(monkeypatch, seq=32)
     result = evaluate(std_dir, options)
-    assert result["skip_reasons"] == {"roundtrip_mismatch": 1}
+    assert result["skip_reasons"] == {"compression_failed": 1}
+    assert result["skipped"][0]["cause"] == "roundtrip_mismatch"
     assert totals(result) == expected_totals
 
 

@@ -42,8 +42,8 @@ def test_list_valued_kv_keys_become_dimensions():
 
 
 @pytest.mark.parametrize("preset, message", [
-    ({"prompts": []}, "empty sweep dimension"),
-    ({"kv_lossless_block_tokens": []}, "empty sweep dimension"),
+    ({"prompts": []}, r"Empty sweep dimension\(s\): prompts\. Check argument values — 0 runs would be produced\."),
+    ({"kv_lossless_block_tokens": []}, "Empty sweep dimension"),
     ({"gens": 128}, "key 'gens': 128 is not of type 'array'"),
     ({"repeat": 0}, "key 'repeat': 0 is less than the minimum of 1"),
     ({"repeat": 3, "h2o_keep_ratio": [0.3]}, "unknown key.*'h2o_keep_ratio'"),
@@ -118,3 +118,26 @@ def test_labels_that_cannot_be_told_apart_name_both_points():
     with pytest.raises(PresetError, match="p.json: points run_0001_.* and run_0002_.* both get the label "
                                           "'keep0.50-lr3.0-lossless_xnan'"):
         expand({"kv_lossless_x": two_nans, "extra_kv_keys": ["kv_lossless_x"]}, "p.json")
+
+
+def test_float_dimensions_are_floats_as_the_original_parsed_them():
+    """run_h2o_v4_bench.py parses keep, EMA and lossy targets with float(): ``k1.0``/``lr3.0`` in run ids."""
+    point = expand({"h2o_keep_ratios": [1], "h2o_ema_alphas": [0], "h2o_target_lossy_ratios": [3]})[0]
+    assert point.run_id == "run_0001_p512_g128_k1.0_b64_lr3.0"
+    c = point.config
+    assert [type(c[k]) for k in ("kv_h2o_target_keep_ratio", "kv_h2o_ema_alpha", "kv_h2o_target_lossy_ratio")] == [
+        float, float, float]
+
+
+def test_generated_config_fills_every_original_key_in_its_order():
+    from h2o_kernels.h2o import H2OConfig
+    from h2o_kernels.lossless_runtime import LosslessConfig
+    from h2o_presets.matrix import GENERATED_KV_DEFAULTS, generated_config
+
+    runtime_defaults = {**{k: key.default for k, key in H2OConfig.keys().items()},
+                        **{k: key.default for k, key in LosslessConfig.keys().items()}}
+    assert {k: v for k, v in GENERATED_KV_DEFAULTS.items() if k != "kv_h2o_enable"} == {
+        k: runtime_defaults[k] for k in GENERATED_KV_DEFAULTS if k != "kv_h2o_enable"}
+    config = generated_config({"kv_lossless_front_n": 4, "kv_h2o_prefill_scoring": False})
+    assert list(config) == [*GENERATED_KV_DEFAULTS, "kv_h2o_prefill_scoring"]
+    assert config["kv_lossless_front_n"] == 4 and config["kv_lossless_codec"] == "none"

@@ -26,9 +26,9 @@ def test_offline_markdown_labels_each_byte_count(tmp_path):
     result = evaluate(write_kv_dumps(tmp_path / "kv"), EvalOptions(entry_mode="chunked_grouped", online_chunk_seq=16))
     write_offline_markdown(tmp_path / "o.md", result)
     text = (tmp_path / "o.md").read_text()
-    assert f"- K chunk meta bytes: {result['k_chunk_meta_bytes']}\n" in text
-    assert f"- V chunk meta bytes: {result['v_chunk_meta_bytes']}\n" in text
-    assert f"- Raw bytes: {result['raw_bytes']}\n" in text and "chunK" not in text
+    assert f"- K chunk metadata bytes: {result['k_chunk_meta_bytes']}\n" in text  # the original's labels
+    assert f"- V chunk metadata bytes: {result['v_chunk_meta_bytes']}\n" in text
+    assert f"- Total raw bytes: {result['raw_bytes']}\n" in text and "chunK" not in text
 
 
 @pytest.mark.parametrize("fmt, value, text", [("{:+.3f}", -0.0004, "0.000"), ("{:+.3f}", -0.0, "0.000"),

@@ -60,6 +60,14 @@ def test_eviction_holds_the_target_and_changes_little(model, tokens, plain):
     assert np.isfinite(result.logits).all()
 
 
+def test_trigger_ratios_are_of_the_tokens_seen_so_the_originals_ceiling_check_passes(model, tokens):
+    """h2o_floor_keep / h2o_quantized_keep as the original's: 1 / max of them reaches the target a run held."""
+    m = ReferenceRuntime(model, {**H2O, "kv_h2o_target_lossy_ratio": 2.0}).run(*tokens).metrics
+    assert m["h2o_lossy"] > 1.6 and 1.0 / max(m["h2o_floor_keep"], m["h2o_quantized_keep"]) >= 2.0
+    assert m["h2o_floor_keep"] == pytest.approx(12 / 96, abs=4 / 96)  # sink block + recent blocks of ~96 seen
+    assert m["h2o_floor_keep_held"] > 1.5 * m["h2o_floor_keep"]  # the held cache: about half the tokens seen
+
+
 def test_dump_kv_writes_the_final_cache(model, tokens, tmp_path):
     runtime = ReferenceRuntime(model, {**H2O, **LOSSLESS, "kv_lossless_runtime_mode": "store"})
     runtime.run(*tokens, dump_dir=tmp_path, run_id="r")

@@ -28,6 +28,10 @@ sys.exit(int(config.get("fake_exit", 0)))
 """
 
 
+TINY_MODEL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 300, "rope_theta": 10000.0}
+
+
 @pytest.fixture
 def fake_llm_bench(tmp_path: Path) -> Path:
     path = tmp_path / "llm_bench"
@@ -148,3 +152,74 @@ def test_points_too_large_for_memory_are_refused_before_the_first_run(tmp_path, 
     err = usage_error(capsys, ["sweep", "--preset", str(preset), "--out-dir", str(tmp_path / "o"), "-m", str(model)])
     assert f"--preset {preset}" in err and "5000000 prompt + 4 generated tokens" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_generated_configs_are_the_originals_byte_for_byte(tmp_path, fake_llm_bench):
+    """run_h2o_v4_bench.py's config: base keys in place, every kv_* key (defaults filled), then the model files
+    it fills in, each relative to base_dir (MNN reads base_dir + field); json indent 2, no final newline."""
+    model = tmp_path / "model"
+    model.mkdir()
+    base = write(model / "config.json", {"llm_model": "llm.mnn", "llm_weight": str(model / "llm.mnn.weight"),
+                                         "base_dir": ".", "backend_type": "cpu", "tokenizer_file": "tok/t.txt"})
+    preset = write(tmp_path / "p.json", {"h2o_keep_ratios": [0.3], "h2o_block_tokens": [32], "h2o_log_stats": True,
+                                         "kv_lossless_enable": True, "kv_lossless_codec": "gear_delta"})
+    out = tmp_path / "out"
+    assert main(["sweep", "--preset", str(preset), "--out-dir", str(out), "--llm-bench", str(fake_llm_bench),
+                 "--base-config", str(base), "--dry-run"]) == 0
+    expected = {
+        "llm_model": "llm.mnn", "llm_weight": "llm.mnn.weight", "base_dir": os.fspath(model.resolve()) + "/",
+        "backend_type": "cpu", "tokenizer_file": "tok/t.txt",
+        "kv_h2o_enable": True, "kv_h2o_layer_start": 2, "kv_h2o_layer_end": -1, "kv_h2o_block_tokens": 32,
+        "kv_h2o_sink_tokens": 32, "kv_h2o_recent_tokens": 256, "kv_h2o_target_keep_ratio": 0.3,
+        "kv_h2o_target_mode": "adaptive", "kv_h2o_target_lossy_ratio": 3.0, "kv_h2o_ema_alpha": 0.9,
+        "kv_h2o_update_interval": 16, "kv_h2o_trigger_min_tokens": 512, "kv_h2o_log_stats": True,
+        "kv_lossless_enable": True, "kv_lossless_scope": "front_n", "kv_lossless_front_n": 2,
+        "kv_lossless_codec": "gear_delta", "kv_lossless_runtime_enable": False, "kv_lossless_runtime_mode": "probe",
+        "kv_lossless_block_tokens": 128, "kv_lossless_hot_recent_tokens": 256, "kv_lossless_hot_sink_tokens": 16,
+        "kv_lossless_kept_sample_layers": 1, "kv_lossless_kept_sample_token_interval": 1,
+        "kv_lossless_codec_runtime": "fp16_gear_predictive_v3",
+        "kv_lossless_predictors_k": "raw,delta_seq,xor_seq,pair_delta",
+        "kv_lossless_predictors_v": "raw,delta_seq,xor_seq",
+        "kv_lossless_async_threads": 1, "kv_lossless_max_queue": 256, "kv_lossless_decode_cache_blocks": 64,
+        "kv_lossless_strict_roundtrip_check": False,
+        "llm_config": "llm_config.json", "embedding_file": "embeddings_bf16.bin", "context_file": "context.json",
+    }
+    text = (out / "configs" / "run_0001_p512_g128_k0.3_b32_lr3.0.json").read_text()
+    assert text == json.dumps(expected, indent=2)
+
+
+def test_the_manifest_has_the_originals_keys_and_ours_after(tmp_path, fake_llm_bench):
+    preset = write(tmp_path / "p.json", {"h2o_keep_ratios": [0.3], "h2o_sink_tokens": [16],
+                                         "kv_lossless_store_grouped_step_tokens": 64})
+    base = write(tmp_path / "base.json", {})
+    assert main(["sweep", "--preset", str(preset), "--out-dir", str(tmp_path / "o"), "--llm-bench",
+                 str(fake_llm_bench), "--base-config", str(base)]) == 0
+    entry = json.loads((tmp_path / "o" / "manifest.json").read_text())[0]
+    assert list(entry)[:14] == ["run_id", "prompt_len", "gen_len", "keep_ratio", "block_tokens", "sink_tokens",
+                                "recent_tokens", "ema_alpha", "update_interval", "trigger_min_tokens",
+                                "h2o_layer_start", "h2o_layer_end", "h2o_target_mode", "h2o_target_lossy_ratio"]
+    assert list(entry)[14:35] == [*(k for k in json.loads(Path(entry["config"]).read_text())
+                                    if k.startswith("kv_lossless") and k != "kv_lossless_store_grouped_step_tokens"),
+                                  "config", "log", "return_code"]
+    assert (entry["keep_ratio"], entry["sink_tokens"], entry["h2o_target_lossy_ratio"]) == (0.3, 16, 3.0)
+    assert entry["return_code"] == 0 and entry["repeat"] == 3  # ours: the repeat, the keys the original drops
+    assert entry["kv_lossless_store_grouped_step_tokens"] == 64 and entry["kv_h2o_enable"] is True
+
+
+@pytest.mark.parametrize("llm_bench, threads", [(True, "4"), (False, "1")])
+def test_threads_default_to_the_originals_4_for_llm_bench_and_1_for_the_reference_runtime(
+        tmp_path, fake_llm_bench, llm_bench, threads):
+    preset = write(tmp_path / "p.json", {"prompts": [16], "gens": [2], "repeat": 1, "h2o_keep_ratios": [0.5]})
+    out = tmp_path / "o"
+    if llm_bench:
+        base = write(tmp_path / "base.json", {})
+        argv = ["--llm-bench", str(fake_llm_bench), "--base-config", str(base)]
+    else:
+        argv = ["-m", str(write(tmp_path / "config.json", {**TINY_MODEL, "num_hidden_layers": 2}))]
+    assert main(["sweep", "--preset", str(preset), "--out-dir", str(out), *argv]) == 0
+    log = json.loads((out / "manifest.json").read_text())[0]["log"]
+    if llm_bench:
+        argv = json.loads(Path(log + ".args.json").read_text())["argv"]
+        assert argv[argv.index("-t") + 1] == threads
+    else:
+        assert json.loads(Path(log).with_suffix(".json").read_text())["threads"] == int(threads)
