@@ -26,6 +26,7 @@ from typing import Any, Callable, TextIO
 from h2o_gates.gate_report import build_report, independent_label, render_markdown, rule_line
 from h2o_gates.log_parse import (LogParseError, ParseProblem, find_logs, metric_row, parse_logs_report,
                                  read_csv, summarize_problems, write_csv)
+from h2o_gates.reports import write_offline_markdown
 from h2o_gates.rules import RULES, Thresholds
 from h2o_kernels.offline_eval import ENTRY_MODES, EvalOptions, SelectionError, evaluate
 
@@ -33,7 +34,8 @@ from .out_paths import OutPathError, check_out_file
 
 RATIO_KEY = "weighted_lossless_ratio"
 UPPER_JSON = "offline_lossless_upper.json"
-ONLINE_JSON = "offline_lossless_online_grouped.json"
+ONLINE_JSON = {"chunked_grouped": "offline_lossless_online_grouped.json",
+               "chunked": "offline_lossless_online.json"}  # run_full_eval.sh's names by online entry mode
 
 
 # --- parse-log -------------------------------------------------------------------------------------
@@ -447,8 +449,10 @@ def add_full_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, type=Path,
                    help="sweep output: logs/ is read; CSV, offline JSONs and summaries are written here")
     p.add_argument("--kv-dumps", required=True, type=Path, help="KV dump directory for the offline evaluation")
-    p.add_argument("--online-chunk-seq", type=int, default=192, help="online-sim tokens per chunk")
-    p.add_argument("--online-framing-bytes", type=int, default=8, help="online-sim bytes charged per tensor chunk")
+    # run_full_eval.sh's defaults; the runtime's windows are 192 tokens with 8 framing bytes (test_v4_runtime.sh
+    # passes those, as the plugin's online-sim uses them)
+    p.add_argument("--online-chunk-seq", type=int, default=128, help="online-sim tokens per chunk")
+    p.add_argument("--online-framing-bytes", type=int, default=16, help="online-sim bytes charged per tensor chunk")
     p.add_argument("--adaptive-block-seq", type=int, default=64, help="tokens per predictor block (both runs)")
     p.add_argument("--entry-mode", choices=ENTRY_MODES, default="chunked_grouped", help="online-sim entry mode")
     add_recursive_argument(p)
@@ -489,7 +493,8 @@ def run_full_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         rows = read_csv(csv_path)
     except LogParseError as exc:
         parser.error(str(exc))
-    paths = {"upper": run_dir / UPPER_JSON, "online": run_dir / ONLINE_JSON}
+    paths = {"upper": run_dir / UPPER_JSON,
+             "online": run_dir / ONLINE_JSON.get(args.entry_mode, f"offline_lossless_online_{args.entry_mode}.json")}
     for step, (key, options) in enumerate((("upper", upper_opts), ("online", online_opts)), start=2):
         label = "offline upper bound" if key == "upper" else f"offline online-sim ({options.entry_mode})"
         _step(step, f"{label}: {args.kv_dumps} -> {paths[key]}")
@@ -518,6 +523,7 @@ def run_offline(dump_dir: Path, options: EvalOptions, out_json: Path, label: str
         return False
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_offline_markdown(out_json.with_suffix(".md"), result)  # as run_full_eval.sh: a .md beside each JSON
     if result["skipped_entries"]:
         print(f"[WARN] {label}: {result['skipped_entries']} entries skipped {result['skip_reasons']}", file=sys.stderr)
     print(f"[h2o-gate full-eval] {label}: ratio {result[RATIO_KEY]:.4f} = {result['raw_bytes']} / "

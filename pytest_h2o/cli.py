@@ -61,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "Parse llm_bench markdown logs into a CSV (the original parse_h2o_v4_log.py)."))
     add_analyze_arguments(add("analyze", "quality gate over the CSV and offline lossless JSONs",
                               "Gate parsed runs and offline lossless ratios; write summary.md (the original "
-                              "analyze_h2o_v4.py). Exit 0 pass, 1 fail, 2 usage error."))
+                              "analyze_h2o_v4.py). Exit 0 pass, 1 fail (0 with --exit-zero or "
+                              "$H2O_ANALYZE_EXIT_ZERO=1, as the original), 2 usage error."))
     add_full_eval_arguments(add("full-eval", "parse + offline upper/online-sim + analyze in one go",
                                 "RUN_DIR/logs and KV dumps to RUN_DIR/summary.md (the original run_full_eval.sh)."))
     add_history_arguments(add("history", "trend of stored gate runs across commits", history_doc.splitlines()[0]))

@@ -385,7 +385,9 @@ def test_full_eval_end_to_end(tmp_path, kv_dir, capsys):
     online = json.loads((tmp_path / "offline_lossless_online_grouped.json").read_text())
     assert (upper["entry_mode"], upper["aggregate_by_stage"], upper["selected_layers"]) == ("aggregate", True, [0, 1])
     assert (online["entry_mode"], online["online_chunk_seq"], online["online_framing_bytes"]) == (
-        "chunked_grouped", 16, 8)
+        "chunked_grouped", 16, 16)  # run_full_eval.sh's framing default
+    for name in ("offline_lossless_upper.md", "offline_lossless_online_grouped.md"):  # a .md beside each JSON
+        assert (tmp_path / name).read_text().startswith("# H2O v4 Offline Lossless Summary")
     assert online["selected_layers"] == [0, 1] and online["online_chunks"] > 0
     for result in (upper, online):
         assert result["weighted_lossless_ratio"] == result["raw_bytes"] / result["compressed_bytes"] > 1.0
@@ -401,6 +403,13 @@ def test_full_eval_end_to_end(tmp_path, kv_dir, capsys):
     assert full_eval(tmp_path, kv_dir, "--lossless-target", "100") == 1
     assert failing(summary(tmp_path)[1]) == {"run_0001#1": ["lossless_online_pass"],
                                              "run_0001#2": ["lossless_online_pass"]}
+
+
+def test_full_eval_names_the_online_json_by_entry_mode_as_run_full_eval(tmp_path, kv_dir, capsys):
+    write_log(tmp_path / "logs" / "run_0001.log", bench_row(3.2, 1.1, 6.5))
+    full_eval(tmp_path, kv_dir, "--entry-mode", "chunked", "--lossless-target", "1.0")
+    assert json.loads((tmp_path / "offline_lossless_online.json").read_text())["entry_mode"] == "chunked"
+    assert (tmp_path / "offline_lossless_online.md").is_file()
 
 
 def test_full_eval_without_logs_or_dumps_is_a_usage_error(tmp_path, kv_dir, capsys):
