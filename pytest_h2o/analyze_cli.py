@@ -272,7 +272,8 @@ def verdict_status(status: int, exit_zero: bool) -> int:
 
 
 def read_offline(path: Path | None, fail: Callable[[str], Any]) -> OfflineJson | None:
-    """An offline JSON's ``weighted_lossless_ratio`` and selection; None when the path is not given or absent.
+    """An offline JSON's ``weighted_lossless_ratio`` (else ``lossless_ratio``, as the original) and selection;
+    None when the path is not given or absent.
     A file that exists but cannot be read, or lacks a positive ratio, calls ``fail`` (parser.error)."""
     if path is None or not path.exists():
         return None
@@ -280,9 +281,10 @@ def read_offline(path: Path | None, fail: Callable[[str], Any]) -> OfflineJson |
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         fail(f"{path}: not readable JSON ({exc})")
-    value = data.get(RATIO_KEY) if isinstance(data, dict) else None
+    # analyze_h2o_v4.py reads weighted_lossless_ratio, else lossless_ratio (older JSONs)
+    value = data.get(RATIO_KEY, data.get("lossless_ratio")) if isinstance(data, dict) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        fail(f"{path}: expected a positive number under {RATIO_KEY!r}, got {value!r}")
+        fail(f"{path}: expected a positive number under {RATIO_KEY!r} (or 'lossless_ratio'), got {value!r}")
     entries = data.get("selected_entries", 0)
     entries = int(entries) if isinstance(entries, (int, float)) and math.isfinite(entries) else 0
     return OfflineJson(path, float(value), entries, data.get("selected_layers", []))

@@ -249,8 +249,16 @@ def test_configurations_are_named_by_log_stem(tmp_path):
     assert config_names([{"model": "m"}, {"model": "m"}]) == ["row1", "row2"]
 
 
+def test_an_offline_json_with_only_lossless_ratio_is_read_as_the_original(tmp_path, capsys):
+    csv_path = make_csv(tmp_path, {"r": [bench_row(3.2, 1.1, 6.5)]})
+    (tmp_path / "old.json").write_text('{"lossless_ratio": 1.4}')
+    main(["analyze", "--csv", str(csv_path), "--offline-lossless-online-json", str(tmp_path / "old.json"),
+          "--out", str(tmp_path / "s.md")])
+    assert "- lossless_online: `1.4`" in (tmp_path / "s.md").read_text()
+
+
 @pytest.mark.parametrize("text, needle", [("{not json", "not readable JSON"),
-                                          ('{"lossless_ratio": 1.4}', "weighted_lossless_ratio"),
+                                          ('{"lossless_ratio": "1.4"}', "weighted_lossless_ratio"),
                                           ('{"weighted_lossless_ratio": "1.4"}', "weighted_lossless_ratio")])
 def test_bad_offline_json_is_a_usage_error_naming_the_file(tmp_path, capsys, text, needle):
     csv_path = make_csv(tmp_path, {"r": [bench_row(3.2, 1.1, 6.5)]})
