@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="cpu", help="with --llm-bench: -a")
     p.add_argument("--threads", type=positive_int,
                    help="-t: llm_bench's threads (default 4, the original's) or the reference runtime's BLAS threads "
-                        "(default 1: more collapse on a busy core)")
+                        "(default 1, as the plugin)")
     p.add_argument("--attention-option", type=non_negative_int, default=0, help="with --llm-bench: -qatten")
     p.add_argument("--text-file", type=Path, help="reference runtime: text for prompt and continuation")
     p.add_argument("--synthetic", action="store_true", help="reference runtime: token 16 repeated, as llm_bench")
