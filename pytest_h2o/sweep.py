@@ -179,12 +179,13 @@ def run_point(args: argparse.Namespace, loaded: LoadedModel | None, point: Point
 
 
 def check_setup(args: argparse.Namespace) -> None:
-    """ValueError naming the option unless the output folder, the text file and the llm_bench binary are usable."""
+    """ValueError naming the option unless the output folder, the text file and (unless ``--dry-run``, as the
+    original) the llm_bench binary are usable."""
     check_out_dir(args.out_dir, "--out-dir")
     check_out_dir(args.out_dir / "configs", "--out-dir")
     check_out_dir(args.out_dir / "logs", "--out-dir")
     check_text_file(args.text_file, "--text-file")
-    if args.llm_bench and not shutil.which(args.llm_bench):
+    if args.llm_bench and not args.dry_run and not shutil.which(args.llm_bench):  # a dry run never calls it
         raise ValueError(f"--llm-bench {args.llm_bench}: not found or not executable; expected the path "
                          "of an llm_bench binary (or its name on PATH)")
 

@@ -141,6 +141,9 @@ def test_a_missing_llm_bench_is_a_usage_error(tmp_path, capsys):
                                str(tmp_path / "no_llm_bench"), "--base-config", str(base)])
     assert f"--llm-bench {tmp_path / 'no_llm_bench'}: not found or not executable" in err
     assert not (tmp_path / "o").exists()
+    # a dry run never calls it, as the original's sweep_h2o_v4.py --dry-run
+    assert main(["sweep", "--preset", str(preset), "--out-dir", str(tmp_path / "d"), "--llm-bench",
+                 str(tmp_path / "no_llm_bench"), "--base-config", str(base), "--dry-run"]) == 0
 
 
 def test_points_too_large_for_memory_are_refused_before_the_first_run(tmp_path, capsys):
