@@ -138,7 +138,8 @@ CASES = [
     case("sweep", *SWEEP[:2], "--out-dir", "{file}/s", "--dry-run", culprit="--out-dir"),
     case("sweep", *SWEEP, "--threads", "0", culprit="--threads"),
     case("sweep", *SWEEP, "--attention-option", "-1", culprit="--attention-option"),
-    case("sweep", *SWEEP, "--llm-bench", "{missing}", "--base-config", "{tiny_json}", culprit="--llm-bench"),
+    # not a dry run: a dry run never calls llm_bench, so the original accepts a missing one there
+    case("sweep", *SWEEP[:-1], "--llm-bench", "{missing}", "--base-config", "{tiny_json}", culprit="--llm-bench"),
     case("sweep", *SWEEP, "--llm-bench", sys.executable, "--base-config", "{garbage_bin}",
          culprit="--base-config {garbage_bin}"),
     case("sweep", *SWEEP, "--llm-bench", sys.executable, "--base-config", "{list_json}",

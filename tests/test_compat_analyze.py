@@ -18,7 +18,7 @@ from h2o_gates.rules import Thresholds
 from pytest_h2o.cli import main
 from test_analyze_cli import bench_row, write_json, write_log
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
+SAMPLES = Path(__file__).resolve().parent / "data"  # the original kit's sample llm_bench log
 # The keys of the original's ``## Quality Gate`` in order, without decode or offline JSONs and with no limits.
 GATE_KEYS = ["quality_status", "lossy_target", "lossy_best", "lossy_pass", "lossless_target",
              "lossless_selected_source", "lossless_selected_value", "lossless_selected_pass", "lossless_online_value",
