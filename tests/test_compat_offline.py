@@ -5,12 +5,10 @@ its options and values, its skip reasons on really broken dumps, its markdown su
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from h2o_test_helpers import write_standard_dump
 
 from h2o_gates.reports import write_offline_markdown
 from h2o_kernels import offline_eval
@@ -19,15 +17,6 @@ from h2o_kernels.kvdump import iter_dump_files, read_meta
 from h2o_kernels.offline_eval import EvalOptions, evaluate
 from pytest_h2o.cli import main
 
-
-@pytest.fixture(scope="module")
-def std_dir(tmp_path_factory) -> Path:
-    return write_standard_dump(tmp_path_factory.mktemp("std"))
-
-
-@pytest.fixture
-def work_dir(std_dir, tmp_path) -> Path:
-    return Path(shutil.copytree(std_dir, tmp_path / "dump"))
 
 
 def offline(dump_dir: Path, out_json: Path, *extra: str) -> int:

@@ -34,16 +34,6 @@ from h2o_kernels.predictors import K_DEFAULT, V_DEFAULT
 STAGES = ("prefill", "decode")
 
 
-@pytest.fixture(scope="module")
-def std_dir(tmp_path_factory) -> Path:
-    return write_standard_dump(tmp_path_factory.mktemp("std"))
-
-
-@pytest.fixture
-def work_dir(std_dir, tmp_path) -> Path:
-    """A private copy of the standard dump, free to damage."""
-    return Path(shutil.copytree(std_dir, tmp_path / "dump"))
-
 
 def meta_of(dump_dir: Path, layer_id: int, stage: str) -> Path:
     matches = [p for p in iter_dump_files(dump_dir) if p.suffix == ".json"
