@@ -133,7 +133,7 @@ def test_each_head_keeps_its_own_heavy_hitters_with_the_shared_floor_and_target(
 
 
 def test_per_head_scores_are_each_groups_mean():
-    policy, cache = policy_for(True, update_interval=100, trigger_min_tokens=100), filled_cache(4)
+    policy = policy_for(True, update_interval=100, trigger_min_tokens=100)
     probs = np.array([[[0.1, 0.2, 0.3, 0.4]], [[0.3, 0.3, 0.2, 0.2]], [[0.4, 0.3, 0.2, 0.1]],
                       [[0.5, 0.1, 0.1, 0.3]]], np.float32)  # query heads 0-1 -> KV head 0, 2-3 -> KV head 1
     policy.after_attention(0, probs, decode=True)
