@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from .fidelity_report import suite_markdown, what_heavy_hitters_buy
 from .rules import (RULES, GateMode, Thresholds, Verdict, check_row, config_passes, format_number,
                     original_differences, overall_independent, overall_joint)
 
@@ -172,6 +173,7 @@ def render_markdown(report: Mapping[str, Any], original: Mapping[str, Any] | Non
         lines.append(f"Joint verdict (one configuration passing every rule): {_bool(report['joint']['passed'])}"
                      f" ({', '.join(report['joint']['passing']) or 'none'}).")
     lines += ["", "## Configurations", "", _table(report["configs"], passing), ""]
+    lines += fidelity_section(report["configs"])
     if report.get("warnings"):
         lines += ["## Warnings", "", *(f"- {w}" for w in report["warnings"]), ""]
     failures = [f"- {c['name']}::{rule}: {v['reason']}" for c in report["configs"]
@@ -179,6 +181,18 @@ def render_markdown(report: Mapping[str, Any], original: Mapping[str, Any] | Non
     if failures:
         lines += ["## Failing Rules", "", *failures, ""]
     return "\n".join(lines)
+
+
+def fidelity_section(configs: list[dict[str, Any]]) -> list[str]:
+    """``## Fidelity suite``: per configuration, the per-text table with its spread, the gated mean and the
+    sink+recent twin; nothing when the suite did not run."""
+    lines: list[str] = []
+    for c in configs:
+        suite = c["metrics"].get("fidelity_suite")
+        if suite:
+            buy = what_heavy_hitters_buy(suite)
+            lines += [f"### {c['name']}", "", *suite_markdown(suite), "", *([buy, ""] if buy else [])]
+    return ["## Fidelity suite", "", *lines] if lines else []
 
 
 def independent_label(report: Mapping[str, Any]) -> str:

@@ -3,8 +3,8 @@
 A metric row holds one configuration's run-level numbers under the llm_bench column names
 (``h2o_lossy``, ``h2o_lossless_decomp_us``, ...) plus ``decode_tps``, ``lossless_online`` (the
 offline online-sim ratio over the front_n layers) and, when measured, ``h2o_fidelity_top1`` and
-``h2o_fidelity_ppl_delta``. The rule names and default targets are the original v4 gate's;
-``fidelity_pass`` is ours.
+``h2o_fidelity_ppl_delta`` (the fidelity suite's means over ``h2o_fidelity_texts`` texts when it ran).
+The rule names and default targets are the original v4 gate's; ``fidelity_pass`` is ours.
 
 ``decode_pass`` judges the drop ``1 - decode / baseline`` from the row's paired rounds when it has
 them (``decode_log_ratios``: one log-ratio per round against the baseline runs adjacent in time; or
@@ -192,7 +192,8 @@ def _decode(row: Mapping[str, Any], t: Thresholds, baseline_tps: float | None, n
 
 def _fidelity(row: Mapping[str, float], t: Thresholds, name: str) -> Verdict:
     top1, ppl = _num(row, "h2o_fidelity_top1"), _num(row, "h2o_fidelity_ppl_delta")
-    text = f"top1 {_fmt(top1)}, ppl delta {_fmt(ppl)}"
+    texts = _num(row, "h2o_fidelity_texts")
+    text = f"top1 {_fmt(top1)}, ppl delta {_fmt(ppl)}" + (f" (mean of {texts:.0f} texts)" if texts else "")
     enabled = t.min_top1 is not None or t.max_ppl_delta is not None
     if not enabled:
         return Verdict("fidelity_pass", True, False, top1, None, f"{text}, no limit set ({name})")
@@ -204,7 +205,8 @@ def _fidelity(row: Mapping[str, float], t: Thresholds, name: str) -> Verdict:
     limits = ", ".join(part for part in (f"top1 >= {t.min_top1:g}" if t.min_top1 is not None else "",
                                          f"ppl delta <= {t.max_ppl_delta:g}" if t.max_ppl_delta is not None else "")
                        if part)
-    reason = f"{'; '.join(failures)} ({name})" if failures else f"{text} within {limits} ({name})"
+    of = f" (mean of {texts:.0f} texts)" if texts and failures else ""
+    reason = f"{'; '.join(failures)}{of} ({name})" if failures else f"{text} within {limits} ({name})"
     return Verdict("fidelity_pass", not failures, True, top1, t.min_top1, reason)
 
 

@@ -2,9 +2,11 @@
 
 Scores are exact softmax probabilities averaged over query heads and rows, kept per token (a block's
 score is the sum of its tokens', so scores survive compaction), with an EMA per decode step; prompt
-tokens may be scored at prefill. Every layer has its own scores and its own trigger clock counted in
-decode tokens, and the keep target is relative to the tokens seen, so eviction keeps the held cache
-near ``tokens_seen / R`` for the whole run. ``h2o_lossy`` is measured from the bytes really held.
+tokens may be scored at prefill. One keep set per layer (the original), or per KV head (``per_head``:
+each head scores with its own query heads and keeps its own tokens, as the H2O paper does).
+Every layer has its own scores and its own trigger clock counted in decode tokens, and the keep target
+is relative to the tokens seen, so eviction keeps the held cache near ``tokens_seen / R`` for the whole run.
+``h2o_lossy`` is measured from the bytes really held.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ class H2OConfig:
     Ours: ``prefill_scoring`` (``kv_h2o_prefill_scoring``) scores prompt tokens at prefill; false gives
     the original's behaviour (scores start at the first decode step). ``heavy_hitters`` false ranks the
     blocks beyond sink and recent by recency instead of attention (the sink+recent "streaming"
-    baseline, for comparison). Values are clamped on construction.
+    baseline, for comparison). ``per_head`` gives every KV head its own scores (its query heads' softmax,
+averaged over the group) and its own kept tokens, with the same floor, target and trigger clock as the
+shared mode (false: one keep set per layer, the original). Values are clamped on construction.
     """
 
     enable: bool = False
@@ -69,6 +73,7 @@ class H2OConfig:
     log_stats: bool = False
     prefill_scoring: bool = True
     heavy_hitters: bool = True
+    per_head: bool = False
 
     def __post_init__(self) -> None:
         for name, fix in _CLAMPS.items():
@@ -183,6 +188,10 @@ class H2OPolicy:
     Per layer and forward the runtime calls :meth:`apply_pending` (``before_append``) then
     :meth:`after_attention`; :meth:`budget` tells the lossless stage how many tokens the layer keeps.
     ``log`` receives the ``[H2O]`` lines when ``log_stats`` is set (default: appended to ``log_lines``).
+    Scores are ``[groups, kv]`` per layer: one group (shared mode) or one per KV head (``per_head``), row
+    ``i`` of a group scoring its ``i``-th cached token. Per-head plans keep the same count in every head (the
+    floor and target depend only on the length and the tokens seen, and the one partial block, the last, is
+    always in the floor), so the cache stays rectangular and ``kv`` tokens a head is what each head holds.
     """
 
     def __init__(self, config: H2OConfig, num_layers: int, kv_heads: int, head_dim: int,
@@ -190,6 +199,7 @@ class H2OPolicy:
         self.config = config
         self.num_layers = num_layers
         self.layers = config.layer_range(num_layers)
+        self.groups = kv_heads if config.per_head else 1
         self.bytes_per_token = 2 * kv_heads * head_dim * bytes_per_elem
         self.log_lines: list[str] = []
         self._log = log if log is not None else self.log_lines.append
@@ -197,13 +207,13 @@ class H2OPolicy:
 
     def reset(self) -> None:
         """Forget everything (a new prompt)."""
-        n = self.num_layers
-        self._scores = [np.zeros(0) for _ in range(n)]
-        self._prefill_counts = [np.zeros(0) for _ in range(n)]
+        n, G = self.num_layers, self.groups
+        self._scores = [np.zeros((G, 0)) for _ in range(n)]
+        self._prefill_counts = [np.zeros((G, 0)) for _ in range(n)]
         self._seen = [0] * n
         self._steps = [0] * n
         self._last_trigger: list[int | None] = [None] * n
-        self._pending: list[tuple[int, np.ndarray] | None] = [None] * n
+        self._pending: list[tuple[int, list[np.ndarray]] | None] = [None] * n
         self._final: list[int | None] = [None] * n
         self._bytes = {"full": 0, "held": 0, "model_full": 0, "model_held": 0}
         self._trigger_ratios = (1.0, 1.0, 1.0, 1.0, 1.0)
@@ -217,16 +227,18 @@ class H2OPolicy:
         return self.config.enable and layer in self.layers
 
     def scores(self, layer: int) -> np.ndarray:
-        """The layer's per-token scores, aligned with its cache after its last ``after_attention`` (copy)."""
-        return self._scores[layer].copy()
+        """The layer's per-token scores, aligned with its cache after its last ``after_attention`` (copy):
+        ``[kv]`` (shared mode) or ``[kv_heads, kv]`` (per head; a short head's padding rows score 0)."""
+        scores = self._scores[layer]
+        return scores[0].copy() if self.groups == 1 else scores.copy()
 
-    def pending(self, layer: int) -> np.ndarray | None:
-        """Kept indices of the plan the layer will apply at its next call, if any."""
+    def pending(self, layer: int) -> np.ndarray | list[np.ndarray] | None:
+        """Kept indices of the plan the layer will apply at its next call, if any (per head: one array a head)."""
         plan = self._pending[layer]
-        return None if plan is None else plan[1]
+        return None if plan is None else plan[1][0] if self.groups == 1 else plan[1]
 
     def apply_pending(self, layer: int, cache: KVCache) -> int:
-        """Compact ``cache`` to the layer's pending plan; returns the tokens removed.
+        """Compact ``cache`` to the layer's pending plan; returns the tokens removed (from each head).
 
         Call before the layer appends its new token. A plan made for another cache length is dropped
         (counted in ``dropped_plans``).
@@ -238,11 +250,11 @@ class H2OPolicy:
         if cache.length(layer) != kv:
             self.dropped_plans += 1
             return 0
-        cache.keep(layer, kept)
-        self._scores[layer] = self._scores[layer][kept]
+        cache.keep(layer, kept[0] if self.groups == 1 else kept)
+        self._scores[layer] = np.take_along_axis(self._scores[layer], np.stack(kept), axis=1)
         self.evictions += 1
-        self.evicted_tokens += kv - kept.size
-        return kv - kept.size
+        self.evicted_tokens += kv - kept[0].size
+        return kv - kept[0].size
 
     def after_attention(self, layer: int, probs: np.ndarray, decode: bool | None = None) -> None:
         """Score the layer's softmax ``[num_heads, q_len, kv_len]`` and, on a decode step, maybe plan.
@@ -260,21 +272,21 @@ class H2OPolicy:
             self._sample(layer, seen, kv)
         if not self.active(layer):
             return
-        scores = np.zeros(kv)
-        n = min(kv, self._scores[layer].size)
-        scores[:n] = self._scores[layer][:n]
-        sums = probs.sum(axis=(0, 1), dtype=np.float64) / heads
+        G = self.groups
+        scores = _resized(self._scores[layer], kv)
+        if G == 1:
+            sums = probs.sum(axis=(0, 1), dtype=np.float64)[None] / heads
+        else:  # each KV head: the mean over its query heads (h = kv_head * group + j) and rows
+            sums = probs.reshape(G, heads // G * rows, kv).sum(axis=1, dtype=np.float64) / (heads // G)
         if not decode:
             if self.config.prefill_scoring:
                 # Mean attention per query that can see the key: a causal prompt shows its early keys
                 # to more queries, and a plain sum would favour them for that alone.
                 seen_by = np.clip(seen - np.arange(kv), 0, rows).astype(np.float64)
-                counts = np.zeros(kv)
-                n_prev = min(kv, self._prefill_counts[layer].size)
-                counts[:n_prev] = self._prefill_counts[layer][:n_prev]
+                counts = _resized(self._prefill_counts[layer], kv)
                 total = scores * counts + sums
                 counts += seen_by
-                scores = np.divide(total, counts, out=np.zeros(kv), where=counts > 0)
+                scores = np.divide(total, counts, out=np.zeros((G, kv)), where=counts > 0)
                 self._prefill_counts[layer] = counts
             self._scores[layer] = scores
             return
@@ -317,6 +329,7 @@ class H2OPolicy:
         }
 
     def _sample(self, layer: int, seen: int, kv: int) -> None:
+        """Account one decode step's bytes: every token seen (full) and the ``kv`` tokens each head holds."""
         full, held = seen * self.bytes_per_token, kv * self.bytes_per_token
         self._bytes["model_full"] += full
         self._bytes["model_held"] += held
@@ -325,20 +338,30 @@ class H2OPolicy:
             self._bytes["held"] += held
 
     def _trigger(self, layer: int, scores: np.ndarray, seen: int) -> None:
+        """Plan every group of the layer; they share kv, floor and target, so the first plan's numbers are all's."""
         start = time.perf_counter()
-        plan = plan_eviction(scores, seen, self.config)
+        plans = [plan_eviction(group, seen, self.config) for group in scores]
         us = (time.perf_counter() - start) * 1e6
         self.evict_us += us
         self._last_trigger[layer] = self._steps[layer]
+        plan = plans[0]
         self._final[layer] = plan.final
         kv = plan.kv
         effective, floor, quantized = max(plan.target0, plan.floor) / seen, plan.floor / seen, plan.quantized / seen
         self._trigger_ratios = (effective, floor, quantized, plan.floor / kv, plan.quantized / kv)
-        self._pending[layer] = (kv, plan.kept) if plan.evicted > 0 else None
+        self._pending[layer] = (kv, [p.kept for p in plans]) if plan.evicted > 0 else None
         if plan.evicted > 0 and self.config.log_stats:
-            c, bpt = self.config, self.bytes_per_token
+            c, bpt, runs = self.config, self.bytes_per_token, sum(p.runs for p in plans)  # per head: every head's
             self._log(_LOG_FORMAT.format(
                 layer=layer, kv=kv, keep=plan.final / kv, evict=plan.evicted,
-                lossy=kv * bpt / (plan.final * bpt + 8 * plan.runs), us=int(us), pairs=plan.runs,
+                lossy=kv * bpt / (plan.final * bpt + 8 * runs), us=int(us), pairs=runs,
                 target=c.target_keep_ratio, effective=effective, floor=floor, quantized=quantized,
                 recent=c.recent_tokens, sink=c.sink_tokens, block=c.block_tokens))
+
+
+def _resized(rows: np.ndarray, kv: int) -> np.ndarray:
+    """``rows`` ``[G, n]`` cut or zero-padded to ``[G, kv]`` (new tokens start at 0)."""
+    out = np.zeros((rows.shape[0], kv))
+    n = min(kv, rows.shape[1])
+    out[:, :n] = rows[:, :n]
+    return out

@@ -10,16 +10,14 @@ from typing import Callable
 import numpy as np
 from tokenizers import Tokenizer
 
-from .fidelity import log_softmax
+from .fidelity import log_softmax, suite_text
 from .kvdump import write_dump
 from .llama import LlamaModel
 
 
 def default_text() -> str:
     """Real English text from the standard library: pydoc's topic help, in sorted key order."""
-    from pydoc_data.topics import topics
-
-    return "\n".join(topics[key] for key in sorted(topics))
+    return suite_text("pydoc")
 
 
 def prompt_ids(tokenizer: Tokenizer | None, text: str | None, count: int, vocab_size: int,

@@ -160,23 +160,27 @@ class LlamaConfig:
 
 
 class KVCache:
-    """Per-layer fp16 K/V, each ``[seq, kv_heads, head_dim]`` (K after RoPE).
+    """Per-layer fp16 K/V, each ``[seq, kv_heads, head_dim]`` (K after RoPE), with float32 head-major mirrors.
 
-    Each layer has its own length and the absolute position of every entry it holds (eviction
-    compacts layers independently); storage grows geometrically.
+    Each layer has its own length and the absolute position of every entry it holds (eviction compacts layers
+    independently). A per-head compaction (:meth:`keep` with one index array per KV head) gives each head its own
+    tokens: row ``i`` of head ``h`` is that head's ``i``-th kept token, in time order. Heads that keep fewer tokens
+    than others are padded up to the layer's :meth:`length` (the rows beyond :meth:`head_lengths` are not attended,
+    see :meth:`attention_mask`). Storage grows geometrically.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int = 256):
-        shape = (capacity, num_kv_heads, head_dim)
+        shape, mirror = (capacity, num_kv_heads, head_dim), (num_kv_heads, capacity, head_dim)
         self._k = [np.zeros(shape, np.float16) for _ in range(num_layers)]
         self._v = [np.zeros(shape, np.float16) for _ in range(num_layers)]
-        # Exact float32 upcasts of _k/_v, maintained incrementally: upcasting the whole
-        # cache every decode step would cost ~1/4 of the step time.
-        self._k32 = [np.zeros(shape, np.float32) for _ in range(num_layers)]
-        self._v32 = [np.zeros(shape, np.float32) for _ in range(num_layers)]
-        self._pos = [np.zeros(capacity, np.int64) for _ in range(num_layers)]
-        self._stores = (self._k, self._v, self._k32, self._v32, self._pos)
+        # Exact float32 upcasts of _k/_v, head-major so each head's keys are contiguous for the attention
+        # matmuls; maintained incrementally (upcasting the whole cache every decode step would cost ~1/4 of it).
+        self._k32 = [np.zeros(mirror, np.float32) for _ in range(num_layers)]
+        self._v32 = [np.zeros(mirror, np.float32) for _ in range(num_layers)]
+        self._pos = [np.zeros(shape[:2], np.int64) for _ in range(num_layers)]
         self._len = [0] * num_layers
+        self._head_len: list[np.ndarray | None] = [None] * num_layers  # None: every head holds _len tokens
+        self.num_kv_heads = num_kv_heads
         self.n_seen = 0  # tokens fed so far = absolute position of the next token
 
     @property
@@ -184,7 +188,13 @@ class KVCache:
         return len(self._len)
 
     def length(self, layer: int) -> int:
+        """Rows of the layer: the most tokens any of its KV heads holds."""
         return self._len[layer]
+
+    def head_lengths(self, layer: int) -> np.ndarray:
+        """Tokens each KV head of the layer holds, ``[kv_heads]`` (a copy)."""
+        lens = self._head_len[layer]
+        return np.full(self.num_kv_heads, self._len[layer]) if lens is None else lens.copy()
 
     def k(self, layer: int) -> np.ndarray:
         return self._k[layer][: self._len[layer]]
@@ -193,25 +203,61 @@ class KVCache:
         return self._v[layer][: self._len[layer]]
 
     def k32(self, layer: int) -> np.ndarray:
-        """``k(layer)`` upcast to float32 (kept in sync; do not modify)."""
-        return self._k32[layer][: self._len[layer]]
+        """``k(layer)`` upcast to float32, head-major ``[kv_heads, seq, head_dim]`` (kept in sync; do not modify)."""
+        return self._k32[layer][:, : self._len[layer]]
 
     def v32(self, layer: int) -> np.ndarray:
-        return self._v32[layer][: self._len[layer]]
+        return self._v32[layer][:, : self._len[layer]]
 
     def positions(self, layer: int) -> np.ndarray:
-        """Absolute token positions of the layer's entries."""
+        """Absolute token positions of the layer's entries, ``[seq, kv_heads]``."""
         return self._pos[layer][: self._len[layer]]
 
-    def keep(self, layer: int, indices: np.ndarray) -> None:
-        """Compact ``layer`` to the entries at ``indices`` (strictly increasing), in order."""
-        idx = np.asarray(indices, dtype=np.intp)
-        n = self._len[layer]
-        if idx.ndim != 1 or (idx.size and (idx[0] < 0 or idx[-1] >= n or np.any(np.diff(idx) <= 0))):
-            raise ValueError(f"layer {layer}: kept indices must be strictly increasing in [0, {n})")
-        for store in self._stores:
+    def attention_mask(self, layer: int, rows: int) -> np.ndarray | None:
+        """Additive float32 mask ``[kv_heads, 1, rows, seq]`` for the layer's last forward of ``rows`` new tokens
+        when its heads hold different counts (0 where head ``h``'s row ``t`` may attend, -inf elsewhere: its
+        padding and the later new tokens); None when every head holds the same tokens count (no padding)."""
+        lens = self._head_len[layer]
+        if lens is None:
+            return None
+        limit = lens[:, None] - rows + np.arange(1, rows + 1)  # [kv_heads, rows]: slots < limit are visible
+        visible = np.arange(self._len[layer]) < limit[:, :, None]
+        return np.where(visible, np.float32(0), np.float32(-np.inf))[:, None]
+
+    def keep(self, layer: int, indices: np.ndarray | Sequence[np.ndarray]) -> None:
+        """Compact ``layer`` to the entries at ``indices`` (strictly increasing), in order: one array for every
+        head, or a sequence of one array per KV head (each head keeps its own tokens)."""
+        per_head = not isinstance(indices, np.ndarray) or indices.ndim != 1
+        idx = [np.asarray(i, dtype=np.intp) for i in indices] if per_head else [np.asarray(indices, np.intp)]
+        lens = self.head_lengths(layer)
+        if per_head and len(idx) != self.num_kv_heads:
+            raise ValueError(f"layer {layer}: {len(idx)} index arrays for {self.num_kv_heads} KV heads")
+        for h, i in enumerate(idx):
+            n = int(lens[h] if per_head else lens.min())
+            if i.ndim != 1 or (i.size and (i[0] < 0 or i[-1] >= n or np.any(np.diff(i) <= 0))):
+                raise ValueError(f"layer {layer}: kept indices must be strictly increasing in [0, {n})")
+        if not per_head:
+            self._compact_all(layer, idx[0])
+            return
+        for h, i in enumerate(idx):
+            self._compact_head(layer, h, i)
+        counts = np.array([i.size for i in idx])
+        self._len[layer] = int(counts.max())
+        self._head_len[layer] = None if np.all(counts == counts[0]) else counts
+
+    def _compact_all(self, layer: int, idx: np.ndarray) -> None:
+        for store in (self._k, self._v, self._pos):
             store[layer][: idx.size] = store[layer][idx]
+        for store in (self._k32, self._v32):
+            store[layer][:, : idx.size] = store[layer][:, idx]
         self._len[layer] = idx.size
+        self._head_len[layer] = None
+
+    def _compact_head(self, layer: int, h: int, idx: np.ndarray) -> None:
+        for store in (self._k, self._v, self._pos):
+            store[layer][: idx.size, h] = store[layer][idx, h]
+        for store in (self._k32, self._v32):
+            store[layer][h, : idx.size] = store[layer][h, idx]
 
     def write(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
         """Overwrite entries ``[start, start + len(k))`` of ``layer`` (e.g. a window restored from
@@ -221,29 +267,52 @@ class KVCache:
             raise ValueError(f"layer {layer}: window [{start}, {stop}) outside [0, {self._len[layer]})")
         self._k[layer][start:stop] = k
         self._v[layer][start:stop] = v
-        self._k32[layer][start:stop] = self._k[layer][start:stop]
-        self._v32[layer][start:stop] = self._v[layer][start:stop]
+        self._k32[layer][:, start:stop] = self._k[layer][start:stop].transpose(1, 0, 2)
+        self._v32[layer][:, start:stop] = self._v[layer][start:stop].transpose(1, 0, 2)
 
     def nbytes(self, layer: int) -> int:
-        """fp16 bytes of K and V held for ``layer``."""
-        return 2 * self._k[layer][: self._len[layer]].nbytes
+        """fp16 bytes of K and V the layer's heads really hold (padding rows excluded)."""
+        row = self._k[layer][0, 0].nbytes
+        return 2 * row * int(self.head_lengths(layer).sum())
 
     def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
-        """Append ``[n, kv_heads, head_dim]`` entries (cast to fp16), growing geometrically."""
-        n = self._len[layer]
-        m = n + len(k)
-        if m > len(self._k[layer]):
-            cap = max(m, 2 * len(self._k[layer]))
-            for store in self._stores:
-                new = np.empty((cap, *store[layer].shape[1:]), store[layer].dtype)
-                new[:n] = store[layer][:n]
+        """Append ``[n, kv_heads, head_dim]`` entries (cast to fp16) after each head's tokens, growing geometrically."""
+        n, T = self._len[layer], len(k)
+        self._grow(layer, n + T)
+        lens = self._head_len[layer]
+        if lens is None:
+            self._put(layer, slice(None), slice(n, n + T), k, v)
+        else:
+            for h in range(self.num_kv_heads):
+                self._put(layer, h, slice(int(lens[h]), int(lens[h]) + T), k[:, h], v[:, h])
+            self._head_len[layer] = lens + T
+        self._len[layer] = n + T if lens is None else int(lens.max()) + T
+
+    def _put(self, layer: int, heads: int | slice, rows: slice, k: np.ndarray, v: np.ndarray) -> None:
+        """Write new entries at ``rows`` of ``heads`` (one head, or all) in every store."""
+        pos = np.arange(self.n_seen, self.n_seen + rows.stop - rows.start)
+        self._k[layer][rows, heads] = k
+        self._v[layer][rows, heads] = v
+        self._pos[layer][rows, heads] = pos if isinstance(heads, int) else pos[:, None]
+        k16, v16 = self._k[layer][rows, heads], self._v[layer][rows, heads]
+        if not isinstance(heads, int):  # [T, kv_heads, D] -> head-major
+            k16, v16 = k16.transpose(1, 0, 2), v16.transpose(1, 0, 2)
+        self._k32[layer][heads, rows] = k16
+        self._v32[layer][heads, rows] = v16
+
+    def _grow(self, layer: int, rows: int) -> None:
+        cap = len(self._k[layer])
+        if rows <= cap:
+            return
+        cap = max(rows, 2 * cap)
+        for stores, axis in (((self._k, self._v, self._pos), 0), ((self._k32, self._v32), 1)):
+            for store in stores:
+                old = store[layer]
+                shape = list(old.shape)
+                shape[axis] = cap
+                new = np.zeros(shape, old.dtype)
+                new[tuple(slice(0, s) for s in old.shape)] = old
                 store[layer] = new
-        self._k[layer][n:m] = k
-        self._v[layer][n:m] = v
-        self._k32[layer][n:m] = self._k[layer][n:m]
-        self._v32[layer][n:m] = self._v[layer][n:m]
-        self._pos[layer][n:m] = np.arange(self.n_seen, self.n_seen + m - n)
-        self._len[layer] = m
 
 
 @dataclass
@@ -396,15 +465,18 @@ class LlamaModel:
         return _rms_norm(x if all_logits else x[-1:], self.norm, c.rms_eps) @ self.head
 
     def _attend(self, layer: int, q: np.ndarray) -> np.ndarray:
-        """GQA over the fp16 cache of ``layer`` (last T entries are the new tokens)."""
+        """GQA over the fp16 cache of ``layer`` (each head's last T entries are the new tokens)."""
         c, cache = self.config, self.cache
         T, nh, D = q.shape
         nkv, g = c.num_kv_heads, nh // c.num_kv_heads
-        k, v = cache.k32(layer).transpose(1, 0, 2), cache.v32(layer).transpose(1, 0, 2)
+        k, v = cache.k32(layer), cache.v32(layer)  # [nkv, S, D]
         S = k.shape[1]
         qg = q.reshape(T, nkv, g, D).transpose(1, 2, 0, 3).reshape(nkv, g * T, D)
         s = qg @ k.transpose(0, 2, 1)  # [nkv, g*T, S]; query heads h = kv * g + j
-        if T > 1:
+        mask = cache.attention_mask(layer, T)
+        if mask is not None:  # heads hold different counts: hide each one's padding (and the causal future)
+            s.reshape(nkv, g, T, S)[...] += mask
+        elif T > 1:
             causal = np.triu(np.full((T, T), -np.inf, np.float32), 1)
             s.reshape(nkv, g, T, S)[..., S - T:] += causal
         s -= s.max(axis=-1, keepdims=True)

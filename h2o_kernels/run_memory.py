@@ -3,7 +3,7 @@
 The estimate follows the allocations of :mod:`h2o_kernels.llama` for one run of ``P`` prompt and ``G``
 continuation tokens (the prompt is one prefill chunk, the cache is sized ``P + G`` up front):
 
-- KV cache, held the whole run: per layer and token, fp16 K and V, their float32 copies and an int64 position.
+- KV cache, held the whole run: per layer, token and KV head, fp16 K and V, their float32 copies and an int64 position.
 - Prefill, the peak of a layer: the attention scores ``[heads, P, P]`` float32 and the causal mask built for
   them (two ``[P, P]`` float32 arrays and a bool one), or the MLP's ``[P, 2 * intermediate]`` activations
   and two ``[P, intermediate]`` temporaries, on top of the activations every layer keeps (residual, QKV, RoPE).
@@ -44,7 +44,7 @@ def run_memory(config: LlamaConfig, prompt_tokens: int, gen_tokens: int, keep_lo
     """The peak memory of one run of ``prompt_tokens`` + ``gen_tokens`` (bytes, by part; see the module doc)."""
     P, H, F = prompt_tokens, config.hidden_size, config.intermediate_size
     nh, nkv, D = config.num_heads, config.num_kv_heads, config.head_dim
-    kv_cache = config.num_layers * (P + gen_tokens) * (12 * nkv * D + 8)
+    kv_cache = config.num_layers * (P + gen_tokens) * nkv * (12 * D + 8)
     scores = 4 * nh * P * P
     per_layer = 4 * P * (2 * H + (2 * nh + 3 * nkv) * D) + 8 * P * D  # residual twice, QKV, q, k, RoPE tables
     attention = scores + 9 * P * P + 12 * P * nh * D  # scores, causal mask, grouped q, output and its copy

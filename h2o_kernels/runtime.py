@@ -19,8 +19,8 @@ from .run_memory import check_run_fits
 
 NEUTRAL_METRICS = {"h2o_keep": 1.0, "h2o_lossy": 1.0, "h2o_lossless": 1.0}
 # Every kv_* key of the original runtime (original-runtime.md §1; the v4 presets use no other), including
-# the ones it stores but never acts on (kv_lossless_codec_runtime), plus our kv_h2o_prefill_scoring and
-# kv_h2o_heavy_hitters.
+# the ones it stores but never acts on (kv_lossless_codec_runtime), plus our kv_h2o_prefill_scoring,
+# kv_h2o_heavy_hitters and kv_h2o_per_head.
 KNOWN_KV_KEYS: frozenset[str] = frozenset(H2OConfig.keys()) | frozenset(LosslessConfig.keys())
 
 
@@ -124,11 +124,13 @@ class ReferenceRuntime:
                                         log=self.log if h.log_stats else None)
 
     def _dump(self, out_dir: Path, run_id: str, prompt_len: int) -> None:
-        """Each layer's held prompt tokens as its ``prefill`` entry, its held later tokens as ``decode``."""
+        """Each layer's held prompt tokens as its ``prefill`` entry, its held later tokens as ``decode``.
+
+        Per-head eviction: ``prefill`` is the rows where every KV head holds a prompt token."""
         cache = self.model.cache
         for layer in range(cache.num_layers):
             k, v = cache.k(layer), cache.v(layer)
-            split = int(np.searchsorted(cache.positions(layer), prompt_len))
+            split = int(np.count_nonzero(cache.positions(layer) < prompt_len, axis=0).min(initial=len(k)))
             for stage, rows, start in (("prefill", slice(0, split), 0), ("decode", slice(split, None), prompt_len)):
                 if len(k[rows]):
                     write_dump(out_dir, run_id=run_id, stage=stage, layer_id=layer, seq_start=start,

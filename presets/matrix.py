@@ -49,6 +49,9 @@ SCALARS: dict[str, tuple[str, Any]] = {
     "h2o_target_mode": ("kv_h2o_target_mode", "adaptive"),
     "h2o_log_stats": ("kv_h2o_log_stats", False),
 }
+# preset keys that set a plugin setting (preset key -> setting), below the option, ini key and environment
+PRESET_SETTINGS: dict[str, str] = {"fidelity_min_top1": "h2o_min_top1", "fidelity_max_ppl_delta": "h2o_max_ppl_delta",
+                                   "fidelity_texts": "h2o_fidelity_texts"}
 # run_h2o_v4_bench.py parses these dimensions as floats (``k1.0`` in a run id, ``1.0`` in a config)
 FLOAT_DIMENSIONS = ("h2o_keep_ratios", "h2o_ema_alphas", "h2o_target_lossy_ratios")
 # The kv_* keys run_h2o_v4_bench.py writes into every generated config, in its order, with its defaults
@@ -170,6 +173,11 @@ def load_preset(path: Path) -> dict[str, Any]:
     if not isinstance(preset, dict):
         raise PresetError(f"{path}: expected a JSON object, got {type(preset).__name__}")
     return preset
+
+
+def preset_settings(preset: dict[str, Any]) -> dict[str, Any]:
+    """The plugin settings a (validated) preset gives, by setting name (see :data:`PRESET_SETTINGS`)."""
+    return {setting: preset[key] for key, setting in PRESET_SETTINGS.items() if key in preset}
 
 
 def expand(preset: dict[str, Any], source: str = "preset") -> list[Point]:

@@ -8,6 +8,8 @@ Subcommands:
 - ``parse-log``, ``analyze``, ``full-eval``: llm_bench logs to CSV, the quality gate over CSV + offline
   JSONs, and both plus the offline runs in one command (see :mod:`pytest_h2o.analyze_cli`).
 - ``history``: the trend of stored gate runs across commits, as a table and a plot.
+- ``fidelity``: a configuration's fidelity over the suite of texts, with sink+recent and full-cache rows
+  (see :mod:`pytest_h2o.fidelity_cli`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from .analyze_cli import add_analyze_arguments, add_full_eval_arguments, add_par
 from .bench import __doc__ as bench_doc
 from .bench import add_arguments as add_bench_arguments
 from .cli_args import DefaultsFormatter, Parser, bounded_int, check_text_file, non_negative_int, positive_int
+from .fidelity_cli import __doc__ as fidelity_doc
+from .fidelity_cli import add_arguments as add_fidelity_arguments
 from .history_cli import __doc__ as history_doc
 from .history_cli import add_arguments as add_history_arguments
 from .out_paths import OutPathError, check_out_dir, check_out_file
@@ -66,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_full_eval_arguments(add("full-eval", "parse + offline upper/online-sim + analyze in one go",
                                 "RUN_DIR/logs and KV dumps to RUN_DIR/summary.md (the original run_full_eval.sh)."))
     add_history_arguments(add("history", "trend of stored gate runs across commits", history_doc.splitlines()[0]))
+    add_fidelity_arguments(add("fidelity", "fidelity of a config over several texts, vs sink+recent",
+                               fidelity_doc.splitlines()[0]))
     args = parser.parse_args(argv)
     return args.run(args, args.subparser)
 

@@ -40,6 +40,7 @@ from h2o_kernels.runtime import ReferenceRuntime
 from h2o_presets.matrix import Point
 
 from .bench import bench_tokens, size_text, write_log
+from .fidelity_suite import Suite, SuiteText, read_texts, row_metrics, suite_tokens
 from .sweep import llm_bench_command, read_base_config, sweep_config
 
 BASELINE_CONFIG = {"kv_h2o_enable": False, "kv_lossless_enable": False}
@@ -66,6 +67,7 @@ class RunSpec:
     drop_target: float = 0.05  # decode_pass target the adaptive rounds decide against
     fixed_baseline: float | None = None  # --h2o-decode-baseline (tok/s)
     inject_slowdown: float = 0.0  # added to every candidate decode step, as a fraction of the baseline's step
+    fidelity_texts: tuple[str, ...] = ()  # the fidelity suite (the first: the gate's text); none: that text alone
 
 
 def measure(points: list[Point], spec: RunSpec, progress: Progress) -> dict[str, Any]:
@@ -82,6 +84,9 @@ def measure(points: list[Point], spec: RunSpec, progress: Progress) -> dict[str,
         configs, baselines, model = _run_llm_bench(points, spec, progress, warnings)
     else:
         configs, baselines, model = _read_logs(points, spec, warnings)
+    if spec.fidelity_texts and spec.runtime != "reference":
+        warnings.append(f"[WARN] the fidelity suite ({len(spec.fidelity_texts)} texts) runs on the reference runtime "
+                        f"only; the {spec.runtime} runtime's fidelity numbers, if any, are of one text")
     if spec.kv_dumps is not None:
         warnings.append(f"[WARN] the lossless ratios of every configuration come from the same --h2o-kv-dumps "
                         f"{spec.kv_dumps}, not from the KV each configuration held")
@@ -113,10 +118,13 @@ def _run_reference(points: list[Point], spec: RunSpec, progress: Progress):
         baseline = session.rows[base_id].summary()
         _write_log(spec.out_dir, base_id, session.rows[base_id], baseline, BASELINE_CONFIG,
                    len(session.rows[base_id].decode_tok_s), spec)
+        suite = _suite(loaded, spec, session, progress)
         for point in group:
             summary = {**session.rows[point.run_id].summary(), **session.paired(point.run_id)}
             if session.logits.get(point.run_id) is not None and session.logits.get(base_id) is not None:
                 summary.update(fidelity(session.logits[base_id], session.logits[point.run_id], continuation))
+                if suite is not None:
+                    summary.update(_suite_numbers(suite, session, point, summary))
             _write_log(spec.out_dir, point.run_id, session.rows[point.run_id], summary, point.config,
                        len(session.rows[point.run_id].decode_tok_s), spec)
             configs[point.label] = {"run_id": point.run_id, "kv_dir": str(spec.out_dir / "kv" / point.run_id),
@@ -125,6 +133,27 @@ def _run_reference(points: list[Point], spec: RunSpec, progress: Progress):
                                     "held_kv_bytes": session.held[point.run_id], **summary}
             baselines[point.label] = summary["baseline_decode_tps"]
     return configs, baselines, loaded.name
+
+
+def _suite(loaded: Any, spec: RunSpec, session: _Session, progress: Progress) -> Suite | None:
+    """The fidelity suite for the session's size, or None when off; its first text is the session's own,
+    whose full-cache logits are reused."""
+    if not spec.fidelity_texts or session.logits.get(session.base_id) is None:
+        return None
+    name = Path(spec.fidelity_texts[0]).name
+    others = suite_tokens(loaded, read_texts(spec.fidelity_texts[1:]), len(session.prompt),
+                          len(session.continuation), first_seed=1)
+    suite = Suite(loaded, [SuiteText(name, session.prompt, session.continuation), *others], progress)
+    suite.references[name] = session.logits[session.base_id]
+    progress(f"fidelity suite: {len(suite.texts)} texts ({', '.join(t.name for t in suite.texts)}), each "
+             "configuration and its sink+recent twin")
+    return suite
+
+
+def _suite_numbers(suite: Suite, session: _Session, point: Point, summary: dict[str, Any]) -> dict[str, Any]:
+    """``point`` over the suite (its run on the first text reused): the means replace the one-text numbers."""
+    known = {suite.texts[0].name: (session.logits[point.run_id], float(summary.get("h2o_lossy", 1.0)))}
+    return row_metrics(suite.measure(point.config, point.label, point.extra_kv_keys, known))
 
 
 class _Session:

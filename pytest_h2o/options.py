@@ -91,6 +91,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _suite_size(text: str) -> int:
+    """How many suite texts: 1 to the suite's size."""
+    from h2o_kernels.fidelity import SUITE_TEXTS
+
+    value = _int(text)
+    if not 1 <= value <= len(SUITE_TEXTS):
+        raise ValueError(f"expected an integer from 1 to {len(SUITE_TEXTS)} (texts: {', '.join(SUITE_TEXTS)}), "
+                         f"got {text!r}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = _finite(text)
     if not 0.0 <= value <= 10.0:
@@ -146,6 +157,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("h2o_min_top1", "H2O_MIN_TOP1", _limit, None, "fidelity_pass: top-1 agreement >= this (< 0: off)"),
     Setting("h2o_max_ppl_delta", "H2O_MAX_PPL_DELTA", _finite, None, "fidelity_pass: perplexity delta <= this "
             "(0.07 = +7%)"),
+    Setting("h2o_fidelity_texts", "H2O_FIDELITY_TEXTS", _suite_size, None,
+            "fidelity suite: run every configuration (and its sink+recent twin) over this many texts (pydoc, "
+            "license, source, docs) and gate on their mean (default: the preset's fidelity_texts, else 3 when a "
+            "fidelity limit is set, else off: one text)"),
     Setting("h2o_runtime_mode", "KV_LOSSLESS_RUNTIME_MODE", str, None, "override kv_lossless_runtime_mode",
             "kv_lossless_runtime_mode"),
     Setting("h2o_scope", "KV_LOSSLESS_SCOPE", str, None, "override kv_lossless_scope", "kv_lossless_scope"),

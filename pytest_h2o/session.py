@@ -22,6 +22,7 @@ from h2o_gates.gate_report import write_reports
 from h2o_gates.rules import Thresholds
 from h2o_kernels.models import ModelSpecError, model_config
 from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
+from h2o_presets.matrix import PresetError, load_preset, preset_settings
 
 from .compare import CompareSpecError, HistorySetup
 from .gate import Gate, GateSetupError, load_points
@@ -87,10 +88,12 @@ class GatePlugin:
                      and (value := resolve(config, s.name)) is not None}
         try:
             preset_path, self.points = load_points(resolve(config, "h2o_preset"), overrides)
-        except GateSetupError as exc:
+            self.preset_settings = preset_settings(load_preset(preset_path))
+        except (GateSetupError, PresetError) as exc:
             raise pytest.UsageError(f"{raw_setting(config, 'h2o_preset')[1]}: {exc}") from None
-        self.gate = Gate(preset_path, self.points, self._thresholds(), resolve(config, "h2o_gate_mode"),
-                         self._spec(config), progress=self._progress, strict=resolve(config, "h2o_strict"))
+        thresholds = self._thresholds()
+        self.gate = Gate(preset_path, self.points, thresholds, resolve(config, "h2o_gate_mode"),
+                         self._spec(config, thresholds), progress=self._progress, strict=resolve(config, "h2o_strict"))
         self.gate.workload = self.workload
         self.history = self._history_setup()
         if not self.is_worker:
@@ -100,8 +103,27 @@ class GatePlugin:
                 raise pytest.UsageError(str(exc)) from None
 
     # settings ------------------------------------------------------------------------------------
+    def _setting(self, name: str) -> Any:
+        """A setting from the option, ini key or environment, else the preset (:data:`PRESET_SETTINGS`), else
+        its default."""
+        if raw_setting(self.config, name)[0] is None and name in self.preset_settings:
+            return self.preset_settings[name]
+        return resolve(self.config, name)
+
+    def _fidelity_texts(self, thresholds: Thresholds, text_file: Path | None) -> tuple[str, ...]:
+        """The fidelity suite's texts (the first one the gate's own text), or none: the suite runs when a
+        fidelity limit is set or its size is given; otherwise fidelity is measured on the gate's text alone."""
+        from h2o_kernels.fidelity import DEFAULT_SUITE_SIZE, SUITE_TEXTS
+
+        gated = thresholds.min_top1 is not None or thresholds.max_ppl_delta is not None
+        size = self._setting("h2o_fidelity_texts") or (DEFAULT_SUITE_SIZE if gated else 0)
+        names = list(SUITE_TEXTS[:size])
+        if names and text_file is not None:
+            names[0] = str(text_file)
+        return tuple(names)
+
     def _thresholds(self) -> Thresholds:
-        r = lambda name: resolve(self.config, name)  # noqa: E731
+        r = self._setting
         return Thresholds(lossy_target=r("h2o_lossy_target"), lossless_target=r("h2o_lossless_target"),
                           decode_drop_target=r("h2o_decode_drop_target"), decode_baseline=r("h2o_decode_baseline"),
                           require_runtime_decomp=r("h2o_require_runtime_decomp"),
@@ -109,7 +131,7 @@ class GatePlugin:
                           min_top1=r("h2o_min_top1"), max_ppl_delta=r("h2o_max_ppl_delta"),
                           undecided=r("h2o_undecided"))
 
-    def _spec(self, config: pytest.Config) -> RunSpec:
+    def _spec(self, config: pytest.Config, thresholds: Thresholds) -> RunSpec:
         r = lambda name: resolve(config, name)  # noqa: E731
         if self.is_worker:
             out = Path(config.workerinput["h2o_out"])
@@ -159,7 +181,8 @@ class GatePlugin:
                        text_file=r("h2o_text_file"), kv_dumps=r("h2o_kv_dumps"), llm_bench=llm_bench,
                        base_config=base, logs=logs, rounds=rounds, max_rounds=max_rounds,
                        drop_target=r("h2o_decode_drop_target"),
-                       fixed_baseline=r("h2o_decode_baseline"), inject_slowdown=r("h2o_inject_slowdown"))
+                       fixed_baseline=r("h2o_decode_baseline"), inject_slowdown=r("h2o_inject_slowdown"),
+                       fidelity_texts=self._fidelity_texts(thresholds, r("h2o_text_file")))
 
     def _check_model(self, model: str) -> None:
         """The model file exists and is sound, and every configuration's prompt + gen fits its context
@@ -190,7 +213,8 @@ class GatePlugin:
                 "kv_dumps": str(spec.kv_dumps) if spec.kv_dumps else None, "decode_baseline": spec.fixed_baseline,
                 "sizes": {p.label: [p.prompt_tokens, p.gen_tokens] for p in self.points},
                 "configs": {p.label: hashlib.sha256(json.dumps(p.config, sort_keys=True).encode()).hexdigest()[:16]
-                            for p in self.points}}
+                            for p in self.points},
+                **({"fidelity_texts": list(spec.fidelity_texts)} if spec.fidelity_texts else {})}
 
     def _history_setup(self) -> HistorySetup:
         r = lambda name: resolve(self.config, name)  # noqa: E731

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping
 
+from h2o_gates.fidelity_report import suite_text_lines, what_heavy_hitters_buy
 from h2o_gates.gate_report import SUMMARY_COLUMNS, format_cell, independent_label
 
 # per-configuration metrics written as junit properties (besides every rule's verdict and value)
 JUNIT_METRICS = ("h2o_lossy", "h2o_lossy_model", "lossless_online", "lossless_scope", "total_ratio", "decode_tps",
                  "baseline_decode_tps", "decode_drop", "decode_drop_lo", "decode_drop_hi", "decode_coverage",
                  "decode_rounds", "h2o_lossless", "h2o_lossless_decomp_us", "h2o_lossless_queue_peak",
-                 "h2o_lossless_fallback", "h2o_fidelity_top1", "h2o_fidelity_ppl_delta", "h2o_fidelity_kl")
+                 "h2o_lossless_fallback", "h2o_fidelity_top1", "h2o_fidelity_ppl_delta", "h2o_fidelity_kl",
+                 "h2o_fidelity_texts", "sink_recent_fidelity_top1", "sink_recent_fidelity_ppl_delta",
+                 "sink_recent_fidelity_kl", "sink_recent_h2o_lossy")
 
 
 # limits that are off when negative (the original's convention)
@@ -37,8 +40,24 @@ def junit_properties(report: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
         for key in JUNIT_METRICS:
             if isinstance(m.get(key), (int, float)):
                 yield f"{c['name']}.{key}", f"{m[key]:.6g}"
+        yield from _suite_properties(c["name"], m.get("fidelity_suite"))
         for rule, v in c["verdicts"].items():
             yield f"{c['name']}::{rule}", verdict_text(v)
+
+
+def _suite_properties(config: str, suite: Mapping[str, Any] | None) -> Iterator[tuple[str, str]]:
+    """``<config>.fidelity.<text>.<method>.<metric>`` per text and ``<config>.fidelity.<stat>.<method>.<metric>``
+    for the spread (min, median, max) and the mean."""
+    if not suite:
+        return
+    for text in suite["texts"]:
+        for method in ("h2o", "sink_recent"):
+            for metric, value in text.get(method, {}).items():
+                yield f"{config}.fidelity.{text['name']}.{method}.{metric}", f"{value:.6g}"
+    for method, metrics in suite["aggregate"].items():
+        for metric, stats in metrics.items():
+            for stat, value in stats.items():
+                yield f"{config}.fidelity.{stat}.{method}.{metric}", f"{value:.6g}"
 
 
 def threshold_text(value: Any) -> str:
@@ -86,12 +105,26 @@ def terminal_lines(report: Mapping[str, Any], comparison: str | None = None) -> 
     if report.get("strict"):
         passing = sum(c["passed"] for c in report["configs"])
         lines.append(f"strict mode: {passing}/{len(report['configs'])} configurations pass every rule; every one must")
+    lines += _suite_lines(report["configs"])
     if report.get("fatal"):
         lines.append(f"not measured: {report['fatal']}")
     for warning in report.get("warnings", []):
         lines.append(warning)
     if comparison:
         lines += ["", *plain_text(comparison)]
+    return lines
+
+
+def _suite_lines(configs: list[Mapping[str, Any]]) -> list[str]:
+    """Per configuration that ran the fidelity suite: its per-text table, spread and gated mean, and what
+    heavy hitters buy over sink+recent."""
+    lines: list[str] = []
+    for c in configs:
+        suite = c["metrics"].get("fidelity_suite")
+        if suite:
+            buy = what_heavy_hitters_buy(suite)
+            lines += ["", f"fidelity suite {c['name']} (fidelity_pass reads the mean):", *suite_text_lines(suite),
+                      *([buy] if buy else [])]
     return lines
 
 

@@ -252,7 +252,7 @@ def test_console_script_help_and_errors(dump_dir, tmp_path):
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 300, "rope_theta": 10000.0}
 MISSING_MODEL = "no-such-model.gguf"  # a run that got past the checks would stop here with exit 1
-COMMANDS = ("offline", "kv-dump", "bench", "sweep", "parse-log", "analyze", "full-eval", "history")
+COMMANDS = ("offline", "kv-dump", "bench", "sweep", "parse-log", "analyze", "full-eval", "history", "fidelity")
 
 
 @pytest.fixture

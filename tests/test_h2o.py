@@ -69,10 +69,11 @@ def test_config_defaults_are_the_originals():
     assert (cfg.target_keep_ratio, cfg.target_mode, cfg.target_lossy_ratio, cfg.ema_alpha) == (
         0.5, "adaptive", 3.0, 0.9)
     assert (cfg.update_interval, cfg.trigger_min_tokens, cfg.log_stats, cfg.prefill_scoring) == (16, 512, False, True)
+    assert (cfg.heavy_hitters, cfg.per_head) == (True, False)  # ours: the original's one keep set per layer
     assert set(H2OConfig.keys()) == {f"kv_h2o_{name}" for name in (
         "enable", "layer_start", "layer_end", "block_tokens", "sink_tokens", "recent_tokens", "target_keep_ratio",
         "target_mode", "target_lossy_ratio", "ema_alpha", "update_interval", "trigger_min_tokens", "log_stats",
-        "prefill_scoring", "heavy_hitters")}
+        "prefill_scoring", "heavy_hitters", "per_head")}
 
 
 def test_config_clamps():
@@ -489,10 +490,12 @@ def run(config: H2OConfig | None, prompt: np.ndarray, steps: int) -> tuple[Llama
     return model, np.stack(logits), hooks
 
 
-def test_keep_all_is_bit_identical_to_a_plain_run():
+@pytest.mark.parametrize("per_head", [False, True])
+def test_keep_all_is_bit_identical_to_a_plain_run(per_head):
     prompt = np.random.default_rng(3).integers(0, TINY["vocab_size"], 40)
     cfg = H2OConfig(enable=True, layer_start=0, block_tokens=4, sink_tokens=0, recent_tokens=0,
-                    target_mode="static", target_keep_ratio=1.0, update_interval=1, trigger_min_tokens=1)
+                    target_mode="static", target_keep_ratio=1.0, update_interval=1, trigger_min_tokens=1,
+                    per_head=per_head)
     _, plain, _ = run(None, prompt, 24)
     model, kept, hooks = run(cfg, prompt, 24)
     np.testing.assert_array_equal(kept, plain)

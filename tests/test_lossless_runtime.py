@@ -265,6 +265,25 @@ def test_every_mode_reads_the_kv_bit_exactly(mode, threads):
     assert all(same(cache, plain, layer) for layer in range(LAYERS))
 
 
+@pytest.mark.parametrize("mode", ["probe", "full", "store"])
+def test_per_head_compaction_keeps_every_mode_bit_exact(mode):
+    """Each KV head keeps its own tokens (H2O per head); windows are rows, so each head's kept tokens."""
+    cache, plain = caches()
+    rt = runtime(config(runtime_mode=mode, scope="front_n_and_h2o_kept", kept_sample_layers=0,
+                        store_bootstrap_tokens=16, store_grouped_step_tokens=24), cache)
+    rng = np.random.default_rng(5)
+    held = {9: PROMPT + 8, 25: 64 + 16}  # the layer's length before the compaction at that step
+    compact = {step: {layer: [np.sort(rng.choice(kv, 64, replace=False)) for _ in range(HEADS)] for layer in (2, 3)}
+               for step, kv in held.items()}
+    for step in range(1, 41, 8):
+        drive(rt, cache, plain, 8, first=step, seed=step, compact=compact)
+    m = rt.metrics()
+    assert m["lossless_updates"] > 0 and m["h2o_lossless_fallback"] == 0
+    rt.restore_all()
+    assert all(same(cache, plain, layer) for layer in range(LAYERS))
+    assert cache.length(2) == 64 + 16 and cache.length(0) == PROMPT + 40
+
+
 def store_runtime(cache: KVCache, **keys) -> LosslessRuntime:
     """Store mode on layer 0 only, one 16-token window (the grouped step never fills in these tests)."""
     return runtime(config(runtime_mode="store", scope="front_n", front_n=1, store_bootstrap_tokens=16,

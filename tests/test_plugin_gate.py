@@ -66,6 +66,10 @@ def test_a_passing_gate_writes_reports_junit_and_history(pytester, gate_dir):
     assert "- overall_pass: true" in (out / "summary.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["overall"]["passing"] == list(CONFIGS)
+    # no fidelity limit: fidelity on the gate's text alone, no suite runs (the main job's cost)
+    assert "fidelity_suite" not in summary["configs"][0]["metrics"] and "h2o_fidelity_top1" in summary["configs"][0][
+        "metrics"]
+    assert "fidelity suite" not in (out / "progress.log").read_text() and "fidelity suite" not in result.stdout.str()
     root = ET.parse(gate_dir / "report.xml").getroot()
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     props = {p.get("name"): p.get("value") for p in suite.find("properties")}
@@ -161,8 +165,8 @@ def test_bundled_presets_are_found_by_bare_name(pytester):
 
 
 def test_joint_needs_one_configuration_passing_everything_independent_does_not(pytester, gate_dir):
-    # keep 0.30 alone reaches the lossy target, keep 0.50 alone the top-1 agreement limit
-    args = ("--h2o-lossy-target=2.5", "--h2o-min-top1=0.7", "--h2o-lossless-target=1.0", "--h2o-decode-baseline=1e-6")
+    # keep 0.30 alone reaches the lossy target, keep 0.50 alone the top-1 agreement limit (the suite's mean)
+    args = ("--h2o-lossy-target=2.5", "--h2o-min-top1=0.65", "--h2o-lossless-target=1.0", "--h2o-decode-baseline=1e-6")
     joint = run_gate(pytester, *args, "-k", "overall")
     joint.assert_outcomes(failed=1)
     summary = json.loads((gate_dir / "out" / "summary.json").read_text())
@@ -463,3 +467,44 @@ def test_a_bundled_preset_is_located_by_name_even_when_the_environment_lies_in_t
     assert _location(bundled, project) == Path("target_speed.json")
     own = PRESET_DIR.parent / "mine.json"
     assert _location(SimpleNamespace(preset_path=own), project) == own
+
+
+def test_preset_fidelity_limits_gate_the_suite_mean_and_report_every_text(pytester, gate_dir):
+    preset = {**PRESET, "fidelity_min_top1": 0.1, "fidelity_max_ppl_delta": 0.5, "fidelity_texts": 2}
+    (gate_dir / "fid.json").write_text(json.dumps(preset))
+    result = pytester.runpytest("--h2o-preset=fid.json", "--h2o-out=out", *EASY, "--junitxml=report.xml")
+    result.assert_outcomes(passed=2 * 5 + 1, skipped=2 * 2)
+    result.stdout.fnmatch_lines(["*fidelity suite: 2 texts (pydoc, license), each configuration and its sink+recent*",
+                                 "fidelity suite keep0.30-lr3.0 (fidelity_pass reads the mean):",
+                                 "text * tokens * full-cache ppl * held * top1 * ppl delta * sink+recent top1 *",
+                                 "pydoc * 64+32 *", "license * 64+32 *", "min *", "median *", "max *", "mean (gated) *",
+                                 "heavy hitters vs sink+recent (means): top1 *"])
+    summary = json.loads((gate_dir / "out" / "summary.json").read_text())
+    metrics = summary["configs"][0]["metrics"]
+    texts = metrics["fidelity_suite"]["texts"]
+    assert [t["name"] for t in texts] == ["pydoc", "license"] and metrics["h2o_fidelity_texts"] == 2
+    assert metrics["h2o_fidelity_top1"] == pytest.approx(sum(t["h2o"]["top1"] for t in texts) / 2)
+    assert summary["thresholds"]["min_top1"] == 0.1 and summary["thresholds"]["max_ppl_delta"] == 0.5
+    markdown = (gate_dir / "out" / "summary.md").read_text()
+    assert "## Fidelity suite" in markdown and "### keep0.30-lr3.0" in markdown and "| mean (gated) |" in markdown
+    assert "- min_top1: 0.1" in markdown
+    root = ET.parse(gate_dir / "report.xml").getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    props = {p.get("name"): p.get("value") for p in suite.find("properties")}
+    assert props["keep0.30-lr3.0.fidelity.mean.h2o.top1"] == props["keep0.30-lr3.0.h2o_fidelity_top1"]
+    assert float(props["keep0.30-lr3.0.fidelity.license.sink_recent.held"]) > 1.5
+    assert props["keep0.30-lr3.0::fidelity_pass"].startswith("pass value=")
+    assert props["h2o_threshold.min_top1"] == "0.1"
+
+
+def test_options_override_the_presets_fidelity_settings(pytester, gate_dir):
+    preset = {**PRESET, "fidelity_min_top1": 0.1, "fidelity_texts": 2}
+    (gate_dir / "fid.json").write_text(json.dumps(preset))
+    result = pytester.runpytest("--h2o-preset=fid.json", "--h2o-out=out", *EASY, "--h2o-min-top1=0.99",
+                                "--h2o-fidelity-texts=3", "-rx")
+    result.assert_outcomes(passed=2 * 4, xfailed=2, failed=1, skipped=2 * 2)
+    result.stdout.fnmatch_lines(["XFAIL fid::fidelity_pass[[]keep0.30-lr3.0] - fidelity_pass: top1 * < 0.99 "
+                                 "(mean of 3 texts) (keep0.30-lr3.0)*"])
+    off = pytester.runpytest("--h2o-preset=fid.json", "--h2o-out=off", *EASY, "--h2o-min-top1=-1")
+    off.assert_outcomes(passed=2 * 4 + 1, skipped=2 * 3)  # limit off, fidelity_pass not enforced
+    assert "fidelity suite: 2 texts (pydoc, license)" in off.stdout.str()  # the preset still sizes the suite

@@ -39,10 +39,12 @@ def plain(model, tokens):
     return ReferenceRuntime(model, {}).run(*tokens, keep_logits=True)
 
 
+@pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("mode", ["probe", "full", "store"])
-def test_keep_all_eviction_and_every_lossless_mode_leave_the_logits_bit_identical(model, tokens, plain, mode):
+def test_keep_all_eviction_and_every_lossless_mode_leave_the_logits_bit_identical(model, tokens, plain, mode,
+                                                                                   per_head):
     config = {**H2O, "kv_h2o_target_mode": "static", "kv_h2o_target_keep_ratio": 1.0, **LOSSLESS,
-              "kv_lossless_runtime_mode": mode, "kv_lossless_decode_cache_blocks": 2}
+              "kv_lossless_runtime_mode": mode, "kv_lossless_decode_cache_blocks": 2, "kv_h2o_per_head": per_head}
     result = ReferenceRuntime(model, config).run(*tokens, keep_logits=True)
     assert np.array_equal(result.logits, plain.logits)
     m = result.metrics
@@ -50,6 +52,21 @@ def test_keep_all_eviction_and_every_lossless_mode_leave_the_logits_bit_identica
     assert m["h2o_lossless_raw_mb"] > 0 and m["h2o_lossless_comp_mb"] > 0 and m["h2o_lossless_fallback"] == 0
     assert m["h2o_lossless_decomp_us"] > 0  # something was really decoded
     assert m["h2o_lossless"] == pytest.approx(m["h2o_lossless_raw_mb"] / m["h2o_lossless_comp_mb"])
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("scope", ["h2o_kept", "front_n_and_h2o_kept"])
+@pytest.mark.parametrize("mode", ["probe", "full", "store"])
+def test_every_lossless_mode_leaves_an_evicting_run_bit_identical(model, tokens, mode, scope, per_head):
+    h2o = {**H2O, "kv_h2o_block_tokens": 1, "kv_h2o_target_lossy_ratio": 2.0, "kv_h2o_per_head": per_head}
+    evicting = ReferenceRuntime(model, h2o).run(*tokens, keep_logits=True)
+    config = {**h2o, **LOSSLESS, "kv_lossless_runtime_mode": mode, "kv_lossless_scope": scope,
+              "kv_lossless_block_tokens": 8, "kv_lossless_store_bootstrap_tokens": 8,
+              "kv_lossless_store_grouped_step_tokens": 8, "kv_lossless_kept_sample_layers": 0}
+    result = ReferenceRuntime(model, config).run(*tokens, keep_logits=True)
+    assert np.array_equal(result.logits, evicting.logits)
+    m = result.metrics
+    assert m["h2o_evictions"] > 0 and m["h2o_lossless_raw_mb"] > 0 and m["h2o_lossless_fallback"] == 0
 
 
 def test_eviction_holds_the_target_and_changes_little(model, tokens, plain):

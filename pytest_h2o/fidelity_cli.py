@@ -1,0 +1,76 @@
+"""h2o-gate fidelity: what a configuration's KV cache costs the model over the fidelity suite.
+
+Per text (prompt + teacher-forced continuation): the full-cache reference's perplexity, the configuration's
+held ratio, top-1 agreement, perplexity delta and KL against it, and the same for the configuration without
+heavy hitters (sink + recent tokens only); then min, median, max and the mean (what the gate reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from h2o_gates.fidelity_report import suite_text_lines, what_heavy_hitters_buy
+from h2o_kernels.fidelity import DEFAULT_SUITE_SIZE, SUITE_KINDS, SUITE_TEXTS, SuiteTextError
+from h2o_kernels.model_fetch import ModelFetchError
+from h2o_kernels.models import EMBEDDED_MODEL, ModelSpecError, load_model
+from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
+from h2o_kernels.runtime import check_config
+
+from .bench import read_config
+from .cli_args import positive_int
+from .fidelity_suite import Suite, read_texts, suite_tokens
+from .out_paths import OutPathError, check_out_file
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The fidelity options (bench's names where they mean the same)."""
+    p.add_argument("-m", "--model", default=EMBEDDED_MODEL,
+                   help=f"'{EMBEDDED_MODEL}' (embedded SmolLM2-135M-Instruct), a .gguf file or a HF-style config.json")
+    p.add_argument("-c", "--config", type=Path, required=True, help="JSON with the kv_h2o_* / kv_lossless_* keys")
+    p.add_argument("-p", "--prompt-tokens", type=positive_int, default=512, help="prompt tokens (prefill)")
+    p.add_argument("-n", "--gen-tokens", type=positive_int, default=128,
+                   help="teacher-forced continuation tokens, each one scored")
+    p.add_argument("-t", "--threads", type=positive_int, default=1, help="BLAS threads")
+    kinds = "; ".join(f"{name}: {kind}" for name, kind in SUITE_KINDS.items())
+    p.add_argument("--texts", nargs="+", default=list(SUITE_TEXTS[:DEFAULT_SUITE_SIZE]), metavar="TEXT",
+                   help=f"suite texts by name or UTF-8 files ({kinds})")
+    p.add_argument("--json", type=Path, help="also write the table's numbers here as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Execute ``h2o-gate fidelity``."""
+    config = read_config(args.config, parser)
+    try:
+        check_config(config, str(args.config))
+        if args.json is not None:
+            check_out_file(args.json, "--json")
+        texts = read_texts(args.texts)
+    except (ValueError, OutPathError) as exc:
+        parser.error(str(exc))
+    try:
+        loaded = load_model(args.model, threads=args.threads)
+    except ModelSpecError as exc:
+        parser.error(str(exc))
+    except ModelFetchError as exc:
+        print(f"h2o-gate fidelity: {exc}", file=sys.stderr)
+        return 1
+    try:
+        check_run_fits(loaded.model.config, args.prompt_tokens, args.gen_tokens, "-p/-n", True)
+        tokens = suite_tokens(loaded, texts, args.prompt_tokens, args.gen_tokens)
+    except (RunTooLargeError, SuiteTextError) as exc:
+        parser.error(f"{exc}; give fewer tokens (-p/-n) or other --texts")
+    say = lambda line: print(f"[h2o-gate fidelity] {line}", file=sys.stderr, flush=True)  # noqa: E731
+    suite = Suite(loaded, tokens, say).measure(config, str(args.config))
+    print(f"{loaded.name}, {args.prompt_tokens} + {args.gen_tokens} tokens, config {args.config}")
+    print("\n".join(suite_text_lines(suite)))
+    comparison = what_heavy_hitters_buy(suite)
+    if comparison:
+        print(comparison)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"model": loaded.name, "config": config, **suite}, indent=2) + "\n",
+                             encoding="utf-8")
+    return 0
