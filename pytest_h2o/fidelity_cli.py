@@ -70,7 +70,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     comparison = what_heavy_hitters_buy(suite)
     if comparison:
         print(comparison)
+    if all(row["h2o"]["held"] <= 1.0 for row in suite["texts"]):
+        print(f"[WARN] nothing was evicted (held 1.00x on every text): check kv_h2o_enable, kv_h2o_trigger_min_tokens "
+              f"(default 512) and the sink+recent floor against {args.prompt_tokens} + {args.gen_tokens} tokens",
+              file=sys.stderr)
     if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": loaded.name, "config": config, **suite}, indent=2) + "\n",
                              encoding="utf-8")
     return 0

@@ -10,6 +10,7 @@ ratio (``h2o_lossy``); over the texts: min, median, max and the mean, which the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -35,7 +36,13 @@ class SuiteText:
 
 
 def read_texts(names: Sequence[str | Path]) -> list[tuple[str, str]]:
-    """``(name, text)`` per entry: a suite text by name, or a UTF-8 file (named by its file name)."""
+    """``(name, text)`` per entry: a suite text by name, or a UTF-8 file (named by its file name, or by the
+    path as given where two files share a name). Each text is one row (and one cached reference): an entry
+    given twice is a :class:`SuiteTextError`."""
+    repeated = [entry for entry, count in Counter(map(str, names)).items() if count > 1]
+    if repeated:
+        raise SuiteTextError(f"text {repeated[0]}: given twice; each text is one row of the suite")
+    base_names = Counter(Path(entry).name for entry in map(str, names) if entry not in SUITE_TEXTS)
     out = []
     for entry in names:
         if str(entry) in SUITE_TEXTS:
@@ -43,7 +50,7 @@ def read_texts(names: Sequence[str | Path]) -> list[tuple[str, str]]:
             continue
         path = Path(entry)
         try:
-            out.append((path.name, path.read_text(encoding="utf-8")))
+            out.append((path.name if base_names[path.name] == 1 else str(entry), path.read_text(encoding="utf-8")))
         except (OSError, UnicodeDecodeError) as exc:
             raise SuiteTextError(f"text {entry}: not a suite text ({', '.join(SUITE_TEXTS)}) and not a readable "
                                  f"UTF-8 file ({exc})") from None

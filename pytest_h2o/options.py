@@ -155,8 +155,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("h2o_max_queue_peak", "MAX_LOSSLESS_QUEUE_PEAK", _finite, -1.0, "runtime_queue_peak_pass limit (< 0: off)"),
     Setting("h2o_max_fallback", "MAX_LOSSLESS_FALLBACK", _finite, -1.0, "runtime_fallback_pass limit (< 0: off)"),
     Setting("h2o_min_top1", "H2O_MIN_TOP1", _limit, None, "fidelity_pass: top-1 agreement >= this (< 0: off)"),
-    Setting("h2o_max_ppl_delta", "H2O_MAX_PPL_DELTA", _finite, None, "fidelity_pass: perplexity delta <= this "
-            "(0.07 = +7%)"),
+    Setting("h2o_max_ppl_delta", "H2O_MAX_PPL_DELTA", _limit, None, "fidelity_pass: perplexity delta <= this "
+            "(0.07 = +7%; < 0: off)"),
     Setting("h2o_fidelity_texts", "H2O_FIDELITY_TEXTS", _suite_size, None,
             "fidelity suite: run every configuration (and its sink+recent twin) over this many texts (pydoc, "
             "license, source, docs) and gate on their mean (default: the preset's fidelity_texts, else 3 when a "

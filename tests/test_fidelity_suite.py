@@ -41,6 +41,16 @@ def test_read_texts_takes_names_and_files(tmp_path):
         read_texts([tmp_path / "missing.txt"])
 
 
+def test_each_text_is_one_row_and_same_named_files_keep_their_paths(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "t.txt").write_text(f"text of {folder}")
+    names = [name for name, _ in read_texts([tmp_path / "a" / "t.txt", tmp_path / "b" / "t.txt"])]
+    assert names == [str(tmp_path / "a" / "t.txt"), str(tmp_path / "b" / "t.txt")]  # one reference each
+    with pytest.raises(SuiteTextError, match="given twice"):
+        read_texts(["pydoc", "pydoc"])
+
+
 def test_spread_aggregate_and_row_metrics():
     expected = {"mean": 0.85, "min": 0.7, "median": 0.85, "max": 1.0}
     assert spread([0.9, 0.8, 0.7, 1.0]) == pytest.approx(expected)
@@ -104,7 +114,9 @@ def test_fidelity_command_takes_texts_and_has_no_sink_recent_without_h2o(tiny, t
     own.write_text("any text: the tiny model has no tokenizer and reads random ids", encoding="utf-8")
     assert main(["fidelity", "-m", str(model), "-c", str(config), "-p", "16", "-n", "4", "--texts", "docs",
                  str(own)]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert "[WARN] nothing was evicted" in captured.err  # a run that evicts nothing must not read as perfect
     assert "sink+recent" not in "\n".join(lines)
     assert [line.split()[0] for line in lines[2:4]] == ["docs", "own.txt"]
     assert lines[2].split()[3:5] == ["1.00x", "1.000"]  # the full cache agrees with itself
