@@ -19,12 +19,11 @@ import numpy as np
 from h2o_gates.bench_log import BenchRow, render_table
 from h2o_kernels.fidelity import fidelity
 from h2o_kernels.kv_capture import prompt_ids
-from h2o_kernels.model_fetch import ModelFetchError
-from h2o_kernels.models import EMBEDDED_MODEL, LoadedModel, ModelSpecError, load_model
+from h2o_kernels.models import EMBEDDED_MODEL, LoadedModel
 from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
 from h2o_kernels.runtime import ReferenceRuntime, check_config
 
-from .cli_args import check_text_file, non_negative_int, positive_int
+from .cli_args import check_text_file, load_command_model, non_negative_int, positive_int
 from .out_paths import OutPathError, check_out_dir, check_out_file
 
 SYNTHETIC_TOKEN = 16  # what llm_bench fed: n copies of one token id
@@ -58,13 +57,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         check_text_file(args.text_file, "--text-file")
     except ValueError as exc:
         parser.error(str(exc))
-    try:
-        loaded = load_model(args.model, threads=args.threads)
-    except ModelSpecError as exc:
-        parser.error(str(exc))
-    except ModelFetchError as exc:
-        print(f"h2o-gate bench: {exc}", file=sys.stderr)
-        return 1
+    loaded = load_command_model(args.model, args.threads, parser)
     prompt, continuation = run_tokens(args, loaded, parser)
     try:
         row, summary = run_bench(loaded, config, str(args.config or "defaults"), prompt, continuation,

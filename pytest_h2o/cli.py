@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from h2o_kernels.kv_capture import capture_kv, prompt_ids
-from h2o_kernels.model_fetch import ModelFetchError
-from h2o_kernels.models import EMBEDDED_MODEL, ModelSpecError, load_model
+from h2o_kernels.models import EMBEDDED_MODEL
 from h2o_kernels.offline_eval import CODEC_MODES, ENTRY_MODES, EvalOptions, SelectionError, evaluate
 from h2o_kernels.predictors import K_DEFAULT, V_DEFAULT
 from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
@@ -33,7 +32,8 @@ from h2o_gates.reports import write_offline_markdown
 from .analyze_cli import add_analyze_arguments, add_full_eval_arguments, add_parse_log_arguments
 from .bench import __doc__ as bench_doc
 from .bench import add_arguments as add_bench_arguments
-from .cli_args import DefaultsFormatter, Parser, bounded_int, check_text_file, non_negative_int, positive_int
+from .cli_args import (DefaultsFormatter, Parser, bounded_int, check_text_file, load_command_model, non_negative_int,
+                       positive_int)
 from .fidelity_cli import __doc__ as fidelity_doc
 from .fidelity_cli import add_arguments as add_fidelity_arguments
 from .history_cli import __doc__ as history_doc
@@ -228,13 +228,7 @@ def _run_kv_dump(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     except ValueError as exc:
         parser.error(str(exc))
     text = args.text_file.read_text(encoding="utf-8") if args.text_file is not None else None
-    try:
-        loaded = load_model(args.model, threads=args.threads)
-    except ModelSpecError as exc:
-        parser.error(str(exc))
-    except ModelFetchError as exc:
-        print(f"h2o-gate kv-dump: {exc}", file=sys.stderr)
-        return 1
+    loaded = load_command_model(args.model, args.threads, parser)
     model, tokenizer = loaded.model, loaded.tokenizer
     try:
         check_run_fits(model.config, args.prompt_tokens, args.gen_tokens, "-p/-n")

@@ -7,6 +7,9 @@ import argparse
 from pathlib import Path
 from typing import Callable, NoReturn
 
+from h2o_kernels.model_fetch import ModelFetchError
+from h2o_kernels.models import LoadedModel, ModelSpecError, load_model
+
 
 def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse ``type``: an integer in ``[low, high]``; argparse prefixes the error with the option's name."""
@@ -58,3 +61,14 @@ def check_text_file(path: Path | None, option: str) -> None:
             from None
     except UnicodeDecodeError:
         raise ValueError(f"{option} {path}: not UTF-8 text; expected a UTF-8 text file") from None
+
+
+def load_command_model(spec: str, threads: int, parser: argparse.ArgumentParser) -> LoadedModel:
+    """:func:`load_model` for a subcommand: a bad model spec is its usage error (exit 2); a download that
+    fails (no package index, say) exits 1 with the manual-fetch hint."""
+    try:
+        return load_model(spec, threads=threads)
+    except ModelSpecError as exc:
+        parser.error(str(exc))
+    except ModelFetchError as exc:
+        parser.exit(1, f"{parser.prog}: {exc}\n")

@@ -14,13 +14,12 @@ from pathlib import Path
 
 from h2o_gates.fidelity_report import suite_text_lines, what_heavy_hitters_buy
 from h2o_kernels.fidelity import DEFAULT_SUITE_SIZE, SUITE_KINDS, SUITE_TEXTS, SuiteTextError
-from h2o_kernels.model_fetch import ModelFetchError
-from h2o_kernels.models import EMBEDDED_MODEL, ModelSpecError, load_model
+from h2o_kernels.models import EMBEDDED_MODEL
 from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
 from h2o_kernels.runtime import check_config
 
 from .bench import read_config
-from .cli_args import positive_int
+from .cli_args import load_command_model, positive_int
 from .fidelity_suite import Suite, read_texts, suite_tokens
 from .out_paths import OutPathError, check_out_file
 
@@ -51,13 +50,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         texts = read_texts(args.texts)
     except (ValueError, OutPathError) as exc:
         parser.error(str(exc))
-    try:
-        loaded = load_model(args.model, threads=args.threads)
-    except ModelSpecError as exc:
-        parser.error(str(exc))
-    except ModelFetchError as exc:
-        print(f"h2o-gate fidelity: {exc}", file=sys.stderr)
-        return 1
+    loaded = load_command_model(args.model, args.threads, parser)
     try:
         check_run_fits(loaded.model.config, args.prompt_tokens, args.gen_tokens, "-p/-n", True)
         tokens = suite_tokens(loaded, texts, args.prompt_tokens, args.gen_tokens)

@@ -15,13 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from h2o_kernels.model_fetch import ModelFetchError
-from h2o_kernels.models import EMBEDDED_MODEL, LoadedModel, ModelSpecError, load_model
+from h2o_kernels.models import EMBEDDED_MODEL, LoadedModel
 from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
 from h2o_presets.matrix import GENERATED_KV_DEFAULTS, Point, generated_config
 
 from .bench import bench_tokens, run_bench, write_log
-from .cli_args import check_text_file, non_negative_int, positive_int
+from .cli_args import check_text_file, load_command_model, non_negative_int, positive_int
 from .out_paths import check_out_dir
 
 
@@ -65,13 +64,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     points, base = setup(args, parser)
     loaded = None
     if not args.llm_bench and not args.dry_run:
-        try:
-            loaded = load_model(args.model, threads=args.threads)
-        except ModelSpecError as exc:
-            parser.error(str(exc))
-        except ModelFetchError as exc:
-            print(f"h2o-gate sweep: {exc}", file=sys.stderr)
-            return 1
+        loaded = load_command_model(args.model, args.threads, parser)
         check_points_fit(loaded, points, args.preset, parser)
     configs, logs = args.out_dir / "configs", args.out_dir / "logs"
     configs.mkdir(parents=True, exist_ok=True)
