@@ -26,16 +26,16 @@ COLUMNS: tuple[tuple[str, str, str, str], ...] = (
 STATS = ("min", "median", "max", "mean")
 
 
-def suite_rows(suite: Mapping[str, Any]) -> list[list[str]]:
-    """Header, one row per text, then min, median, max and mean (the gated aggregate); sink+recent
-    columns only when the suite measured them."""
+def suite_rows(suite: Mapping[str, Any], gated: bool = True) -> list[list[str]]:
+    """Header, one row per text, then min, median, max and mean (labelled as the gated aggregate when
+    ``gated``: a gate reads it); sink+recent columns only when the suite measured them."""
     columns = [c for c in COLUMNS if c[0] in suite["aggregate"]]
     rows = [["text", "tokens", *(header for _, _, header, _ in columns)]]
     for text in suite["texts"]:
         rows.append([text["name"], "+".join(map(str, text["tokens"])),
                      *(_cell(text.get(method, {}).get(metric), fmt) for method, metric, _, fmt in columns)])
     for stat in STATS:
-        label = "mean (gated)" if stat == "mean" else stat
+        label = "mean (gated)" if stat == "mean" and gated else stat
         rows.append([label, "", *(_cell(suite["aggregate"][method][metric][stat], fmt)
                                   for method, metric, _, fmt in columns)])
     return rows
@@ -48,9 +48,9 @@ def suite_markdown(suite: Mapping[str, Any]) -> list[str]:
             *("| " + " | ".join(row) + " |" for row in rows[1:])]
 
 
-def suite_text_lines(suite: Mapping[str, Any]) -> list[str]:
+def suite_text_lines(suite: Mapping[str, Any], gated: bool = True) -> list[str]:
     """The table as aligned terminal lines."""
-    rows = suite_rows(suite)
+    rows = suite_rows(suite, gated)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
             .rstrip() for row in rows]

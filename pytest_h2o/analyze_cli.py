@@ -232,6 +232,9 @@ def run_analyze(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         rows = read_csv(args.csv)
     except LogParseError as exc:
         parser.error(str(exc))
+    if not rows:  # before the lossless fallback's [WARN]: nothing to gate is the message
+        print(f"h2o-gate analyze: no rows in {args.csv}; expected the CSV of parse-log", file=sys.stderr)
+        return 2
     choice = choose_lossless(args.offline_lossless_online_json, args.offline_lossless_json, parser.error)
     status = analyze(rows, choice, thresholds, args.gate_mode, args.out, args.out_json,
                      {"csv": str(args.csv), "offline_lossless_json": _str(args.offline_lossless_json),

@@ -145,7 +145,8 @@ def _suite(loaded: Any, spec: RunSpec, session: _Session, progress: Progress) ->
                           len(session.continuation), first_seed=1)
     suite = Suite(loaded, [SuiteText(name, session.prompt, session.continuation), *others], progress)
     suite.references[name] = session.logits[session.base_id]
-    progress(f"fidelity suite: {len(suite.texts)} texts ({', '.join(t.name for t in suite.texts)}), each "
+    names = ", ".join(t.name for t in suite.texts)
+    progress(f"fidelity suite: {len(suite.texts)} text{'s' if len(suite.texts) != 1 else ''} ({names}), each "
              "configuration and its sink+recent twin")
     return suite
 

@@ -459,3 +459,11 @@ def test_full_eval_names_the_logs_it_could_not_parse(tmp_path, kv_dir, capsys):
     assert "no llm_bench table: 1" in warnings and "crash.log" in warnings
     assert f"row with the wrong cell count: 1 - {tmp_path / 'logs' / 'r.log'}:4" in warnings
     assert len(report["warnings"]) == 3  # two kinds and the file without rows
+
+
+def test_a_csv_without_rows_is_named_before_any_fallback_warning(tmp_path, capsys):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("model,speed(tok/s),h2o_lossy\n")
+    assert main(["analyze", "--csv", str(empty), "--out", str(tmp_path / "s.md")]) == 2
+    err = capsys.readouterr().err
+    assert f"no rows in {empty}" in err and "[WARN]" not in err
