@@ -24,6 +24,7 @@ from h2o_kernels.models import ModelSpecError, model_config
 from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
 from h2o_presets.matrix import PresetError, load_preset, preset_settings
 
+from .cli_args import check_text_file
 from .compare import CompareSpecError, HistorySetup
 from .gate import Gate, GateSetupError, load_points
 from .gate_run import RunSpec
@@ -153,12 +154,10 @@ class GatePlugin:
         text = r("h2o_text_file")
         if text is not None and not Path(text).is_file():
             raise pytest.UsageError(f"--h2o-text-file {text}: not a file; expected a UTF-8 text file")
-        if text is not None:
-            try:
-                Path(text).read_text(encoding="utf-8")
-            except UnicodeDecodeError as exc:
-                raise pytest.UsageError(f"--h2o-text-file {text}: not UTF-8 text (byte {exc.object[exc.start]:#04x} "
-                                        f"at offset {exc.start}); give a UTF-8 text file") from None
+        try:
+            check_text_file(text, "--h2o-text-file")  # readable UTF-8, as the command line checks it
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
         if llm_bench:
             local = config.invocation_params.dir / llm_bench
             if local.is_file():
