@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from h2o_kernels.kvdump import DumpError, iter_dump_files, read_meta, read_npz
+from h2o_kernels.lossless.kvdump import DumpError, iter_dump_files, read_meta, read_npz
 
 KV_HEADS, HEAD_DIM = 3, 64
 

@@ -20,10 +20,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from h2o_kernels.llama import LlamaModel, _blas_threads, _rms_norm, _rope
-from h2o_kernels.models import load_model
-from h2o_kernels.runtime import ReferenceRuntime
-from pytest_h2o.bench import bench_tokens
+from h2o_kernels.model.llama import LlamaModel, _blas_threads, _rms_norm, _rope
+from h2o_kernels.model.loading import load_model
+from h2o_kernels.runtimes.base import run_tokens
+from h2o_kernels.runtimes.reference import ReferenceRun, ReferenceRuntime
 
 
 class PlainDecoder:
@@ -77,7 +77,7 @@ class PlainDecoder:
 
 
 def runtime_side(model: LlamaModel, config: dict[str, Any]) -> Callable[[np.ndarray, np.ndarray], float]:
-    rt = ReferenceRuntime(model, config)
+    rt = ReferenceRun(model, config)
     return lambda p, c: rt.run(p, c).decode_tok_s
 
 
@@ -108,7 +108,7 @@ def main() -> None:
     p.add_argument("-r", "--rounds", type=int, default=5)
     args = p.parse_args()
     loaded = load_model(args.model)
-    prompt, cont = bench_tokens(loaded, args.prompt_tokens, args.gen_tokens, None, False)
+    prompt, cont = run_tokens(ReferenceRuntime(loaded), args.prompt_tokens, args.gen_tokens, None)
     model = loaded.model
     if args.what == "plain":
         sides = {"runtime": runtime_side(model, {}), "plain": PlainDecoder(model).run}

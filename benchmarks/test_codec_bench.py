@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import zstandard
 
-from h2o_kernels.codec import FP16Codec, decode, decode_many, inspect
-from h2o_kernels.predictors import K_DEFAULT, V_DEFAULT
+from h2o_kernels.codec.fp16 import FP16Codec, decode, decode_many, inspect
+from h2o_kernels.codec.predictors import K_DEFAULT, V_DEFAULT
 
 SIZES = (192, 640)
 PREDICTOR_SETS = {"K": (K_DEFAULT, K_DEFAULT), "V": (V_DEFAULT, V_DEFAULT)}

@@ -7,8 +7,11 @@ wrote, so one parser serves both.
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 # HEAD column order (§7.3 of the runtime spec); the v4 build ended at h2o_lossless_fallback.
 METRIC_COLUMNS: tuple[str, ...] = (
@@ -74,3 +77,22 @@ def render_table(rows: list[BenchRow]) -> str:
             cells.append(f"{mean:.{digits}f} ± {sd:.{digits}f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def size_text(size_bytes: int) -> str:
+    """A model size as llm_bench printed it."""
+    return f"{size_bytes / 2**30:.2f} GiB" if size_bytes >= 2**30 else f"{size_bytes / 2**20:.2f} MiB"
+
+
+def write_log(log_file: Path, row: BenchRow, summary: dict[str, float], config: dict[str, Any], repeat: int,
+              text: str) -> Path:
+    """Write the markdown table to ``log_file`` and its JSON twin beside it; return the twin's path."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.write_text(render_table([row]), encoding="utf-8")
+    twin = log_file.with_suffix(".json")
+    report = {"model": row.model, "model_size": row.model_size, "threads": row.threads,
+              "prompt_tokens": row.prompt_tokens, "gen_tokens": row.gen_tokens, "repeat": repeat, "text": text,
+              "config": config, **summary,
+              "runs": {"prefill_tps": row.prefill_tok_s, "decode_tps": row.decode_tok_s, **row.metrics}}
+    twin.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return twin

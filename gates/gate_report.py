@@ -13,8 +13,18 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .fidelity_report import suite_markdown, what_heavy_hitters_buy
-from .rules import (RULES, GateMode, Thresholds, Verdict, check_row, config_passes, format_number,
-                    original_differences, overall_independent, overall_joint)
+from .rules import (
+    RULES,
+    GateMode,
+    Thresholds,
+    Verdict,
+    check_row,
+    config_passes,
+    format_number,
+    original_differences,
+    overall_independent,
+    overall_joint,
+)
 
 SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
     # (metric, header, format)

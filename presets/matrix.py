@@ -5,7 +5,7 @@ The list keys of the original presets (``prompts``, ``gens``, ``h2o_keep_ratios`
 ``kv_*`` key are copied. Any ``kv_*`` key given as a list becomes one more dimension. The points are
 the cartesian product of all dimensions, in the original's order and with its run ids.
 
-A ``kv_*`` key must be one the runtimes know (``h2o_kernels.runtime.KNOWN_KV_KEYS``) or be listed in the
+A ``kv_*`` key must be one the runtimes know (``h2o_kernels.runtimes.reference.KNOWN_KV_KEYS``) or be listed in the
 preset's ``extra_kv_keys`` (keys that only an external runtime reads); a misspelled key is an error naming
 the closest known one.
 """
@@ -24,7 +24,7 @@ from typing import Any
 import jsonschema
 
 from h2o_kernels.config_keys import ConfigError, check_known_keys, closest_hint
-from h2o_kernels.runtime import KNOWN_KV_KEYS
+from h2o_kernels.runtimes.base import KNOWN_KV_KEYS
 
 PRESET_DIR = Path(__file__).resolve().parent
 EXTRA_KEYS_HINT = '; a key that only an external runtime reads goes into the preset\'s "extra_kv_keys" list'
@@ -98,7 +98,7 @@ class PresetError(ValueError):
 @dataclass(frozen=True)
 class Point:
     """One configuration of a preset: its run id, bench sizes and ``kv_*`` config; ``extra_kv_keys`` are the
-    preset's keys for external runtimes (pass them to ``check_config`` / ``ReferenceRuntime``)."""
+    preset's keys for external runtimes (pass them to ``check_config`` / ``ReferenceRun``)."""
 
     run_id: str
     prompt_tokens: int

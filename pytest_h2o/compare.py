@@ -7,8 +7,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from h2o_gates.history import (CompareSpec, Comparison, HistoryError, append, compare, make_record, measured_anything,
-                           parse_compare_specs, render_comparison, resolve)
+from h2o_gates.history import (
+    CompareSpec,
+    Comparison,
+    HistoryError,
+    append,
+    compare,
+    make_record,
+    measured_anything,
+    parse_compare_specs,
+    render_comparison,
+    resolve,
+)
 
 
 class CompareSpecError(ValueError):

@@ -9,17 +9,15 @@ ratio (``h2o_lossy``); over the texts: min, median, max and the mean, which the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from h2o_kernels.fidelity import SUITE_TEXTS, SuiteTextError, continuation_perplexity, fidelity, spread, suite_text
-from h2o_kernels.kv_capture import prompt_ids
-from h2o_kernels.models import LoadedModel
-from h2o_kernels.runtime import ReferenceRuntime
+from h2o_kernels.runtimes.base import Runtime
 
 Progress = Callable[[str], None]
 FULL_CACHE: dict[str, Any] = {"kv_h2o_enable": False, "kv_lossless_enable": False}
@@ -57,14 +55,14 @@ def read_texts(names: Sequence[str | Path]) -> list[tuple[str, str]]:
     return out
 
 
-def suite_tokens(loaded: LoadedModel, texts: Sequence[tuple[str, str]], prompt_len: int, gen_len: int,
+def suite_tokens(runtime: Runtime, texts: Sequence[tuple[str, str]], prompt_len: int, gen_len: int,
                  first_seed: int = 0) -> list[SuiteText]:
     """Each text's first ``prompt_len`` + ``gen_len`` tokens (random ids, seeded by position from
     ``first_seed``, for a model without a tokenizer); SuiteTextError names a text that is too short."""
     out = []
     for seed, (name, text) in enumerate(texts, start=first_seed):
         try:
-            ids = prompt_ids(loaded.tokenizer, text, prompt_len + gen_len, loaded.model.config.vocab_size, seed)
+            ids = runtime.text_ids(text, prompt_len + gen_len, seed)
         except ValueError as exc:
             raise SuiteTextError(f"fidelity text {name}: {exc}") from None
         out.append(SuiteText(name, ids[:prompt_len], ids[prompt_len:]))
@@ -82,8 +80,8 @@ def sink_recent_config(config: Mapping[str, Any]) -> dict[str, Any] | None:
 class Suite:
     """The texts of one (prompt, gen) size, with their full-cache reference logits computed once."""
 
-    def __init__(self, loaded: LoadedModel, texts: list[SuiteText], progress: Progress) -> None:
-        self.loaded, self.texts, self.progress = loaded, texts, progress
+    def __init__(self, runtime: Runtime, texts: list[SuiteText], progress: Progress) -> None:
+        self.runtime, self.texts, self.progress = runtime, texts, progress
         self.references: dict[str, np.ndarray] = {}
 
     def reference(self, text: SuiteText) -> np.ndarray:
@@ -117,8 +115,8 @@ class Suite:
 
     def _logits(self, config: Mapping[str, Any], text: SuiteText, what: str,
                 extra_kv_keys: Iterable[str] = ()) -> tuple[np.ndarray, float]:
-        runtime = ReferenceRuntime(self.loaded.model, dict(config), source=what, extra_kv_keys=extra_kv_keys)
-        result = runtime.run(text.prompt, text.continuation, keep_logits=True)
+        run = self.runtime.configure(dict(config), source=what, extra_kv_keys=extra_kv_keys)
+        result = run.run(text.prompt, text.continuation, keep_logits=True)
         return result.logits, float(result.metrics.get("h2o_lossy", 1.0))
 
 

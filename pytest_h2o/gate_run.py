@@ -1,7 +1,7 @@
 """Measure a preset's configurations: the numbers the gate rules read, one metric row per configuration.
 
-Three runtimes:
-- ``reference`` (default): the embedded reference runtime, measured in paired, adaptive rounds
+Runtimes (:mod:`h2o_kernels.runtimes`):
+- ``reference`` (default) and ``hf`` (transformers): in process, measured in paired, adaptive rounds
   (:class:`_Session`): every candidate run sits next to baseline runs (H2O and lossless off), each
   configuration runs until its decode-drop interval is decided or the rounds cap is reached. The
   first run of each keeps its logits (fidelity against the baseline's) and writes its held KV as
@@ -25,23 +25,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from h2o_gates.bench_log import BenchRow
+from h2o_gates.bench_log import BenchRow, size_text, write_log
 from h2o_gates.log_parse import find_logs, metric_row, parse_log_report, parse_logs_report, read_csv, summarize_problems
 from h2o_gates.rules import Thresholds, paired_drop
 from h2o_gates.speed_stats import bracketed_log_ratios
-from h2o_kernels.fidelity import fidelity
-from h2o_kernels.h2o import H2OConfig
-from h2o_kernels.kvdump import link_identical
-from h2o_kernels.lossless_runtime import LosslessConfig
-from h2o_kernels.models import load_model
-from h2o_kernels.offline_eval import EvalOptions, SelectionError, evaluate
-from h2o_kernels.run_memory import check_run_fits
-from h2o_kernels.runtime import ReferenceRuntime
 from h2o_presets.matrix import Point
 
-from .bench import bench_tokens, size_text, write_log
-from .fidelity_suite import Suite, SuiteText, read_texts, row_metrics, suite_tokens
-from .sweep import llm_bench_command, read_base_config, sweep_config
+from h2o_kernels.eviction.h2o import H2OConfig
+from h2o_kernels.fidelity import fidelity
+from h2o_kernels.lossless.kvdump import link_identical
+from h2o_kernels.lossless.manager import LosslessConfig
+from h2o_kernels.lossless.offline_eval import EvalOptions, SelectionError, evaluate
+from h2o_kernels.model.run_memory import check_run_fits
+from h2o_kernels.runtimes.base import Runtime, run_tokens
+from h2o_kernels.runtimes.loading import IN_PROCESS, open_runtime
+from pytest_h2o.cli.sweep import llm_bench_command, read_base_config, sweep_config
+from pytest_h2o.fidelity_suite import Suite, SuiteText, read_texts, row_metrics, suite_tokens
 
 BASELINE_CONFIG = {"kv_h2o_enable": False, "kv_lossless_enable": False}
 ONLINE_SIM = dict(entry_mode="chunked_grouped", online_chunk_seq=192, online_framing_bytes=8, adaptive_block_seq=64,
@@ -53,10 +52,11 @@ Progress = Callable[[str], None]
 class RunSpec:
     """Where and how to measure (plain data, so it can be handed to xdist workers)."""
 
-    runtime: str  # "reference" | "llm_bench" | "logs"
+    runtime: str  # "reference" | "hf" | "llm_bench" | "logs"
     out_dir: Path
     model: str = "smollm2"
     threads: int = 1
+    device: str = "cpu"  # hf: cpu | cuda
     text_file: Path | None = None
     kv_dumps: Path | None = None
     llm_bench: str | None = None
@@ -74,8 +74,8 @@ def measure(points: list[Point], spec: RunSpec, progress: Progress) -> dict[str,
     """Measure every point; returns ``{"runtime", "model", "configs": {label: metrics}, "baselines":
     {label: tok/s or None}, "warnings": [...]}`` (JSON-serialisable)."""
     warnings: list[str] = []
-    if spec.runtime == "reference":
-        configs, baselines, model = _run_reference(points, spec, progress)
+    if spec.runtime in IN_PROCESS:
+        configs, baselines, model = _run_in_process(points, spec, progress)
         if (spec.out_dir / "kv").is_dir():  # identical dumps (the layers no configuration evicts) stored once
             linked, saved = link_identical(spec.out_dir / "kv")
             progress(f"KV dumps: {linked} files identical to another configuration's stored once "
@@ -84,9 +84,10 @@ def measure(points: list[Point], spec: RunSpec, progress: Progress) -> dict[str,
         configs, baselines, model = _run_llm_bench(points, spec, progress, warnings)
     else:
         configs, baselines, model = _read_logs(points, spec, warnings)
-    if spec.fidelity_texts and spec.runtime != "reference":
-        warnings.append(f"[WARN] the fidelity suite ({len(spec.fidelity_texts)} texts) runs on the reference runtime "
-                        f"only; the {spec.runtime} runtime's fidelity numbers, if any, are of one text")
+    if spec.fidelity_texts and spec.runtime not in IN_PROCESS:
+        warnings.append(f"[WARN] the fidelity suite ({len(spec.fidelity_texts)} texts) runs on an in-process runtime "
+                        f"({', '.join(IN_PROCESS)}) only; the {spec.runtime} runtime's fidelity numbers, if any, are "
+                        "of one text")
     if spec.kv_dumps is not None:
         warnings.append(f"[WARN] the lossless ratios of every configuration come from the same --h2o-kv-dumps "
                         f"{spec.kv_dumps}, not from the KV each configuration held")
@@ -99,26 +100,34 @@ def measure(points: list[Point], spec: RunSpec, progress: Progress) -> dict[str,
             "warnings": warnings}
 
 
-# reference runtime ---------------------------------------------------------------------------------
-def _run_reference(points: list[Point], spec: RunSpec, progress: Progress):
-    progress(f"loading model {spec.model}")
-    loaded = load_model(spec.model, threads=spec.threads, progress=lambda line: progress(f"download: {line}"),
-                        model_option="--h2o-model")
+# in-process runtimes (reference, hf) -----------------------------------------------------------------
+def _run_in_process(points: list[Point], spec: RunSpec, progress: Progress):
+    progress(f"loading model {spec.model} on the {spec.runtime} runtime"
+             + (f" ({spec.device})" if spec.device != "cpu" else ""))
+    runtime = open_runtime(spec.runtime, spec.model, threads=spec.threads, device=spec.device,
+                           progress=lambda line: progress(f"download: {line}"), model_option="--h2o-model")
+    try:
+        return _measure_groups(runtime, points, spec, progress)
+    finally:
+        runtime.close()
+
+
+def _measure_groups(runtime: Runtime, points: list[Point], spec: RunSpec, progress: Progress):
     # every size before the first is measured (the session checked them up front when the model was
     # already here; a first-use download is checked only now)
     for prompt_len, gen_len in _by_size(points):
-        check_run_fits(loaded.model.config, prompt_len, gen_len, f"{spec.model} p{prompt_len} g{gen_len}")
+        check_run_fits(runtime.model.config, prompt_len, gen_len, f"{spec.model} p{prompt_len} g{gen_len}")
     configs: dict[str, dict[str, Any]] = {}
     baselines: dict[str, float | None] = {}
     for (prompt_len, gen_len), group in _by_size(points).items():
-        prompt, continuation = bench_tokens(loaded, prompt_len, gen_len, spec.text_file, False)
+        prompt, continuation = run_tokens(runtime, prompt_len, gen_len, spec.text_file)
         base_id = f"baseline_p{prompt_len}_g{gen_len}"
-        session = _Session(loaded, spec, prompt, continuation, base_id, group, progress)
+        session = _Session(runtime, spec, prompt, continuation, base_id, group, progress)
         session.measure()
         baseline = session.rows[base_id].summary()
         _write_log(spec.out_dir, base_id, session.rows[base_id], baseline, BASELINE_CONFIG,
                    len(session.rows[base_id].decode_tok_s), spec)
-        suite = _suite(loaded, spec, session, progress)
+        suite = _suite(runtime, spec, session, progress)
         for point in group:
             summary = {**session.rows[point.run_id].summary(), **session.paired(point.run_id)}
             if session.logits.get(point.run_id) is not None and session.logits.get(base_id) is not None:
@@ -132,18 +141,18 @@ def _run_reference(points: list[Point], spec: RunSpec, progress: Progress):
                                     "full_kv_bytes": session.full_kv_bytes,
                                     "held_kv_bytes": session.held[point.run_id], **summary}
             baselines[point.label] = summary["baseline_decode_tps"]
-    return configs, baselines, loaded.name
+    return configs, baselines, runtime.model.name
 
 
-def _suite(loaded: Any, spec: RunSpec, session: _Session, progress: Progress) -> Suite | None:
+def _suite(runtime: Runtime, spec: RunSpec, session: _Session, progress: Progress) -> Suite | None:
     """The fidelity suite for the session's size, or None when off; its first text is the session's own,
     whose full-cache logits are reused."""
     if not spec.fidelity_texts or session.logits.get(session.base_id) is None:
         return None
     name = Path(spec.fidelity_texts[0]).name
-    others = suite_tokens(loaded, read_texts(spec.fidelity_texts[1:]), len(session.prompt),
+    others = suite_tokens(runtime, read_texts(spec.fidelity_texts[1:]), len(session.prompt),
                           len(session.continuation), first_seed=1)
-    suite = Suite(loaded, [SuiteText(name, session.prompt, session.continuation), *others], progress)
+    suite = Suite(runtime, [SuiteText(name, session.prompt, session.continuation), *others], progress)
     suite.references[name] = session.logits[session.base_id]
     names = ", ".join(t.name for t in suite.texts)
     progress(f"fidelity suite: {len(suite.texts)} text{'s' if len(suite.texts) != 1 else ''} ({names}), each "
@@ -158,7 +167,7 @@ def _suite_numbers(suite: Suite, session: _Session, point: Point, summary: dict[
 
 
 class _Session:
-    """The paired, adaptive measurement of one (prompt, gen) group on the reference runtime.
+    """The paired, adaptive measurement of one (prompt, gen) group on an in-process runtime.
 
     After one discarded warm-up run, every round runs each still-undecided candidate once, in an order
     rotated every round, with a baseline run before the first and after every second candidate, so each
@@ -172,18 +181,17 @@ class _Session:
 
     PER_BRACKET = 2  # candidate runs between two baseline runs
 
-    def __init__(self, loaded: Any, spec: RunSpec, prompt: Any, continuation: Any, base_id: str, group: list[Point],
-                 progress: Progress) -> None:
-        self.loaded, self.spec, self.prompt, self.continuation = loaded, spec, prompt, continuation
+    def __init__(self, runtime: Runtime, spec: RunSpec, prompt: Any, continuation: Any, base_id: str,
+                 group: list[Point], progress: Progress) -> None:
+        self.spec, self.prompt, self.continuation = spec, prompt, continuation
         self.base_id, self.group, self.progress = base_id, group, progress
-        model = loaded.model
-        self.runtimes = {base_id: ReferenceRuntime(model, BASELINE_CONFIG, source="baseline")}
-        self.runtimes.update({p.run_id: ReferenceRuntime(model, p.config, source=p.label, extra_kv_keys=p.extra_kv_keys)
+        self.runtimes = {base_id: runtime.configure(BASELINE_CONFIG, source="baseline")}
+        self.runtimes.update({p.run_id: runtime.configure(p.config, source=p.label, extra_kv_keys=p.extra_kv_keys)
                               for p in group})
-        self.rows = {name: BenchRow(loaded.name, size_text(loaded.size_bytes), spec.threads, len(prompt),
+        info = runtime.model
+        self.rows = {name: BenchRow(info.name, size_text(info.size_bytes), spec.threads, len(prompt),
                                     len(continuation)) for name in self.runtimes}
-        c = model.config
-        self.full_kv_bytes = c.num_layers * (len(prompt) + len(continuation)) * 2 * c.num_kv_heads * c.head_dim * 2
+        self.full_kv_bytes = info.full_kv_bytes(len(prompt) + len(continuation))
         self.held: dict[str, list[int]] = {}
         self.logits: dict[str, Any] = {}
         self.sequence: list[tuple[str, float]] = []
@@ -224,8 +232,7 @@ class _Session:
                                          run_id=name, step_delay_s=self.step_delay if candidate else 0.0)
         if first:
             self.logits[name] = result.logits
-            cache = self.loaded.model.cache
-            self.held[name] = [cache.nbytes(layer) for layer in range(cache.num_layers)]
+            self.held[name] = result.held_kv_bytes
         self.rows[name].add_run(result.prefill_tok_s, result.decode_tok_s, result.metrics)
         before = next((v for n, v in reversed(self.sequence) if n == self.base_id), None)
         self.sequence.append((name, result.decode_tok_s))

@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 
 from h2o_kernels import CODEC_NAME, FORMAT_VERSION
-
-from . import __version__
-from .options import add_options, resolve
+from pytest_h2o import __version__
+from pytest_h2o.options import add_options, resolve
 
 gate_key = pytest.StashKey[Any]()  # the session's GatePlugin, when gating
 
@@ -39,6 +38,6 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def pytest_configure(config: pytest.Config) -> None:
     if resolve(config, "h2o_preset") is None:
         return
-    from .session import start
+    from pytest_h2o.session import start
 
     config.stash[gate_key] = start(config)

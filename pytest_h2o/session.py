@@ -17,20 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from h2o_gates.gate_report import write_reports
 from h2o_gates.rules import Thresholds
-from h2o_kernels.models import ModelSpecError, model_config
-from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
 from h2o_presets.matrix import PresetError, load_preset, preset_settings
 
-from .cli_args import check_text_file
-from .compare import CompareSpecError, HistorySetup
-from .gate import Gate, GateSetupError, load_points
-from .gate_run import RunSpec
-from .items import PresetCollector, node_name
-from .options import SETTINGS, raw_setting, resolve
-from .summary import junit_properties, terminal_lines
+from h2o_kernels.model.loading import ModelSpecError, model_config
+from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits
+from h2o_kernels.runtimes.base import check_text_file
+from pytest_h2o.compare import CompareSpecError, HistorySetup
+from pytest_h2o.gate import Gate, GateSetupError, load_points
+from pytest_h2o.gate_run import RunSpec
+from pytest_h2o.items import PresetCollector, node_name
+from pytest_h2o.options import SETTINGS, raw_setting, resolve
+from pytest_h2o.summary import junit_properties, terminal_lines
 
 DEFAULT_MAX_ROUNDS = 10
 
@@ -204,7 +203,7 @@ class GatePlugin:
         if spec.text_file is not None:
             text, data = str(spec.text_file), Path(spec.text_file).read_bytes()
         else:
-            from h2o_kernels.kv_capture import default_text
+            from h2o_kernels.model.kv_capture import default_text
 
             text, data = "pydoc_data.topics", default_text().encode()
         return {"runtime": spec.runtime, "model": str(model), "text": text,

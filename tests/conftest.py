@@ -4,7 +4,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from h2o_test_helpers import write_standard_dump
 
 pytest_plugins = ["pytester"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from h2o_kernels.kvdump import write_dump
+from h2o_kernels.lossless.kvdump import write_dump
 
 
 def words_of(tensor: np.ndarray) -> np.ndarray:

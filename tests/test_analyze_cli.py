@@ -11,12 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from h2o_gates.log_parse import metric_row, read_csv
-from h2o_kernels.kvdump import write_dump
-from pytest_h2o.analyze_cli import (add_analyze_arguments, add_full_eval_arguments, add_parse_log_arguments,
-                                    check_offline, config_names)
-from pytest_h2o.cli import main
+
+from h2o_kernels.lossless.kvdump import write_dump
+from pytest_h2o.cli.analyze import (
+    add_analyze_arguments,
+    add_full_eval_arguments,
+    add_parse_log_arguments,
+    check_offline,
+    config_names,
+)
+from pytest_h2o.cli.main import main
 
 V4_HEADER = ("model", "modelSize", "backend", "threads", "precision", "llm_demo", "speed(tok/s)", "h2o_keep",
              "h2o_lossy", "h2o_lossless", "h2o_target_keep_effective", "h2o_floor_keep", "h2o_quantized_keep",

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from h2o_test_helpers import write_standard_dump
 
-from h2o_kernels.offline_eval import EvalOptions, evaluate
-from pytest_h2o.cli import main
-from pytest_h2o.out_paths import OutPathError, check_out_dir, check_out_file
+from h2o_kernels.lossless.offline_eval import EvalOptions, evaluate
+from pytest_h2o.cli.main import main
+from pytest_h2o.cli.out_paths import OutPathError, check_out_dir, check_out_file
 
 ORIGINAL_OPTIONS = (
     "--dump-dir", "--out-json", "--out-md", "--overwrite", "--stage", "--scope", "--front-n", "--layer-start",
@@ -303,7 +303,7 @@ def test_unwritable_folders_are_refused(tmp_path, capsys):
 ])
 def test_offline_outputs_are_checked_before_evaluating(dump_dir, tmp_path, blocker, capsys, monkeypatch, argv,
                                                        fragment):
-    monkeypatch.setattr("pytest_h2o.cli.evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+    monkeypatch.setattr("pytest_h2o.cli.main.evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
     names = {"blocker": blocker, "tmp": tmp_path}
     err = usage_error(capsys, ["offline", "--dump-dir", str(dump_dir), *[a.format(**names) for a in argv]])
     assert fragment.format(**names) in err

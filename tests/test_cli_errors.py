@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from h2o_test_helpers import write_standard_dump
-
 from h2o_gates.log_parse import parse_logs, write_csv
+from h2o_test_helpers import write_standard_dump
 
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 300, "rope_theta": 10000.0}
@@ -54,7 +53,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 def run_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "H2O_CACHE_DIR": str(cwd / "cache")}
-    return subprocess.run([sys.executable, "-m", "pytest_h2o.cli", *argv], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pytest_h2o.cli.main", *argv], capture_output=True, text=True,
                           timeout=120, env=env, cwd=cwd, check=False)
 
 

@@ -1,6 +1,6 @@
 """The fp16 predictive codec and its predictors, through their public API.
 
-The blob layout used by the forging tests is the one documented in ``h2o_kernels.codec``'s
+The blob layout used by the forging tests is the one documented in ``h2o_kernels.codec.fp16``'s
 module docstring (fixed header at 0..28, plane table at 28..38, predictor ids, header CRC).
 """
 
@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from h2o_kernels.codec import CODEC_NAME, FORMAT_VERSION, CodecError, FP16Codec, decode, decode_many, inspect
-from h2o_kernels.predictors import FORWARD, INVERSE, K_DEFAULT, PREDICTORS, V_DEFAULT, parse_predictors
+from h2o_kernels.codec.fp16 import CODEC_NAME, FORMAT_VERSION, CodecError, FP16Codec, decode, decode_many, inspect
+from h2o_kernels.codec.predictors import FORWARD, INVERSE, K_DEFAULT, PREDICTORS, V_DEFAULT, parse_predictors
 
 # --- the documented blob layout ------------------------------------------------------------------
 
@@ -577,7 +577,7 @@ def test_enormous_forged_shapes_raise_without_allocating(fields, reseal):
 
 _RLIMIT_SCRIPT = """
 import resource, sys
-from h2o_kernels.codec import CodecError, decode
+from h2o_kernels.codec.fp16 import CodecError, decode
 blob = bytearray(bytes.fromhex(sys.argv[1]))
 resource.setrlimit(resource.RLIMIT_AS, (768 << 20, 768 << 20))
 try:

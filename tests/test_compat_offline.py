@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from h2o_gates.reports import write_offline_markdown
-from h2o_kernels import offline_eval
-from h2o_kernels.codec import CODEC_NAME, FORMAT_VERSION, FP16Codec, decode
-from h2o_kernels.kvdump import iter_dump_files, read_meta
-from h2o_kernels.offline_eval import EvalOptions, evaluate
-from pytest_h2o.cli import main
 
+from h2o_kernels.codec.fp16 import CODEC_NAME, FORMAT_VERSION, FP16Codec, decode
+from h2o_kernels.lossless import offline_eval
+from h2o_kernels.lossless.kvdump import iter_dump_files, read_meta
+from h2o_kernels.lossless.offline_eval import EvalOptions, evaluate
+from pytest_h2o.cli.main import main
 
 
 def offline(dump_dir: Path, out_json: Path, *extra: str) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_h2o.cli import main
+from pytest_h2o.cli.main import main
 
 TINY_MODEL = {"hidden_size": 256, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
               "num_key_value_heads": 4, "vocab_size": 300, "rope_theta": 10000.0}
@@ -31,7 +31,7 @@ PRESET = {"prompts": [512], "gens": [128], "repeat": 1, "h2o_keep_ratios": [0.3]
 
 def h2o_gate(*argv: str) -> subprocess.CompletedProcess:
     """``h2o-gate ARGV 2>&1``, as the original's scripts capture their tools."""
-    return subprocess.run([sys.executable, "-m", "pytest_h2o.cli", *argv], stdout=subprocess.PIPE,
+    return subprocess.run([sys.executable, "-m", "pytest_h2o.cli.main", *argv], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, check=False)
 
 

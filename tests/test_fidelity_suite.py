@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from h2o_gates.fidelity_report import suite_rows
 from h2o_gates.rules import Thresholds, check_row
-from h2o_kernels.fidelity import SUITE_KINDS, SUITE_TEXTS, SuiteTextError, continuation_perplexity, spread, suite_text
 from h2o_presets.matrix import PresetError, available_presets, expand, find_preset, load_preset, preset_settings
-from pytest_h2o.cli import main
+
+from h2o_kernels.fidelity import SUITE_KINDS, SUITE_TEXTS, SuiteTextError, continuation_perplexity, spread, suite_text
+from pytest_h2o.cli.main import main
 from pytest_h2o.fidelity_suite import aggregate, read_texts, row_metrics, sink_recent_config
 
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,

@@ -10,17 +10,17 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 from h2o_gates.gate_report import build_report, render_markdown, write_reports
 from h2o_gates.rules import Thresholds
-from h2o_kernels.llama import LlamaModel
-from h2o_kernels.runtime import ReferenceRuntime
 from h2o_presets.matrix import Point
+from h2o_test_helpers import write_standard_dump
+
+from h2o_kernels.model.llama import LlamaModel
+from h2o_kernels.runtimes.base import ModelInfo, RunResult
+from h2o_kernels.runtimes.reference import ReferenceRun
 from pytest_h2o import gate_run
 from pytest_h2o.gate_run import RunSpec, whole_cache_ratio
 from pytest_h2o.summary import junit_properties, plain_text, terminal_lines, threshold_text
-
-from h2o_test_helpers import write_standard_dump
 
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 300}
@@ -43,18 +43,29 @@ class FakeRuntime:
         speed = 100.0 * factor * (1 + wobble * (-1) ** self.n) / (1 + 100.0 * step_delay_s)
         FakeRuntime.calls.append((self.source, speed))
         logits = np.zeros((len(continuation), 8)) if keep_logits else None
-        return SimpleNamespace(prefill_tok_s=1000.0, decode_tok_s=speed, metrics={"h2o_lossy": 3.0}, logits=logits)
+        return RunResult(1000.0, speed, {"h2o_lossy": 3.0}, logits, [64, 64])
+
+
+class FakeModelRuntime:
+    """A :class:`~h2o_kernels.runtimes.base.Runtime` whose configured runs are :class:`FakeRuntime`."""
+
+    kind, has_logits, has_dumps = "reference", True, True
+    model = ModelInfo("fake", 1, SimpleNamespace(num_layers=2, num_kv_heads=1, head_dim=4))
+
+    def text_ids(self, text, count, seed=0):
+        return np.arange(count)
+
+    def configure(self, config, source="config", extra_kv_keys=()):
+        return FakeRuntime(None, config, source)
+
+
+def measure(pts, spec, progress):
+    return gate_run._measure_groups(FakeModelRuntime(), pts, spec, progress)
 
 
 @pytest.fixture
 def fake(monkeypatch):
-    model = SimpleNamespace(config=SimpleNamespace(num_layers=2, num_kv_heads=1, head_dim=4),
-                            cache=SimpleNamespace(num_layers=2, nbytes=lambda layer: 64))
-    loaded = SimpleNamespace(model=model, name="fake", size_bytes=1, tokenizer=None)
-    monkeypatch.setattr(gate_run, "load_model", lambda spec, threads, **_: loaded)
     monkeypatch.setattr(gate_run, "check_run_fits", lambda *a: None)
-    monkeypatch.setattr(gate_run, "bench_tokens", lambda *a: (np.arange(8), np.arange(4)))
-    monkeypatch.setattr(gate_run, "ReferenceRuntime", FakeRuntime)
     monkeypatch.setattr(gate_run, "fidelity", lambda *a: {})
     FakeRuntime.calls = []
     return FakeRuntime
@@ -66,7 +77,7 @@ def points(*labels: str) -> list[Point]:
 
 def test_every_candidate_run_has_a_baseline_run_next_to_it(fake, tmp_path):
     fake.factors = {"a": (1.0, 0.0), "b": (1.0, 0.0), "c": (1.0, 0.0)}
-    gate_run._run_reference(points("a", "b", "c"), RunSpec("reference", tmp_path, rounds=2), lambda line: None)
+    measure(points("a", "b", "c"), RunSpec("reference", tmp_path, rounds=2), lambda line: None)
     names = [name for name, _ in fake.calls]
     assert names[0] == "baseline"  # the warm-up
     order = names[1:]
@@ -78,7 +89,7 @@ def test_every_candidate_run_has_a_baseline_run_next_to_it(fake, tmp_path):
 
 def test_a_clear_verdict_takes_the_minimum_rounds_and_an_unclear_one_runs_to_the_cap(fake, tmp_path):
     fake.factors = {"fast": (1.2, 0.01), "slow": (0.8, 0.01), "edge": (0.95, 0.04)}
-    configs, _, _ = gate_run._run_reference(points("fast", "slow", "edge"),
+    configs, _, _ = measure(points("fast", "slow", "edge"),
                                             RunSpec("reference", tmp_path, rounds=3, max_rounds=6), lambda line: None)
     assert len(configs["fast"]["decode_log_ratios"]) == 3
     assert len(configs["slow"]["decode_log_ratios"]) == 3
@@ -91,7 +102,7 @@ def test_a_clear_verdict_takes_the_minimum_rounds_and_an_unclear_one_runs_to_the
 
 def test_the_injected_slowdown_is_a_fraction_of_the_warm_up_baselines_step(fake, tmp_path):
     lines: list[str] = []
-    configs, _, _ = gate_run._run_reference(points("a"), RunSpec("reference", tmp_path, rounds=3, inject_slowdown=0.5),
+    configs, _, _ = measure(points("a"), RunSpec("reference", tmp_path, rounds=3, inject_slowdown=0.5),
                                             lines.append)
     assert any("injecting 5.00 ms per candidate decode step" in line for line in lines)  # 0.5 x 1/100 s
     assert configs["a"]["decode_tps"] == pytest.approx(100 / 1.5)  # the fake adds the delay's share of a step
@@ -100,7 +111,7 @@ def test_the_injected_slowdown_is_a_fraction_of_the_warm_up_baselines_step(fake,
 def test_the_reference_runtime_sleeps_the_injected_delay_in_its_decode_loop():
     model = LlamaModel.random(TINY, seed=7, std=0.2)
     ids = np.random.default_rng(3).integers(0, TINY["vocab_size"], 40)
-    runtime = ReferenceRuntime(model, {})
+    runtime = ReferenceRun(model, {})
     t0 = time.perf_counter()
     slow = runtime.run(ids[:32], ids[32:], step_delay_s=0.02)
     assert time.perf_counter() - t0 >= 8 * 0.02
@@ -168,7 +179,7 @@ def test_a_dump_the_online_sim_cannot_read_is_a_warning(tmp_path):
 
 def test_a_run_without_decode_steps_has_no_speed_to_pair(fake, tmp_path):
     fake.factors = {"a": (0.0, 0.0)}  # every candidate run decodes at 0 tok/s, as with gens 0
-    configs, _, _ = gate_run._run_reference(points("a"), RunSpec("reference", tmp_path, rounds=2, max_rounds=5),
+    configs, _, _ = measure(points("a"), RunSpec("reference", tmp_path, rounds=2, max_rounds=5),
                                             lambda line: None)
     assert configs["a"]["decode_log_ratios"] == [] and len(configs["a"]["decode_tps_rounds"]) == 2
 

@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from h2o_kernels.config_keys import ConfigError
-from h2o_kernels.h2o import H2OConfig, H2OPolicy, plan_eviction
-from h2o_kernels.llama import KVCache, LlamaModel
+from h2o_kernels.eviction.h2o import H2OConfig, H2OPolicy, plan_eviction
+from h2o_kernels.model.llama import KVCache, LlamaModel
 
 ProbsFn = Callable[[KVCache, int, int], np.ndarray]  # (cache, layer, q_len) -> probs [heads, q_len, kv]
 

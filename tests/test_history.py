@@ -15,13 +15,28 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-
 from h2o_gates import history
-from h2o_gates.history import (CompareSpec, HistoryError, HistoryWarning, append, comparable, compare,
-                               incomplete_reason, load, load_with_errors, make_record, measured_anything,
-                               parse_compare_spec, parse_compare_specs, regressions, render_comparison, resolve)
+from h2o_gates.history import (
+    CompareSpec,
+    HistoryError,
+    HistoryWarning,
+    append,
+    comparable,
+    compare,
+    incomplete_reason,
+    load,
+    load_with_errors,
+    make_record,
+    measured_anything,
+    parse_compare_spec,
+    parse_compare_specs,
+    regressions,
+    render_comparison,
+    resolve,
+)
 from h2o_gates.trend import plot_trend, representative_config, trend_table
-from pytest_h2o import history_cli
+
+from pytest_h2o.cli import history as history_cli
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
 SHA_A = "a" * 8 + "1" * 32

@@ -12,15 +12,17 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-
-from h2o_kernels import model_fetch, run_memory
-from h2o_kernels.config_keys import ConfigError
-from h2o_kernels.llama import LlamaConfig, LlamaModel
-from h2o_kernels.models import ModelSpecError, load_model
-from h2o_kernels.run_memory import GIB, RunTooLargeError, check_run_fits, run_memory_bytes
-from h2o_kernels.runtime import KNOWN_KV_KEYS, ReferenceRuntime, check_config
 from h2o_presets.matrix import PresetError, available_presets, expand, find_preset, load_preset
-from pytest_h2o.cli import main
+
+from h2o_kernels.config_keys import ConfigError
+from h2o_kernels.model import fetch as model_fetch
+from h2o_kernels.model import run_memory
+from h2o_kernels.model.llama import LlamaConfig, LlamaModel
+from h2o_kernels.model.loading import ModelSpecError, load_model
+from h2o_kernels.model.run_memory import GIB, RunTooLargeError, check_run_fits, run_memory_bytes
+from h2o_kernels.runtimes.base import KNOWN_KV_KEYS, check_config
+from h2o_kernels.runtimes.reference import ReferenceRun
+from pytest_h2o.cli.main import main
 
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 300}
@@ -62,7 +64,7 @@ def write_json(path: Path, data: object) -> Path:
 def test_a_misspelled_kv_key_names_the_source_and_the_closest_key(model):
     with pytest.raises(ConfigError, match=r"c\.json: unknown config key 'kv_h2o_enabel' "
                                           r"\(did you mean 'kv_h2o_enable'\?\): fix the spelling$"):
-        ReferenceRuntime(model, {"kv_h2o_enabel": True}, source="c.json")  # no preset: no extra_kv_keys to offer
+        ReferenceRun(model, {"kv_h2o_enabel": True}, source="c.json")  # no preset: no extra_kv_keys to offer
     with pytest.raises(PresetError, match=r"'kv_h2o_enabel' \(did you mean 'kv_h2o_enable'\?\).*extra_kv_keys"):
         expand({"kv_h2o_enabel": True}, "p.json")
     with pytest.raises(ConfigError, match="'kv_lossless_fornt_n' .did you mean 'kv_lossless_front_n'"):
@@ -110,7 +112,7 @@ def test_extra_kv_keys_of_a_preset_are_accepted_for_that_preset_only(model):
     assert [(p.config["kv_my_key"], p.extra_kv_keys) for p in points] == [(1, ("kv_my_key",)), (2, ("kv_my_key",))]
     for point in points:
         check_config(point.config, point.label, point.extra_kv_keys)
-        ReferenceRuntime(model, point.config, point.label, extra_kv_keys=point.extra_kv_keys)
+        ReferenceRun(model, point.config, point.label, extra_kv_keys=point.extra_kv_keys)
     with pytest.raises(ConfigError, match="'kv_my_key'"):
         check_config(points[0].config, "p.json")
     with pytest.raises(PresetError, match="unknown config key 'kv_my_key'"):
@@ -181,7 +183,7 @@ def test_valid_sizes_load_and_the_context_length_is_read(tmp_path):
 
 def measured_peak(model: LlamaModel, prompt: int, gen: int, config: dict, keep_logits: bool) -> int:
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, prompt + gen)
-    runtime = ReferenceRuntime(model, config)
+    runtime = ReferenceRun(model, config)
     model.reset(capacity=1)
     tracemalloc.start()
     try:
@@ -228,7 +230,7 @@ def test_the_runtime_refuses_a_run_too_large_before_allocating(model, monkeypatc
     ids = np.zeros(2000, np.int64)
     model.reset(capacity=1)
     with pytest.raises(RunTooLargeError, match="baseline: 1900 prompt"):
-        ReferenceRuntime(model, {}, source="baseline").run(ids[:1900], ids[1900:])
+        ReferenceRun(model, {}, source="baseline").run(ids[:1900], ids[1900:])
     assert model.cache.k(0).shape[0] == 0 and model.cache._k[0].shape[0] == 1  # nothing was allocated
 
 

@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 from h2o_test_helpers import realistic_kv, words_of
 
-from h2o_kernels import kvdump
-from h2o_kernels.kvdump import (DumpEntry, DumpError, iter_dump_files, link_identical, read_meta, read_npz,
-                                write_dump)
+from h2o_kernels.lossless import kvdump
+from h2o_kernels.lossless.kvdump import (
+    DumpEntry,
+    DumpError,
+    iter_dump_files,
+    link_identical,
+    read_meta,
+    read_npz,
+    write_dump,
+)
 
 
 def _kv(dtype=np.float16, shape=(9, 2, 5), seed=0):

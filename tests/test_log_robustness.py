@@ -7,12 +7,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from h2o_gates.log_parse import (CELL_COUNT, NO_ROWS, NO_SPEED, NO_TABLE, NOT_UTF8_OTHER, NOT_UTF8_ROW, UNREADABLE,
-                                 LogParseError, metric_row, parse_log, parse_log_report, parse_logs,
-                                 parse_logs_report, read_csv, summarize_problems)
-from pytest_h2o.cli import main
+from h2o_gates.log_parse import (
+    CELL_COUNT,
+    NO_ROWS,
+    NO_SPEED,
+    NO_TABLE,
+    NOT_UTF8_OTHER,
+    NOT_UTF8_ROW,
+    UNREADABLE,
+    LogParseError,
+    metric_row,
+    parse_log,
+    parse_log_report,
+    parse_logs,
+    parse_logs_report,
+    read_csv,
+    summarize_problems,
+)
 from test_analyze_cli import HEADER_LINES, bench_row, table_line, write_log
+
+from pytest_h2o.cli.main import main
 
 
 def write_bytes(path: Path, data: bytes) -> Path:

@@ -8,12 +8,12 @@ import time
 
 import numpy as np
 import pytest
-
-from h2o_kernels.codec import FP16Codec
-from h2o_kernels.config_keys import ConfigError
-from h2o_kernels.llama import KVCache
-from h2o_kernels.lossless_runtime import LosslessConfig, LosslessRuntime, cold_window
 from h2o_test_helpers import realistic_kv, words_of
+
+from h2o_kernels.codec.fp16 import FP16Codec
+from h2o_kernels.config_keys import ConfigError
+from h2o_kernels.lossless.manager import LosslessConfig, LosslessRuntime, cold_window
+from h2o_kernels.model.llama import KVCache
 
 LAYERS, HEADS, DIM, PROMPT = 4, 2, 32, 96
 METRICS = {"h2o_lossless", "h2o_lossless_raw_mb", "h2o_lossless_comp_mb", "h2o_lossless_comp_us",

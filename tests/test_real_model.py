@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_h2o.cli import main
+from pytest_h2o.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +63,8 @@ def test_bench_on_smollm2_with_eviction_and_runtime_lossless(tmp_path: Path) -> 
 
 def test_smollm2_reads_real_text_sensibly(tmp_path: Path) -> None:
     """A wrong RoPE layout or tokenizer gives perplexity in the hundreds; the real model is near 18."""
-    from h2o_kernels.kv_capture import capture_kv, default_text, prompt_ids
-    from h2o_kernels.models import load_model
+    from h2o_kernels.model.kv_capture import capture_kv, default_text, prompt_ids
+    from h2o_kernels.model.loading import load_model
 
     loaded = load_model("smollm2")
     ids = prompt_ids(loaded.tokenizer, None, 400, loaded.model.config.vocab_size)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from h2o_kernels.config_keys import ConfigError
-from h2o_kernels.llama import LlamaModel
-from h2o_kernels.runtime import ReferenceRuntime
-from pytest_h2o.cli import main
+from h2o_kernels.model.llama import LlamaModel
+from h2o_kernels.runtimes.reference import ReferenceRun
+from pytest_h2o.cli.main import main
 
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 300}
@@ -36,7 +36,7 @@ def tokens() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def plain(model, tokens):
-    return ReferenceRuntime(model, {}).run(*tokens, keep_logits=True)
+    return ReferenceRun(model, {}).run(*tokens, keep_logits=True)
 
 
 @pytest.mark.parametrize("per_head", [False, True])
@@ -45,7 +45,7 @@ def test_keep_all_eviction_and_every_lossless_mode_leave_the_logits_bit_identica
                                                                                    per_head):
     config = {**H2O, "kv_h2o_target_mode": "static", "kv_h2o_target_keep_ratio": 1.0, **LOSSLESS,
               "kv_lossless_runtime_mode": mode, "kv_lossless_decode_cache_blocks": 2, "kv_h2o_per_head": per_head}
-    result = ReferenceRuntime(model, config).run(*tokens, keep_logits=True)
+    result = ReferenceRun(model, config).run(*tokens, keep_logits=True)
     assert np.array_equal(result.logits, plain.logits)
     m = result.metrics
     assert m["h2o_evictions"] == 0 and m["h2o_lossy"] == 1.0
@@ -59,18 +59,18 @@ def test_keep_all_eviction_and_every_lossless_mode_leave_the_logits_bit_identica
 @pytest.mark.parametrize("mode", ["probe", "full", "store"])
 def test_every_lossless_mode_leaves_an_evicting_run_bit_identical(model, tokens, mode, scope, per_head):
     h2o = {**H2O, "kv_h2o_block_tokens": 1, "kv_h2o_target_lossy_ratio": 2.0, "kv_h2o_per_head": per_head}
-    evicting = ReferenceRuntime(model, h2o).run(*tokens, keep_logits=True)
+    evicting = ReferenceRun(model, h2o).run(*tokens, keep_logits=True)
     config = {**h2o, **LOSSLESS, "kv_lossless_runtime_mode": mode, "kv_lossless_scope": scope,
               "kv_lossless_block_tokens": 8, "kv_lossless_store_bootstrap_tokens": 8,
               "kv_lossless_store_grouped_step_tokens": 8, "kv_lossless_kept_sample_layers": 0}
-    result = ReferenceRuntime(model, config).run(*tokens, keep_logits=True)
+    result = ReferenceRun(model, config).run(*tokens, keep_logits=True)
     assert np.array_equal(result.logits, evicting.logits)
     m = result.metrics
     assert m["h2o_evictions"] > 0 and m["h2o_lossless_raw_mb"] > 0 and m["h2o_lossless_fallback"] == 0
 
 
 def test_eviction_holds_the_target_and_changes_little(model, tokens, plain):
-    result = ReferenceRuntime(model, {**H2O, "kv_h2o_target_lossy_ratio": 2.0}).run(*tokens, keep_logits=True)
+    result = ReferenceRun(model, {**H2O, "kv_h2o_target_lossy_ratio": 2.0}).run(*tokens, keep_logits=True)
     m = result.metrics
     assert m["h2o_evictions"] > 0 and 1.6 < m["h2o_lossy"] < 2.4 and m["h2o_lossy_model"] < m["h2o_lossy"]
     assert not np.array_equal(result.logits, plain.logits)
@@ -79,14 +79,14 @@ def test_eviction_holds_the_target_and_changes_little(model, tokens, plain):
 
 def test_trigger_ratios_are_of_the_tokens_seen_so_the_originals_ceiling_check_passes(model, tokens):
     """h2o_floor_keep / h2o_quantized_keep as the original's: 1 / max of them reaches the target a run held."""
-    m = ReferenceRuntime(model, {**H2O, "kv_h2o_target_lossy_ratio": 2.0}).run(*tokens).metrics
+    m = ReferenceRun(model, {**H2O, "kv_h2o_target_lossy_ratio": 2.0}).run(*tokens).metrics
     assert m["h2o_lossy"] > 1.6 and 1.0 / max(m["h2o_floor_keep"], m["h2o_quantized_keep"]) >= 2.0
     assert m["h2o_floor_keep"] == pytest.approx(12 / 96, abs=4 / 96)  # sink block + recent blocks of ~96 seen
     assert m["h2o_floor_keep_held"] > 1.5 * m["h2o_floor_keep"]  # the held cache: about half the tokens seen
 
 
 def test_dump_kv_writes_the_final_cache(model, tokens, tmp_path):
-    runtime = ReferenceRuntime(model, {**H2O, **LOSSLESS, "kv_lossless_runtime_mode": "store"})
+    runtime = ReferenceRun(model, {**H2O, **LOSSLESS, "kv_lossless_runtime_mode": "store"})
     runtime.run(*tokens, dump_dir=tmp_path, run_id="r")
     metas = sorted(tmp_path.glob("meta_*.json"))
     assert len(metas) == 2 * TINY["num_hidden_layers"]
@@ -96,9 +96,9 @@ def test_dump_kv_writes_the_final_cache(model, tokens, tmp_path):
 
 def test_bad_config_types_name_the_key(model):
     with pytest.raises(ConfigError, match="kv_h2o_block_tokens"):
-        ReferenceRuntime(model, {"kv_h2o_block_tokens": 32.0}, source="c.json")
+        ReferenceRun(model, {"kv_h2o_block_tokens": 32.0}, source="c.json")
     with pytest.raises(ConfigError, match="kv_lossless_predictors_k"):
-        ReferenceRuntime(model, {"kv_lossless_predictors_k": "raw,nope"})
+        ReferenceRun(model, {"kv_lossless_predictors_k": "raw,nope"})
 
 
 def test_bench_cli_writes_the_table_and_its_json_twin(tmp_path, capsys):

@@ -7,11 +7,16 @@ import math
 import random
 
 import pytest
+from h2o_gates.speed_stats import (
+    _rank_sum_counts,
+    _signed_rank_counts,
+    bracketed_log_ratios,
+    drop_verdict,
+    one_sample,
+    two_sample,
+)
 from hypothesis import given
 from hypothesis import strategies as st
-
-from h2o_gates.speed_stats import (bracketed_log_ratios, drop_verdict, one_sample, two_sample, _rank_sum_counts,
-                               _signed_rank_counts)
 
 finite = st.floats(-1.0, 1.0, allow_nan=False, allow_infinity=False)
 

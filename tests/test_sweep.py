@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_h2o.cli import main
+from pytest_h2o.cli.main import main
 
 FAKE_LLM_BENCH = """#!{python}
 import json, sys

@@ -13,15 +13,16 @@ import sys
 from pathlib import Path
 
 from h2o_gates.fidelity_report import suite_text_lines, what_heavy_hitters_buy
-from h2o_kernels.fidelity import DEFAULT_SUITE_SIZE, SUITE_KINDS, SUITE_TEXTS, SuiteTextError
-from h2o_kernels.models import EMBEDDED_MODEL
-from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
-from h2o_kernels.runtime import check_config
 
-from .bench import read_config
-from .cli_args import load_command_model, positive_int
-from .fidelity_suite import Suite, read_texts, suite_tokens
-from .out_paths import OutPathError, check_out_file
+from h2o_kernels.fidelity import DEFAULT_SUITE_SIZE, SUITE_KINDS, SUITE_TEXTS, SuiteTextError
+from h2o_kernels.model.loading import EMBEDDED_MODEL
+from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits
+from h2o_kernels.runtimes.base import check_config
+from h2o_kernels.runtimes.reference import ReferenceRuntime
+from pytest_h2o.cli.args import load_command_model, positive_int
+from pytest_h2o.cli.bench import read_config
+from pytest_h2o.cli.out_paths import OutPathError, check_out_file
+from pytest_h2o.fidelity_suite import Suite, read_texts, suite_tokens
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,11 +54,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     loaded = load_command_model(args.model, args.threads, parser)
     try:
         check_run_fits(loaded.model.config, args.prompt_tokens, args.gen_tokens, "-p/-n", True)
-        tokens = suite_tokens(loaded, texts, args.prompt_tokens, args.gen_tokens)
+        tokens = suite_tokens(ReferenceRuntime(loaded), texts, args.prompt_tokens, args.gen_tokens)
     except (RunTooLargeError, SuiteTextError) as exc:
         parser.error(f"{exc}; give fewer tokens (-p/-n) or other --texts")
     say = lambda line: print(f"[h2o-gate fidelity] {line}", file=sys.stderr, flush=True)  # noqa: E731
-    suite = Suite(loaded, tokens, say).measure(config, str(args.config))
+    suite = Suite(ReferenceRuntime(loaded), tokens, say).measure(config, str(args.config))
     print(f"{loaded.name}, {args.prompt_tokens} + {args.gen_tokens} tokens, config {args.config}")
     print("\n".join(suite_text_lines(suite, gated=False)))  # this command gates nothing
     comparison = what_heavy_hitters_buy(suite)

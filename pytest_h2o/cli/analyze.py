@@ -24,13 +24,21 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from h2o_gates.gate_report import build_report, independent_label, render_markdown, rule_line
-from h2o_gates.log_parse import (LogParseError, ParseProblem, find_logs, metric_row, parse_logs_report,
-                                 read_csv, summarize_problems, write_csv)
+from h2o_gates.log_parse import (
+    LogParseError,
+    ParseProblem,
+    find_logs,
+    metric_row,
+    parse_logs_report,
+    read_csv,
+    summarize_problems,
+    write_csv,
+)
 from h2o_gates.reports import write_offline_markdown
 from h2o_gates.rules import RULES, Thresholds
-from h2o_kernels.offline_eval import ENTRY_MODES, EvalOptions, SelectionError, evaluate
 
-from .out_paths import OutPathError, check_out_file
+from h2o_kernels.lossless.offline_eval import ENTRY_MODES, EvalOptions, SelectionError, evaluate
+from pytest_h2o.cli.out_paths import OutPathError, check_out_file
 
 RATIO_KEY = "weighted_lossless_ratio"
 UPPER_JSON = "offline_lossless_upper.json"

@@ -15,18 +15,15 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+from h2o_gates.bench_log import BenchRow, render_table, size_text, write_log
 
-from h2o_gates.bench_log import BenchRow, render_table
 from h2o_kernels.fidelity import fidelity
-from h2o_kernels.kv_capture import prompt_ids
-from h2o_kernels.models import EMBEDDED_MODEL, LoadedModel
-from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
-from h2o_kernels.runtime import ReferenceRuntime, check_config
-
-from .cli_args import check_text_file, load_command_model, non_negative_int, positive_int
-from .out_paths import OutPathError, check_out_dir, check_out_file
-
-SYNTHETIC_TOKEN = 16  # what llm_bench fed: n copies of one token id
+from h2o_kernels.model.loading import EMBEDDED_MODEL, LoadedModel
+from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits
+from h2o_kernels.runtimes.base import check_config, check_text_file, run_tokens
+from h2o_kernels.runtimes.reference import ReferenceRun, ReferenceRuntime
+from pytest_h2o.cli.args import load_command_model, non_negative_int, positive_int
+from pytest_h2o.cli.out_paths import OutPathError, check_out_dir, check_out_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,7 +55,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     loaded = load_command_model(args.model, args.threads, parser)
-    prompt, continuation = run_tokens(args, loaded, parser)
+    prompt, continuation = command_tokens(args, loaded, parser)
     try:
         row, summary = run_bench(loaded, config, str(args.config or "defaults"), prompt, continuation,
                                  args.repeat, args.threads, fidelity_run=not args.no_fidelity, dump_kv=args.dump_kv)
@@ -69,12 +66,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def run_tokens(args: argparse.Namespace, loaded: LoadedModel,
-               parser: argparse.ArgumentParser) -> tuple[np.ndarray, np.ndarray]:
+def command_tokens(args: argparse.Namespace, loaded: LoadedModel,
+                   parser: argparse.ArgumentParser) -> tuple[np.ndarray, np.ndarray]:
     """The run's prompt and continuation; a usage error when they do not fit the model, memory or text."""
     try:
         check_run_fits(loaded.model.config, args.prompt_tokens, args.gen_tokens, "-p/-n", not args.no_fidelity)
-        return bench_tokens(loaded, args.prompt_tokens, args.gen_tokens, args.text_file, args.synthetic)
+        return run_tokens(ReferenceRuntime(loaded), args.prompt_tokens, args.gen_tokens, args.text_file, args.synthetic)
     except RunTooLargeError as exc:
         parser.error(str(exc))
     except ValueError as exc:
@@ -112,7 +109,7 @@ def run_bench(loaded: LoadedModel, config: dict[str, Any], source: str, prompt: 
               dump_kv: Path | None = None, extra_kv_keys: Iterable[str] = ()) -> tuple[BenchRow, dict[str, float]]:
     """One warm-up and ``repeat`` measured runs of ``config``; fidelity against a full-cache run of
     the same tokens. Raises ConfigError for bad ``kv_*`` keys (``extra_kv_keys``: known to another runtime)."""
-    runtime = ReferenceRuntime(loaded.model, config, source=source, log=lambda line: print(line, flush=True),
+    runtime = ReferenceRun(loaded.model, config, source=source, log=lambda line: print(line, flush=True),
                                extra_kv_keys=extra_kv_keys)
     row = BenchRow(loaded.name, size_text(loaded.size_bytes), threads, len(prompt), len(continuation))
     say = lambda line: print(f"[h2o-gate bench] {line}", file=sys.stderr, flush=True)  # noqa: E731
@@ -129,23 +126,9 @@ def run_bench(loaded: LoadedModel, config: dict[str, Any], source: str, prompt: 
     summary = row.summary()
     if candidate_logits is not None:
         say("full-cache reference run for fidelity")
-        reference = ReferenceRuntime(loaded.model, {}).run(prompt, continuation, keep_logits=True)
+        reference = ReferenceRun(loaded.model, {}).run(prompt, continuation, keep_logits=True)
         summary.update(fidelity(reference.logits, candidate_logits, continuation))
     return row, summary
-
-
-def write_log(log_file: Path, row: BenchRow, summary: dict[str, float], config: dict[str, Any], repeat: int,
-              text: str) -> Path:
-    """Write the markdown table to ``log_file`` and its JSON twin beside it; return the twin's path."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    log_file.write_text(render_table([row]), encoding="utf-8")
-    twin = log_file.with_suffix(".json")
-    report = {"model": row.model, "model_size": row.model_size, "threads": row.threads,
-              "prompt_tokens": row.prompt_tokens, "gen_tokens": row.gen_tokens, "repeat": repeat, "text": text,
-              "config": config, **summary,
-              "runs": {"prefill_tps": row.prefill_tok_s, "decode_tps": row.decode_tok_s, **row.metrics}}
-    twin.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return twin
 
 
 def read_config(path: Path | None, parser: argparse.ArgumentParser) -> dict[str, Any]:
@@ -163,18 +146,3 @@ def read_config(path: Path | None, parser: argparse.ArgumentParser) -> dict[str,
     return config
 
 
-def bench_tokens(loaded: LoadedModel, prompt_tokens: int, gen_tokens: int, text_file: Path | None,
-                 synthetic: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Prompt and continuation ids: real text by default, token 16 repeated with ``synthetic``."""
-    total = prompt_tokens + gen_tokens
-    if synthetic:
-        ids = np.full(total, SYNTHETIC_TOKEN, dtype=np.int64)
-    else:
-        text = text_file.read_text(encoding="utf-8") if text_file else None
-        ids = prompt_ids(loaded.tokenizer, text, total, loaded.model.config.vocab_size)
-    return ids[:prompt_tokens], ids[prompt_tokens:]
-
-
-def size_text(size_bytes: int) -> str:
-    """A model size as llm_bench printed it."""
-    return f"{size_bytes / 2**30:.2f} GiB" if size_bytes >= 2**30 else f"{size_bytes / 2**20:.2f} MiB"

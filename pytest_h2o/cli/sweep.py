@@ -15,14 +15,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from h2o_kernels.models import EMBEDDED_MODEL, LoadedModel
-from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
+from h2o_gates.bench_log import write_log
 from h2o_presets.matrix import GENERATED_KV_DEFAULTS, Point, generated_config
 
-from .bench import bench_tokens, run_bench, write_log
-from .cli_args import check_text_file, load_command_model, non_negative_int, positive_int
-from .out_paths import check_out_dir
-
+from h2o_kernels.model.loading import EMBEDDED_MODEL, LoadedModel
+from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits
+from h2o_kernels.runtimes.base import check_text_file, run_tokens
+from h2o_kernels.runtimes.reference import ReferenceRuntime
+from pytest_h2o.cli.args import load_command_model, non_negative_int, positive_int
+from pytest_h2o.cli.bench import run_bench
+from pytest_h2o.cli.out_paths import check_out_dir
 
 LLM_BENCH_THREADS = 4  # the original sweep's -t
 # run_h2o_v4_bench.py's model files (LlmConfig's names) and their defaults, in the order it normalises them
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[Point], dict[str, Any] | None]:
     """The preset's points (the plugin's loader: bundled names, schema, ``kv_*`` keys) and the base config,
     with every option checked before anything runs; a usage error names the option otherwise."""
-    from .gate import GateSetupError, load_points  # here: gate imports gate_run, which imports this module
+    from pytest_h2o.gate import GateSetupError, load_points  # here: gate imports gate_run, which imports this module
 
     if bool(args.llm_bench) != bool(args.base_config):
         parser.error("--llm-bench and --base-config go together")
@@ -159,8 +161,8 @@ def run_point(args: argparse.Namespace, loaded: LoadedModel | None, point: Point
         return subprocess.run(command, check=False).returncode
     assert loaded is not None
     try:
-        prompt, continuation = bench_tokens(loaded, point.prompt_tokens, point.gen_tokens, args.text_file,
-                                            args.synthetic)
+        prompt, continuation = run_tokens(ReferenceRuntime(loaded), point.prompt_tokens, point.gen_tokens,
+                                          args.text_file, args.synthetic)
         row, summary = run_bench(loaded, config, str(config_path), prompt, continuation, point.repeat, args.threads,
                                  extra_kv_keys=point.extra_kv_keys)
         write_log(log_path, row, summary, config, point.repeat,

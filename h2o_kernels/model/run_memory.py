@@ -1,6 +1,6 @@
 """How much memory one reference run needs, known before anything is allocated.
 
-The estimate follows the allocations of :mod:`h2o_kernels.llama` for one run of ``P`` prompt and ``G``
+The estimate follows the allocations of :mod:`h2o_kernels.model.llama` for one run of ``P`` prompt and ``G``
 continuation tokens (the prompt is one prefill chunk, the cache is sized ``P + G`` up front):
 
 - KV cache, held the whole run: per layer, token and KV head, fp16 K and V, their float32 copies and an int64 position.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .llama import LlamaConfig
+from h2o_kernels.model.llama import LlamaConfig
 
 GIB = 2**30
 

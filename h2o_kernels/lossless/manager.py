@@ -1,7 +1,7 @@
 """Runtime lossless KV manager: schedules cold windows of the KV cache through the fp16 codec.
 
 Re-creates the original runtime's ``kv_lossless_*`` stage (original-runtime.md §1, §5-§7) on a
-:class:`~h2o_kernels.llama.KVCache`-like cache, with three deliberate improvements:
+:class:`~h2o_kernels.model.llama.KVCache`-like cache, with three deliberate improvements:
 
 - ``pair_delta`` (and ``pair_delta_delta_seq``) in the predictor lists work; unknown names are errors.
 - Store mode stores: an applied window's blobs are kept and its raw rows are released (zeroed in the
@@ -33,9 +33,9 @@ from typing import Any, Callable, Literal, Protocol
 import numpy as np
 import xxhash
 
-from .codec import FP16Codec, decode_many
-from .config_keys import ConfigError, Key, clamp, read_keys
-from .predictors import parse_predictors
+from h2o_kernels.codec.fp16 import FP16Codec, decode_many
+from h2o_kernels.codec.predictors import parse_predictors
+from h2o_kernels.config_keys import ConfigError, Key, clamp, read_keys
 
 Scope = Literal["none", "front_n", "h2o_kept", "front_n_and_h2o_kept"]
 Mode = Literal["probe", "full", "store"]
@@ -156,7 +156,7 @@ def cold_window(budget: int, hot_sink_tokens: int, hot_recent_tokens: int) -> tu
 
 
 class KVCacheLike(Protocol):
-    """What the runtime needs of a cache (see :class:`h2o_kernels.llama.KVCache`)."""
+    """What the runtime needs of a cache (see :class:`h2o_kernels.model.llama.KVCache`)."""
 
     def k(self, layer: int) -> np.ndarray: ...
 

@@ -1,55 +1,33 @@
-"""The reference decode runtime: a real model with H2O eviction and runtime lossless compression
-driven by the original's ``kv_*`` config keys, measured like llm_bench."""
+"""The reference runtime (the embedded default): our numpy LLaMA with H2O eviction and runtime lossless
+compression driven by the original's ``kv_*`` config keys, measured like llm_bench."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .config_keys import check_known_keys
-from .h2o import H2OConfig, H2OPolicy
-from .kvdump import write_dump
-from .llama import LlamaModel
-from .lossless_runtime import LosslessConfig, LosslessRuntime
-from .run_memory import check_run_fits
-
-NEUTRAL_METRICS = {"h2o_keep": 1.0, "h2o_lossy": 1.0, "h2o_lossless": 1.0}
-# Every kv_* key of the original runtime (original-runtime.md §1; the v4 presets use no other), including
-# the ones it stores but never acts on (kv_lossless_codec_runtime), plus our kv_h2o_prefill_scoring,
-# kv_h2o_heavy_hitters and kv_h2o_per_head.
-KNOWN_KV_KEYS: frozenset[str] = frozenset(H2OConfig.keys()) | frozenset(LosslessConfig.keys())
+from h2o_kernels.eviction.h2o import H2OConfig, H2OPolicy
+from h2o_kernels.lossless.kvdump import write_dump
+from h2o_kernels.lossless.manager import LosslessConfig, LosslessRuntime
+from h2o_kernels.model.kv_capture import prompt_ids
+from h2o_kernels.model.llama import LlamaModel
+from h2o_kernels.model.loading import LoadedModel, load_model
+from h2o_kernels.model.run_memory import check_run_fits
+from h2o_kernels.runtimes.base import NEUTRAL_METRICS, ModelInfo, RunResult, check_config
 
 
-def check_config(config: dict[str, Any], source: str = "config", extra_kv_keys: Iterable[str] = ()) -> None:
-    """Raise ``ConfigError`` naming ``source`` and the key for a ``kv_*`` key that is neither in
-    :data:`KNOWN_KV_KEYS` nor in ``extra_kv_keys`` (with the closest known key), or a known key of the wrong
-    type. Keys without the ``kv_`` prefix are not checked. Cheap: call it before loading a model."""
-    check_known_keys(config, KNOWN_KV_KEYS | frozenset(extra_kv_keys), source)
-    H2OConfig.from_config(config, source)
-    LosslessConfig.from_config(config, source)
-
-
-@dataclass
-class RunResult:
-    """One measured run: speeds, the policies' metrics and (when kept) the decode-step logits."""
-
-    prefill_tok_s: float
-    decode_tok_s: float
-    metrics: dict[str, float]
-    logits: np.ndarray | None
-
-
-class ReferenceRuntime:
-    """Runs prompt + teacher-forced continuation through ``model`` with the configured KV policies."""
+class ReferenceRun:
+    """Runs prompt + teacher-forced continuation through ``model`` with the configured KV policies
+    (a :class:`~h2o_kernels.runtimes.base.ConfiguredRun`)."""
 
     def __init__(self, model: LlamaModel, config: dict[str, Any], source: str = "config",
                  log: Callable[[str], None] | None = None, extra_kv_keys: Iterable[str] = ()) -> None:
-        """Raises ``ConfigError`` (see :func:`check_config`; ``extra_kv_keys`` are accepted and ignored)."""
-        check_known_keys(config, KNOWN_KV_KEYS | frozenset(extra_kv_keys), source)
+        """Raises ``ConfigError`` (see :func:`~h2o_kernels.runtimes.base.check_config`; ``extra_kv_keys`` are
+        accepted and ignored)."""
+        check_config(config, source, extra_kv_keys)
         c = model.config
         self.model = model
         self.source = source
@@ -71,7 +49,7 @@ class ReferenceRuntime:
         regression, to check that a gate catches one of that size.
 
         Raises ``RunTooLargeError`` (a ValueError), before allocating, when the run exceeds the model's context
-        length or the memory available (:func:`h2o_kernels.run_memory.check_run_fits`)."""
+        length or the memory available (:func:`h2o_kernels.model.run_memory.check_run_fits`)."""
         model = self.model
         check_run_fits(model.config, len(prompt), len(continuation), self.source, keep_logits)
         model.reset(capacity=len(prompt) + len(continuation))
@@ -112,8 +90,10 @@ class ReferenceRuntime:
             self.lossless = None
         if dump_dir is not None:
             self._dump(dump_dir, run_id, len(prompt))
+        cache = model.cache
         return RunResult(len(prompt) / prefill_s, len(continuation) / decode_s if len(continuation) else 0.0,
-                         metrics, np.stack(logits) if keep_logits and logits else None)
+                         metrics, np.stack(logits) if keep_logits and logits else None,
+                         [cache.nbytes(layer) for layer in range(cache.num_layers)])
 
     def _open_lossless(self) -> None:
         if not self.lossless_config.runs:
@@ -155,3 +135,31 @@ class ReferenceRuntime:
         kv = cache.length(layer)
         budget = self.h2o.budget(layer, kv) if self.h2o is not None else kv
         self.lossless.after_layer(layer, kv, budget, cache.n_seen + 1, self._step)
+
+
+class ReferenceRuntime:
+    """The reference runtime (a :class:`~h2o_kernels.runtimes.base.Runtime`) over a loaded numpy model."""
+
+    kind = "reference"
+    has_logits = True
+    has_dumps = True
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model = ModelInfo(loaded.name, loaded.size_bytes, loaded.model.config)
+
+    @classmethod
+    def load(cls, spec: str, threads: int | None = 1, progress: Callable[[str], None] | None = None,
+             model_option: str = "-m") -> ReferenceRuntime:
+        """``spec`` as :func:`h2o_kernels.model.loading.load_model` takes it (same errors)."""
+        return cls(load_model(spec, threads=threads, progress=progress, model_option=model_option))
+
+    def text_ids(self, text: str | None, count: int, seed: int = 0) -> np.ndarray:
+        return prompt_ids(self.loaded.tokenizer, text, count, self.loaded.model.config.vocab_size, seed)
+
+    def configure(self, config: dict[str, Any], source: str = "config", extra_kv_keys: Iterable[str] = (),
+                  log: Callable[[str], None] | None = None) -> ReferenceRun:
+        return ReferenceRun(self.loaded.model, config, source=source, log=log, extra_kv_keys=extra_kv_keys)
+
+    def close(self) -> None:
+        pass

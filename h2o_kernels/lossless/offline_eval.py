@@ -1,7 +1,7 @@
 """Offline lossless evaluation of KV dumps with the runtime's own codec.
 
 Selects dump entries (stage, layer scope, sequence length), groups them into coding units by the
-entry mode, encodes each unit's K and V with :class:`~h2o_kernels.codec.FP16Codec`, decodes every
+entry mode, encodes each unit's K and V with :class:`~h2o_kernels.codec.fp16.FP16Codec`, decodes every
 blob back and compares it bit for bit, and reports the original evaluator's JSON keys plus the codec
 version, ``roundtrip_verified`` and encode/decode throughput.
 
@@ -31,9 +31,9 @@ from typing import Callable, Iterator, Literal
 
 import numpy as np
 
-from .codec import CODEC_NAME, FORMAT_VERSION, CodecError, FP16Codec, decode_with_info, inspect
-from .kvdump import DumpEntry, DumpError, iter_dump_files, read_npz
-from .predictors import K_DEFAULT, V_DEFAULT, parse_predictors
+from h2o_kernels.codec.fp16 import CODEC_NAME, FORMAT_VERSION, CodecError, FP16Codec, decode_with_info, inspect
+from h2o_kernels.codec.predictors import K_DEFAULT, V_DEFAULT, parse_predictors
+from h2o_kernels.lossless.kvdump import DumpEntry, DumpError, iter_dump_files, read_npz
 
 SCHEMA_VERSION = 4
 EntryMode = Literal["per_meta", "aggregate", "chunked", "chunked_grouped"]

@@ -35,9 +35,17 @@ import numpy as np
 import xxhash
 import zstandard
 
-from . import CODEC_NAME, FORMAT_VERSION  # the blob format's name and version (re-exported)
-from .estimate import centering_pays, predictor_plan, row_fingerprints, sample_rows, worth_planning
-from .predictors import FORWARD, INVERSE, K_DEFAULT, PREDICTOR_IDS, PREDICTORS, Transform, parse_predictors
+from h2o_kernels import CODEC_NAME, FORMAT_VERSION  # the blob format's name and version (re-exported)
+from h2o_kernels.codec.estimate import centering_pays, predictor_plan, row_fingerprints, sample_rows, worth_planning
+from h2o_kernels.codec.predictors import (
+    FORWARD,
+    INVERSE,
+    K_DEFAULT,
+    PREDICTOR_IDS,
+    PREDICTORS,
+    Transform,
+    parse_predictors,
+)
 
 MAGIC = b"H2KV"
 DTYPE_FP16 = 1

@@ -10,9 +10,9 @@ from typing import Callable
 import numpy as np
 from tokenizers import Tokenizer
 
-from .fidelity import log_softmax, suite_text
-from .kvdump import write_dump
-from .llama import LlamaModel
+from h2o_kernels.fidelity import log_softmax, suite_text
+from h2o_kernels.lossless.kvdump import write_dump
+from h2o_kernels.model.llama import LlamaModel
 
 
 def default_text() -> str:

@@ -4,11 +4,10 @@ shows defaults, and input-file checks done before any model is loaded."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Callable, NoReturn
 
-from h2o_kernels.model_fetch import ModelFetchError
-from h2o_kernels.models import LoadedModel, ModelSpecError, load_model
+from h2o_kernels.model.fetch import ModelFetchError
+from h2o_kernels.model.loading import LoadedModel, ModelSpecError, load_model
 
 
 def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -48,19 +47,6 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if silent or "(default" in (action.help or "") or not action.option_strings:
             return action.help
         return super()._get_help_string(action)
-
-
-def check_text_file(path: Path | None, option: str) -> None:
-    """ValueError naming ``option`` and the file unless ``path`` (when given) is readable UTF-8 text."""
-    if path is None:
-        return
-    try:
-        path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"{option} {path}: cannot read it ({exc.strerror or exc}); expected a UTF-8 text file") \
-            from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{option} {path}: not UTF-8 text; expected a UTF-8 text file") from None
 
 
 def load_command_model(spec: str, threads: int, parser: argparse.ArgumentParser) -> LoadedModel:

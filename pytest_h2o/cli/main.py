@@ -3,13 +3,13 @@
 Subcommands:
 - ``offline``: the offline lossless evaluator over KV dumps (the original's options and JSON keys).
 - ``kv-dump``: run the reference model on real text and write its KV cache as dumps.
-- ``bench``: the llm_bench equivalent on the reference runtime (see :mod:`pytest_h2o.bench`).
+- ``bench``: the llm_bench equivalent on the reference runtime (see :mod:`pytest_h2o.cli.bench`).
 - ``sweep``: every point of a preset matrix, on the reference runtime or an external llm_bench.
 - ``parse-log``, ``analyze``, ``full-eval``: llm_bench logs to CSV, the quality gate over CSV + offline
-  JSONs, and both plus the offline runs in one command (see :mod:`pytest_h2o.analyze_cli`).
+  JSONs, and both plus the offline runs in one command (see :mod:`pytest_h2o.cli.analyze`).
 - ``history``: the trend of stored gate runs across commits, as a table and a plot.
 - ``fidelity``: a configuration's fidelity over the suite of texts, with sink+recent and full-cache rows
-  (see :mod:`pytest_h2o.fidelity_cli`).
+  (see :mod:`pytest_h2o.cli.fidelity`).
 """
 
 from __future__ import annotations
@@ -21,26 +21,32 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from h2o_kernels.kv_capture import capture_kv, prompt_ids
-from h2o_kernels.models import EMBEDDED_MODEL
-from h2o_kernels.offline_eval import CODEC_MODES, ENTRY_MODES, EvalOptions, SelectionError, evaluate
-from h2o_kernels.predictors import K_DEFAULT, V_DEFAULT
-from h2o_kernels.run_memory import RunTooLargeError, check_run_fits
-
 from h2o_gates.reports import write_offline_markdown
 
-from .analyze_cli import add_analyze_arguments, add_full_eval_arguments, add_parse_log_arguments
-from .bench import __doc__ as bench_doc
-from .bench import add_arguments as add_bench_arguments
-from .cli_args import (DefaultsFormatter, Parser, bounded_int, check_text_file, load_command_model, non_negative_int,
-                       positive_int)
-from .fidelity_cli import __doc__ as fidelity_doc
-from .fidelity_cli import add_arguments as add_fidelity_arguments
-from .history_cli import __doc__ as history_doc
-from .history_cli import add_arguments as add_history_arguments
-from .out_paths import OutPathError, check_out_dir, check_out_file
-from .sweep import __doc__ as sweep_doc
-from .sweep import add_arguments as add_sweep_arguments
+from h2o_kernels.codec.predictors import K_DEFAULT, V_DEFAULT
+from h2o_kernels.lossless.offline_eval import CODEC_MODES, ENTRY_MODES, EvalOptions, SelectionError, evaluate
+from h2o_kernels.model.kv_capture import capture_kv, prompt_ids
+from h2o_kernels.model.loading import EMBEDDED_MODEL
+from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits
+from h2o_kernels.runtimes.base import check_text_file
+from pytest_h2o.cli.analyze import add_analyze_arguments, add_full_eval_arguments, add_parse_log_arguments
+from pytest_h2o.cli.args import (
+    DefaultsFormatter,
+    Parser,
+    bounded_int,
+    load_command_model,
+    non_negative_int,
+    positive_int,
+)
+from pytest_h2o.cli.bench import __doc__ as bench_doc
+from pytest_h2o.cli.bench import add_arguments as add_bench_arguments
+from pytest_h2o.cli.fidelity import __doc__ as fidelity_doc
+from pytest_h2o.cli.fidelity import add_arguments as add_fidelity_arguments
+from pytest_h2o.cli.history import __doc__ as history_doc
+from pytest_h2o.cli.history import add_arguments as add_history_arguments
+from pytest_h2o.cli.out_paths import OutPathError, check_out_dir, check_out_file
+from pytest_h2o.cli.sweep import __doc__ as sweep_doc
+from pytest_h2o.cli.sweep import add_arguments as add_sweep_arguments
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,8 +10,8 @@ from typing import Callable
 from gguf import GGUFReader
 from tokenizers import Tokenizer
 
-from .llama import LlamaConfig, LlamaModel, ModelConfigError, UnsupportedModelError, load_tokenizer
-from .model_fetch import local_smollm2_gguf, smollm2_gguf_path
+from h2o_kernels.model.fetch import local_smollm2_gguf, smollm2_gguf_path
+from h2o_kernels.model.llama import LlamaConfig, LlamaModel, ModelConfigError, UnsupportedModelError, load_tokenizer
 
 EMBEDDED_MODEL = "smollm2"
 

@@ -13,7 +13,7 @@ import functools
 
 import numpy as np
 
-from .predictors import FORWARD
+from h2o_kernels.codec.predictors import FORWARD
 
 
 def predictor_plan(planes: np.ndarray, fingerprints: np.ndarray, candidates: tuple[str, ...], block_seq: int,

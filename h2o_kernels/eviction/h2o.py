@@ -21,7 +21,7 @@ import numpy as np
 from h2o_kernels.config_keys import Key, clamp, read_keys
 
 if TYPE_CHECKING:
-    from h2o_kernels.llama import KVCache
+    from h2o_kernels.model.llama import KVCache
 
 _LOG_FORMAT = (
     "[H2O] layer={layer} kv={kv} keep_ratio={keep:.4f} evict={evict} lossy_ratio={lossy:.4f} evict_us={us} "

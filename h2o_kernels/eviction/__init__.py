@@ -1,0 +1,1 @@
+"""KV-cache eviction: the H2O heavy-hitter policy."""

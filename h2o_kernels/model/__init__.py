@@ -1,0 +1,1 @@
+"""The LLaMA-family numpy model, its loading (GGUF, HF config) and the sizes a run needs."""

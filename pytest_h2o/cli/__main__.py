@@ -1,0 +1,3 @@
+from pytest_h2o.cli.main import main
+
+raise SystemExit(main())
