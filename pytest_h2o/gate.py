@@ -161,9 +161,9 @@ def _first_line(fatal: str | None) -> str | None:
     return fatal.split("\n", 1)[0] + " (in full under 'h2o gate')"
 
 
-def load_points(preset: str | Path, overrides: dict[str, Any]) -> tuple[Path, list[Point]]:
+def load_points(preset: str | Path, overrides: dict[str, Any], runtime: str = "reference") -> tuple[Path, list[Point]]:
     """Find, validate and expand a preset, apply ``kv_*`` overrides, and check every configuration's
-    keys; GateSetupError names the file and the key."""
+    keys for ``runtime``; GateSetupError names the file and the key."""
     try:
         path = find_preset(preset)
         points = expand(load_preset(path), str(path))
@@ -173,7 +173,7 @@ def load_points(preset: str | Path, overrides: dict[str, Any]) -> tuple[Path, li
         points = [replace(p, config={**p.config, **overrides}) for p in points]
     for point in points:
         try:
-            check_config(point.config, f"{path} ({point.label})", point.extra_kv_keys)
+            check_config(point.config, f"{path} ({point.label})", point.extra_kv_keys, runtime)
         except ConfigError as exc:
             raise GateSetupError(str(exc)) from None
     return path, points

@@ -113,6 +113,15 @@ def _store(text: str) -> Path | None:
     return None if text.strip().lower() in ("off", "none", "") else Path(text)
 
 
+def _choice(*values: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in values:
+            raise ValueError(f"expected {' or '.join(values) if len(values) < 3 else 'one of ' + ', '.join(values)}, "
+                             f"got {text!r}")
+        return text
+    return parse
+
+
 def _mode(text: str) -> str:
     if text not in ("joint", "independent"):
         raise ValueError(f"expected joint or independent, got {text!r}")
@@ -124,7 +133,12 @@ SETTINGS: tuple[Setting, ...] = (
             "(e.g. target_joint_scope_v4.json); turns the preset into gate tests"),
     Setting("h2o_out", "H2O_OUT", Path, None, "report folder, new or empty (default: a fresh "
             ".h2o/runs/<timestamp>-<pid>)"),
-    Setting("h2o_model", "H2O_MODEL", str, "smollm2", "reference runtime model: smollm2, a .gguf or a config.json"),
+    Setting("h2o_runtime", "H2O_RUNTIME", _choice("reference", "hf", "llm-bench"), None,
+            "runtime to gate: reference (numpy, the default), hf (transformers; pip install 'pytest-h2o[hf]') or "
+            "llm-bench (with --h2o-llm-bench)"),
+    Setting("h2o_model", "H2O_MODEL", str, "smollm2", "model of the reference/hf runtime: smollm2, a .gguf, a "
+            "config.json (random weights) or, on hf, a transformers model folder"),
+    Setting("h2o_device", "H2O_DEVICE", _choice("cpu", "cuda"), "cpu", "device of the hf runtime"),
     Setting("h2o_text_file", "H2O_TEXT_FILE", Path, None, "text for prompts (default: Python's pydoc help)"),
     Setting("h2o_threads", "H2O_THREADS", _positive_int, 1, "BLAS threads of the reference runtime / llm_bench -t"),
     Setting("h2o_gate_mode", "H2O_GATE_MODE", _mode, "joint", "joint: one configuration passes every rule; "

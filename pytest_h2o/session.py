@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 from h2o_gates.gate_report import write_reports
@@ -26,7 +26,7 @@ from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits
 from h2o_kernels.runtimes.base import check_text_file
 from pytest_h2o.compare import CompareSpecError, HistorySetup
 from pytest_h2o.gate import Gate, GateSetupError, load_points
-from pytest_h2o.gate_run import RunSpec
+from pytest_h2o.gate_run import IN_PROCESS, RunSpec
 from pytest_h2o.items import PresetCollector, node_name
 from pytest_h2o.options import SETTINGS, raw_setting, resolve
 from pytest_h2o.summary import junit_properties, terminal_lines
@@ -86,8 +86,9 @@ class GatePlugin:
                           else config.args_source != pytest.Config.ArgsSource.ARGS)
         overrides = {s.config_key: value for s in SETTINGS if s.config_key
                      and (value := resolve(config, s.name)) is not None}
+        self.runtime = _runtime_kind(lambda name: resolve(config, name))
         try:
-            preset_path, self.points = load_points(resolve(config, "h2o_preset"), overrides)
+            preset_path, self.points = load_points(resolve(config, "h2o_preset"), overrides, self.runtime)
             self.preset_settings = preset_settings(load_preset(preset_path))
         except (GateSetupError, PresetError) as exc:
             raise pytest.UsageError(f"{raw_setting(config, 'h2o_preset')[1]}: {exc}") from None
@@ -141,15 +142,19 @@ class GatePlugin:
         llm_bench, base, logs = r("h2o_llm_bench"), r("h2o_base_config"), r("h2o_logs")
         if bool(llm_bench) != bool(base):
             raise pytest.UsageError("--h2o-llm-bench and --h2o-base-config go together")
-        if llm_bench and logs:
-            raise pytest.UsageError("--h2o-llm-bench and --h2o-logs are alternatives; give one")
+        runtime, device = self.runtime, r("h2o_device")
+        if device != "cpu" and runtime != "hf":
+            raise pytest.UsageError(f"--h2o-device {device}: only the hf runtime (--h2o-runtime hf) runs on {device}; "
+                                    f"the {runtime} runtime runs where it runs")
+        if runtime == "hf":
+            _check_hf(device)
         for name, path in (("--h2o-base-config", base), ("--h2o-logs", logs), ("--h2o-kv-dumps", r("h2o_kv_dumps")),
                            ("--h2o-text-file", r("h2o_text_file"))):
             if path is not None and not Path(path).exists():
                 raise pytest.UsageError(f"{name} {path}: no such file or directory")
         model = r("h2o_model")
-        if not (llm_bench or logs):
-            self._check_model(model)
+        if runtime in IN_PROCESS:
+            self._check_model(model, runtime)
         text = r("h2o_text_file")
         if text is not None and not Path(text).is_file():
             raise pytest.UsageError(f"--h2o-text-file {text}: not a file; expected a UTF-8 text file")
@@ -163,28 +168,33 @@ class GatePlugin:
                 llm_bench = str(local)
             elif shutil.which(llm_bench) is None:
                 raise pytest.UsageError(f"--h2o-llm-bench {llm_bench}: no such file, and not a command on PATH")
-        runtime = "llm_bench" if llm_bench else "logs" if logs else "reference"
         rounds = r("h2o_rounds") or max(p.repeat for p in self.points)
         max_rounds = r("h2o_max_rounds") or max(DEFAULT_MAX_ROUNDS, rounds)
         if rounds > max_rounds:
             raise pytest.UsageError(f"--h2o-max-rounds {max_rounds} is below the minimum rounds {rounds} "
                                     "(--h2o-rounds, or the preset's repeat): the cap must be at least the minimum")
-        if runtime != "reference" and (r("h2o_rounds") or r("h2o_max_rounds")):
-            raise pytest.UsageError(f"--h2o-rounds and --h2o-max-rounds pace the reference runtime; the {runtime} "
+        if runtime not in IN_PROCESS and (r("h2o_rounds") or r("h2o_max_rounds")):
+            raise pytest.UsageError(f"--h2o-rounds and --h2o-max-rounds pace an in-process runtime; the {runtime} "
                                     "runtime has one round (llm_bench: a baseline before and after the candidates)")
-        if r("h2o_inject_slowdown") and runtime != "reference":
+        if r("h2o_inject_slowdown") and runtime not in IN_PROCESS:
             raise pytest.UsageError("--h2o-inject-slowdown works inside an in-process runtime's decode loop; "
                                     f"the {runtime} runtime has none")
-        return RunSpec(runtime, Path(out), model=model, threads=r("h2o_threads"),
+        return RunSpec(runtime, Path(out), model=model, threads=r("h2o_threads"), device=device,
                        text_file=r("h2o_text_file"), kv_dumps=r("h2o_kv_dumps"), llm_bench=llm_bench,
                        base_config=base, logs=logs, rounds=rounds, max_rounds=max_rounds,
                        drop_target=r("h2o_decode_drop_target"),
                        fixed_baseline=r("h2o_decode_baseline"), inject_slowdown=r("h2o_inject_slowdown"),
                        fidelity_texts=self._fidelity_texts(thresholds, r("h2o_text_file")))
 
-    def _check_model(self, model: str) -> None:
+    def _check_model(self, model: str, runtime: str) -> None:
         """The model file exists and is sound, and every configuration's prompt + gen fits its context
-        and this machine's memory: a usage error now rather than a failure after measuring."""
+        and this machine's memory: a usage error now rather than a failure after measuring. A transformers
+        model folder (hf) needs its config.json; transformers checks the rest when it loads it."""
+        if runtime == "hf" and Path(model).is_dir():
+            if not (Path(model) / "config.json").is_file():
+                raise pytest.UsageError(f"--h2o-model {model}: a folder without config.json; expected a transformers "
+                                        "model folder, smollm2, a .gguf or a config.json")
+            return
         try:
             config = model_config(model, "--h2o-model")
             for p in self.points if config is not None else []:
@@ -198,8 +208,8 @@ class GatePlugin:
         threads, the KV dumps and fixed decode baseline when given, and each configuration's prompt/gen
         sizes and ``kv_*`` config (overrides included, as a sha256 of its JSON)."""
         spec = self.gate.spec
-        model = {"reference": spec.model, "llm_bench": f"{spec.llm_bench} {spec.base_config}",
-                 "logs": str(spec.logs)}[spec.runtime]
+        model = {"reference": spec.model, "hf": f"{spec.model} ({spec.device})",
+                 "llm_bench": f"{spec.llm_bench} {spec.base_config}", "logs": str(spec.logs)}[spec.runtime]
         if spec.text_file is not None:
             text, data = str(spec.text_file), Path(spec.text_file).read_bytes()
         else:
@@ -325,3 +335,41 @@ def _tail(path: Path, done: threading.Event) -> None:
                 sys.stderr.write(f"[h2o] {line}\n")
         if finished:
             return
+
+
+def _runtime_kind(r: Callable[[str], Any]) -> str:
+    """The runtime the settings ask for: ``--h2o-runtime``, else llm_bench with ``--h2o-llm-bench``, ``logs`` with
+    ``--h2o-logs``, else the reference runtime; a usage error for a contradiction."""
+    chosen, llm_bench, logs = r("h2o_runtime"), r("h2o_llm_bench"), r("h2o_logs")
+    if logs:
+        if llm_bench:
+            raise pytest.UsageError("--h2o-llm-bench and --h2o-logs are alternatives; give one")
+        if chosen:
+            raise pytest.UsageError(f"--h2o-logs gates llm_bench logs that exist and runs no runtime; drop "
+                                    f"--h2o-runtime {chosen}")
+        return "logs"
+    if chosen == "llm-bench" or (chosen is None and llm_bench):
+        if not llm_bench:
+            raise pytest.UsageError("--h2o-runtime llm-bench: name the binary with --h2o-llm-bench (and the model's "
+                                    "config with --h2o-base-config)")
+        return "llm_bench"
+    if llm_bench:
+        raise pytest.UsageError(f"--h2o-llm-bench runs the llm-bench runtime, not --h2o-runtime {chosen}; give one")
+    return chosen or "reference"
+
+
+def _check_hf(device: str) -> None:
+    """The hf runtime's extra is installed and ``device`` is there: a usage error saying what to install."""
+    import importlib.util
+
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise pytest.UsageError(f"--h2o-runtime hf needs {' and '.join(missing)}: pip install 'pytest-h2o[hf]' (on a "
+                                "CPU-only machine: pip install torch==2.13.0 first, or pip picks a CUDA build)")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("--h2o-device cuda: torch sees no CUDA device here (a CPU build of torch, or no "
+                                    "GPU); use --h2o-device cpu")
+

@@ -417,7 +417,7 @@ def test_a_run_that_measured_nothing_leaves_no_history_record_and_says_why_once(
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--h2o-rounds=5",), "*--h2o-rounds and --h2o-max-rounds pace the reference runtime; the logs runtime*"),
+    (("--h2o-rounds=5",), "*--h2o-rounds and --h2o-max-rounds pace an in-process runtime; the logs runtime*"),
     (("--h2o-inject-slowdown=0.1",), "*--h2o-inject-slowdown works inside an in-process runtime*"),
 ])
 def test_speed_options_an_external_runtime_cannot_honour_are_usage_errors(pytester, gate_dir, args, message):
