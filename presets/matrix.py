@@ -207,20 +207,31 @@ def expand(preset: dict[str, Any], source: str = "preset") -> list[Point]:
     base = {"kv_h2o_enable": True}
     base.update({config_key: preset.get(key, default) for key, (config_key, default) in SCALARS.items()})
     base.update({key: value for key, value in preset.items() if key.startswith("kv_") and key not in extra})
+    variants: dict[str, dict[str, Any]] = preset.get("variants") or {"": {}}
+    for name, keys in variants.items():
+        try:
+            check_known_keys(keys, KNOWN_KV_KEYS | set(extra_kv_keys), f"{source}: variant {name!r}",
+                             escape=EXTRA_KEYS_HINT)
+        except ConfigError as exc:
+            raise PresetError(str(exc)) from None
     points, combos = [], []
     names = list(dims) + list(extra)
     varying = [key for key in names if key in ("h2o_keep_ratios", "h2o_target_lossy_ratios")
                or len({**dims, **extra}[key]) > 1]
-    for index, combo in enumerate(itertools.product(*dims.values(), *extra.values()), start=1):
+    combos_of_dims = list(itertools.product(*dims.values(), *extra.values()))
+    for index, (variant, combo) in enumerate(itertools.product(variants, combos_of_dims), start=1):
         values = dict(zip(names, combo))
         config = dict(base)
         config.update({DIMENSIONS[key][0]: value for key, value in values.items()
                        if key in DIMENSIONS and DIMENSIONS[key][0]})
         config.update({key: values[key] for key in extra})
+        config.update(variants[variant])
         run_id = (f"run_{index:04d}_p{values['prompts']}_g{values['gens']}_k{values['h2o_keep_ratios']}"
-                  f"_b{values['h2o_block_tokens']}_lr{values['h2o_target_lossy_ratios']}")
-        points.append(Point(run_id, int(values["prompts"]), int(values["gens"]), repeat, config,
-                            _label(values, varying), extra_kv_keys))
+                  f"_b{values['h2o_block_tokens']}_lr{values['h2o_target_lossy_ratios']}"
+                  + (f"_{variant}" if variant else ""))
+        label = "-".join(part for part in (variant, _label(values, varying)) if part)
+        points.append(Point(run_id, int(values["prompts"]), int(values["gens"]), repeat, config, label,
+                            extra_kv_keys))
         combos.append(values)
     return _unique_labels(points, combos, varying, source)
 

@@ -22,7 +22,7 @@ import stat
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import xxhash
@@ -83,6 +83,20 @@ class DumpEntry:
                                 f"{list(shape)} at {dtype.itemsize} bytes/elem (from {self.source.name})")
             out.append(np.frombuffer(data, dtype=dtype).reshape(shape))
         return out[0], out[1]
+
+
+def dump_cache(cache: Any, out_dir: Path, run_id: str, prompt_len: int) -> None:
+    """Write a runtime's held KV: each layer's held prompt tokens as its ``prefill`` entry, its held later
+    tokens as ``decode``. ``cache`` has ``num_layers`` and per layer ``k``/``v`` (fp16 ``[seq, kv_heads,
+    head_dim]`` rows) and ``positions`` (``[seq, kv_heads]``). Per-head eviction: ``prefill`` is the rows
+    where every KV head holds a prompt token."""
+    for layer in range(cache.num_layers):
+        k, v = cache.k(layer), cache.v(layer)
+        split = int(np.count_nonzero(cache.positions(layer) < prompt_len, axis=0).min(initial=len(k)))
+        for stage, rows, start in (("prefill", slice(0, split), 0), ("decode", slice(split, None), prompt_len)):
+            if len(k[rows]):
+                write_dump(out_dir, run_id=run_id, stage=stage, layer_id=layer, seq_start=start,
+                           k=np.asarray(k[rows]), v=np.asarray(v[rows]))
 
 
 def write_dump(out_dir: Path, *, run_id: str, stage: str, layer_id: int, seq_start: int,

@@ -46,6 +46,11 @@ def check_config(config: dict[str, Any], source: str = "config", extra_kv_keys: 
                           f"h2o-gate ... --runtime hf), not on the {runtime} runtime")
 
 
+class RunFailedError(RuntimeError):
+    """One run did not give a result (an external binary exited with an error or wrote no result); the message
+    names the run and what went wrong. The gate fails that configuration alone and measures the others."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a report says of the loaded model: a short name, its size on disk and its sizes."""
@@ -79,7 +84,7 @@ class ConfiguredRun(Protocol):
             dump_dir: Path | None = None, run_id: str = "run", step_delay_s: float = 0.0) -> RunResult:
         """Prefill ``prompt`` (token ids), teacher-force ``continuation``; ``step_delay_s`` sleeps that long
         every decode step (an injected regression). Raises ``RunTooLargeError`` before allocating when the
-        run does not fit the model or the machine."""
+        run does not fit the model or the machine, :class:`RunFailedError` when a run gives no result."""
         ...
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from h2o_kernels.runtimes.base import RUNTIMES, Runtime
 
 IN_PROCESS = ("reference", "hf")  # runtimes that run a model in this process (logits, dumps, the fidelity suite)
+EXTERNAL = ("llm-bench",)  # runtimes that call another program per run (speeds and metrics only)
 DEVICES = ("cpu", "cuda")
 
 
@@ -15,17 +17,35 @@ class RuntimeUnavailableError(RuntimeError):
 
 
 def open_runtime(kind: str, model: str = "smollm2", threads: int | None = 1, device: str = "cpu",
-                 progress: Callable[[str], None] | None = None, model_option: str = "-m") -> Runtime:
-    """Load ``model`` on the in-process runtime ``kind`` (:data:`IN_PROCESS`).
+                 progress: Callable[[str], None] | None = None, model_option: str = "-m", *,
+                 binary: str | None = None, base_config: Path | None = None,
+                 work_dir: Path | None = None) -> Runtime:
+    """Open the runtime ``kind`` (:data:`RUNTIMES`).
 
-    ``model``: ``smollm2`` (the embedded SmolLM2-135M-Instruct GGUF, fetched once), a ``.gguf`` file, a
-    HF-style ``config.json`` (random weights, for tests) or, on ``hf``, a transformers model folder.
-    ``device`` is ``cpu`` or ``cuda`` (``hf`` only). Raises ``ModelSpecError`` / ``ModelFetchError`` for
-    the model, :class:`RuntimeUnavailableError` when ``hf``'s extra (``pip install 'pytest-h2o[hf]'``) or
-    the device is missing, ``ValueError`` for an unknown kind or device."""
-    if kind not in IN_PROCESS:
+    In process (:data:`IN_PROCESS`), load ``model``: ``smollm2`` (the embedded SmolLM2-135M-Instruct GGUF,
+    fetched once), a ``.gguf`` file, a HF-style ``config.json`` (random weights, for tests) or, on ``hf``, a
+    transformers model folder. ``device`` is ``cpu`` or ``cuda`` (``hf`` only). Raises ``ModelSpecError`` /
+    ``ModelFetchError`` for the model, :class:`RuntimeUnavailableError` when ``hf``'s extra (``pip install
+    'pytest-h2o[hf]'``) or the device is missing, ``ValueError`` for an unknown kind or device.
+
+    ``llm-bench`` (:data:`EXTERNAL`) takes no ``model``: ``binary`` is the llm_bench executable, ``base_config``
+    the model's llm_bench config JSON (its model files), ``work_dir`` where each run's config file, table and
+    output go, ``threads`` its ``-t`` (None: the original's 4); ``ValueError`` when one is missing or unusable
+    (see :class:`~h2o_kernels.runtimes.llm_bench.LlmBenchRuntime`)."""
+    if kind not in RUNTIMES:
         raise ValueError(f"runtime {kind!r}: expected one of {', '.join(RUNTIMES)} (in process: "
                          f"{', '.join(IN_PROCESS)})")
+    if kind == "llm-bench":
+        from h2o_kernels.runtimes.llm_bench import LLM_BENCH_THREADS, LlmBenchRuntime
+
+        if device != "cpu":
+            raise ValueError(f"device {device!r}: the llm-bench runtime runs its binary's cpu backend; "
+                             "use the hf runtime for cuda")
+        if binary is None or work_dir is None:
+            raise ValueError("the llm-bench runtime needs the llm_bench binary and a work folder "
+                             "(open_runtime(..., binary=, work_dir=))")
+        return LlmBenchRuntime(binary, base_config, work_dir,
+                               threads=LLM_BENCH_THREADS if threads is None else threads)
     if device not in DEVICES:
         raise ValueError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
     if kind == "reference":

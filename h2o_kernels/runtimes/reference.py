@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from h2o_kernels.eviction.h2o import H2OConfig, H2OPolicy
-from h2o_kernels.lossless.kvdump import write_dump
+from h2o_kernels.lossless.kvdump import dump_cache
 from h2o_kernels.lossless.manager import LosslessConfig, LosslessRuntime
 from h2o_kernels.model.kv_capture import prompt_ids
 from h2o_kernels.model.llama import LlamaModel
@@ -89,7 +89,7 @@ class ReferenceRun:
             self.lossless.close()
             self.lossless = None
         if dump_dir is not None:
-            self._dump(dump_dir, run_id, len(prompt))
+            dump_cache(self.model.cache, dump_dir, run_id, len(prompt))
         cache = model.cache
         return RunResult(len(prompt) / prefill_s, len(continuation) / decode_s if len(continuation) else 0.0,
                          metrics, np.stack(logits) if keep_logits and logits else None,
@@ -102,19 +102,6 @@ class ReferenceRun:
         self.lossless = LosslessRuntime(self.lossless_config, c.num_layers, h.layer_range(c.num_layers),
                                         h.trigger_min_tokens, h.update_interval, self.model.cache,
                                         log=self.log if h.log_stats else None)
-
-    def _dump(self, out_dir: Path, run_id: str, prompt_len: int) -> None:
-        """Each layer's held prompt tokens as its ``prefill`` entry, its held later tokens as ``decode``.
-
-        Per-head eviction: ``prefill`` is the rows where every KV head holds a prompt token."""
-        cache = self.model.cache
-        for layer in range(cache.num_layers):
-            k, v = cache.k(layer), cache.v(layer)
-            split = int(np.count_nonzero(cache.positions(layer) < prompt_len, axis=0).min(initial=len(k)))
-            for stage, rows, start in (("prefill", slice(0, split), 0), ("decode", slice(split, None), prompt_len)):
-                if len(k[rows]):
-                    write_dump(out_dir, run_id=run_id, stage=stage, layer_id=layer, seq_start=start,
-                               k=k[rows], v=v[rows])
 
     # LayerHooks --------------------------------------------------------------------------------
     def before_append(self, layer: int) -> None:
