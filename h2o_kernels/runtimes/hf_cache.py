@@ -125,9 +125,10 @@ class H2OCache(DynamicCache):
         if start < 0 or stop > self.length(layer) or k.shape != v.shape:
             raise ValueError(f"layer {layer}: window [{start}, {stop}) outside [0, {self.length(layer)})")
         lay = self._layer(layer)
-        for store, rows in ((lay.keys, k), (lay.values, v)):
-            store[0, :, start:stop] = torch.from_numpy(np.ascontiguousarray(rows)).transpose(0, 1).to(
-                dtype=store.dtype, device=store.device)
+        with torch.inference_mode():  # the cache's tensors are inference tensors (the runs make them so)
+            for store, rows in ((lay.keys, k), (lay.values, v)):
+                store[0, :, start:stop] = torch.from_numpy(np.ascontiguousarray(rows)).transpose(0, 1).to(
+                    dtype=store.dtype, device=store.device)
 
     def keep(self, layer: int, indices: np.ndarray | Sequence[np.ndarray]) -> None:
         """Compact the layer to the rows at ``indices`` (strictly increasing), in order: one array for every head,

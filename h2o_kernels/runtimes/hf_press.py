@@ -30,6 +30,10 @@ from h2o_kernels.runtimes.hf_cache import H2OCache
 HIDDEN_BUFFER = 256
 
 
+class PressError(RuntimeError):
+    """A press failed while scoring; the message names the press, the layer and the cache size."""
+
+
 def resolve_press(name: str, compression_ratio: float) -> Any:
     """The press ``name`` names: ``package.module:factory`` (called with ``compression_ratio=``), or a kvpress
     class by snake-case name without ``Press`` (``snapkv`` -> ``SnapKVPress``). Raises ``ConfigError`` naming
@@ -125,6 +129,10 @@ class PressDriver:
         self.press.compression_ratio = 1.0 - (keep + 0.5) / held  # int(held * (1 - r)) == keep
         try:
             scores = self.press.score(module, hidden, lay.keys, lay.values, attentions, kwargs)
+        except Exception as exc:  # a press's own precondition (e.g. SnapKV's window), named with where it broke
+            raise PressError(f"kv_press {self.config.press!r} failed on layer {layer} holding {held} of {seen} tokens "
+                             f"({'decode' if cache.n_seen else 'prefill'}, {hidden.shape[1]} hidden states): "
+                             f"{type(exc).__name__}: {exc}") from exc
         finally:
             self.press.compression_ratio = ratio
         kept = scores[0].topk(keep, dim=-1).indices.sort(dim=-1).values.cpu().numpy()  # [kv_heads, keep]

@@ -1,0 +1,296 @@
+"""The hf runtime (transformers) against the reference runtime, on a tiny random-weight LLaMA (no download).
+
+Skips when the ``hf`` extra (torch, transformers; kvpress for the press tests) is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch", reason="the hf runtime needs torch: pip install 'pytest-h2o[hf]'")
+pytest.importorskip("transformers", reason="the hf runtime needs transformers: pip install 'pytest-h2o[hf]'")
+
+import pytest_h2o.session  # noqa: E402,F401  (in-process pytester: the plugin's modules are imported once)
+from h2o_kernels.config_keys import ConfigError  # noqa: E402
+from h2o_kernels.lossless.offline_eval import EvalOptions, evaluate  # noqa: E402
+from h2o_kernels.model.llama import LlamaConfig, LlamaModel  # noqa: E402
+from h2o_kernels.runtimes.base import ModelInfo, run_tokens  # noqa: E402
+from h2o_kernels.runtimes.hf import HFRuntime, hf_from_reference  # noqa: E402
+from h2o_kernels.runtimes.hf_press import PressError  # noqa: E402
+from h2o_kernels.runtimes.loading import open_runtime  # noqa: E402
+from h2o_kernels.runtimes.reference import ReferenceRun  # noqa: E402
+
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 300}
+H2O = {"kv_h2o_enable": True, "kv_h2o_block_tokens": 1, "kv_h2o_sink_tokens": 4, "kv_h2o_recent_tokens": 16,
+       "kv_h2o_trigger_min_tokens": 64, "kv_h2o_update_interval": 4, "kv_h2o_layer_start": 1}
+LOSSLESS = {"kv_lossless_enable": True, "kv_lossless_codec": "gear_delta", "kv_lossless_runtime_enable": True,
+            "kv_lossless_scope": "front_n_and_h2o_kept",
+            "kv_lossless_front_n": 2, "kv_lossless_block_tokens": 16, "kv_lossless_hot_recent_tokens": 16,
+            "kv_lossless_hot_sink_tokens": 4, "kv_lossless_async_threads": 0}
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[LlamaModel, HFRuntime]:
+    config = LlamaConfig.from_hf_config(TINY, "tiny")
+    ref = LlamaModel.random(config, seed=7, std=0.2)
+    runtime = HFRuntime(hf_from_reference(ref), ModelInfo("tiny", 1, config),
+                        lambda text, count, seed=0: np.random.default_rng(seed).integers(0, 300, count))
+    return ref, runtime
+
+
+@pytest.fixture(scope="module")
+def ids() -> np.ndarray:
+    return np.random.default_rng(3).integers(0, TINY["vocab_size"], 200)
+
+
+def test_the_full_cache_gives_the_reference_logits_and_bytes(models, ids):
+    ref, hf = models
+    a = ReferenceRun(ref, {}).run(ids[:128], ids[128:], keep_logits=True)
+    b = hf.configure({}).run(ids[:128], ids[128:], keep_logits=True)
+    assert b.logits.shape == a.logits.shape == (72, TINY["vocab_size"])
+    assert np.abs(a.logits - b.logits).max() < 1e-2
+    assert b.held_kv_bytes == a.held_kv_bytes  # fp16 bytes, as the reference counts them
+    assert b.metrics["h2o_lossy"] == 1.0 and b.prefill_tok_s > 0 and b.decode_tok_s > 0
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_our_h2o_evicts_the_same_amount_as_on_the_reference(models, ids, per_head):
+    ref, hf = models
+    config = {**H2O, "kv_h2o_per_head": per_head}
+    a = ReferenceRun(ref, config).run(ids[:128], ids[128:], keep_logits=True)
+    b = hf.configure(config).run(ids[:128], ids[128:], keep_logits=True)
+    for key in ("h2o_lossy", "h2o_evictions", "h2o_evicted_tokens"):
+        assert b.metrics[key] == a.metrics[key], key
+    assert b.metrics["h2o_lossy"] > 2.0
+    assert b.held_kv_bytes == a.held_kv_bytes
+    # every layer holds its tokens in time order, each head its own (per_head) or all the same ones
+    cache = hf.configure(config)
+    cache.run(ids[:128], ids[128:])
+    for layer in range(TINY["num_hidden_layers"]):
+        positions = cache.cache.positions(layer)
+        assert np.all(np.diff(positions, axis=0) > 0)
+        assert per_head or np.all(positions == positions[:, :1])
+
+
+def test_ragged_heads_are_padded_and_masked_like_the_reference(models, ids):
+    """Heads that keep different counts: the next tokens' logits are the reference cache's, whose heads are
+    ragged too (the padding is masked, each head's new tokens follow its own)."""
+    import torch
+
+    ref, hf = models
+    keep = [np.arange(0, 64, 2), np.arange(0, 64, 3)]  # 32 and 22 tokens
+    run = hf.configure({})
+    run.run(ids[:64], ids[64:64])
+    ReferenceRun(ref, {}).run(ids[:64], ids[64:64])
+    for layer in range(TINY["num_hidden_layers"]):
+        for cache in (ref.cache, run.cache):
+            cache.keep(layer, keep)
+    np.testing.assert_array_equal(run.cache.head_lengths(1), [32, 22])
+    np.testing.assert_array_equal(run.cache.positions(1)[:22], ref.cache.positions(1)[:22])
+    for layer in hf.hf_model.model.layers:
+        layer.self_attn.h2o_cache = run.cache
+    try:
+        for token in ids[64:68]:
+            expected = ref.decode(int(token))
+            p = torch.tensor([run.cache.n_seen])
+            with torch.inference_mode():
+                out = hf.hf_model(input_ids=torch.tensor([[int(token)]]), past_key_values=run.cache, use_cache=True,
+                                  position_ids=p[None], cache_position=p)
+            run.cache.n_seen += 1
+            assert np.abs(out.logits[0, -1].numpy() - expected).max() < 1e-2
+    finally:
+        for layer in hf.hf_model.model.layers:
+            layer.self_attn.h2o_cache = None
+    np.testing.assert_array_equal(run.cache.head_lengths(1), [36, 26])
+    np.testing.assert_array_equal(run.cache.positions(1)[22:26, 1], np.arange(64, 68))
+
+
+def test_store_mode_holds_windows_compressed_and_restores_them_bit_exactly(models, ids):
+    """Runtime lossless on the transformers cache: store mode releases windows and restores them for attention,
+    so the logits are those of the same run without lossless, to the bit."""
+    _, hf = models
+    plain = hf.configure(H2O).run(ids[:128], ids[128:], keep_logits=True)
+    for mode in ("probe", "full", "store"):
+        run = hf.configure({**H2O, **LOSSLESS, "kv_lossless_runtime_mode": mode,
+                            "kv_lossless_strict_roundtrip_check": True})
+        result = run.run(ids[:128], ids[128:], keep_logits=True)
+        assert result.metrics["lossless_updates"] > 0, mode
+        assert result.metrics["h2o_lossless_fallback"] == 0, mode
+        assert result.metrics["h2o_lossless_decomp_us"] > 0, mode
+        np.testing.assert_array_equal(result.logits, plain.logits)
+        assert result.metrics["h2o_lossy"] == plain.metrics["h2o_lossy"]
+
+
+def test_dumps_feed_the_offline_online_sim(models, ids, tmp_path):
+    ref, hf = models
+    hf.configure(H2O).run(ids[:128], ids[128:], dump_dir=tmp_path / "hf", run_id="hf")
+    ReferenceRun(ref, H2O).run(ids[:128], ids[128:], dump_dir=tmp_path / "ref", run_id="ref")
+    names = lambda d: sorted(p.name.replace("hf", "X").replace("ref", "X") for p in d.iterdir())  # noqa: E731
+    assert names(tmp_path / "hf") == names(tmp_path / "ref")
+    options = EvalOptions(entry_mode="chunked_grouped", online_chunk_seq=32, stage="both")
+    hf_eval, ref_eval = evaluate(tmp_path / "hf", options), evaluate(tmp_path / "ref", options)
+    assert hf_eval["roundtrip_verified"] and ref_eval["roundtrip_verified"]
+    assert hf_eval["raw_bytes"] == ref_eval["raw_bytes"] > 0
+    assert hf_eval["lossless_ratio"] == pytest.approx(ref_eval["lossless_ratio"], rel=0.02)
+
+
+PRESSES = ("expected_attention", "observed_attention", "snapkv", "streaming_llm")
+
+
+@pytest.mark.parametrize("press", PRESSES)
+def test_a_kvpress_press_holds_its_ratio_at_prefill_and_decode_in_time_order(models, ids, press):
+    pytest.importorskip("kvpress", reason="kvpress presses need kvpress: pip install 'pytest-h2o[hf]'")
+    _, hf = models
+    run = hf.configure({"kv_press": press, "kv_press_compression_ratio": 0.6, "kv_h2o_layer_start": 1})
+    result = run.run(ids[:128], ids[128:], keep_logits=True)
+    assert 2.2 < result.metrics["h2o_lossy"] < 2.5  # held 0.4 of the tokens seen, refilled for 16 steps at most
+    assert result.metrics["h2o_evictions"] == 3 * (1 + 72 // 16)  # layers 1-3: prompt, then every 16 steps
+    seen = 200
+    assert run.cache.length(0) == seen  # outside the layer range
+    for layer in (1, 2, 3):
+        positions = run.cache.positions(layer)
+        assert np.all(np.diff(positions, axis=0) > 0)
+        assert run.cache.length(layer) <= int(0.4 * seen) + 16
+        assert positions[-1, 0] == seen - 1  # the newest token is held
+
+
+def test_streaming_llm_keeps_the_sinks_and_the_most_recent_tokens(models, ids):
+    pytest.importorskip("kvpress", reason="kvpress presses need kvpress")
+    _, hf = models
+    run = hf.configure({"kv_press": "streaming_llm", "kv_press_compression_ratio": 0.5, "kv_press_decode_interval": 0,
+                        "kv_h2o_layer_start": 0})
+    run.run(ids[:100], ids[100:100])
+    np.testing.assert_array_equal(run.cache.positions(2)[:, 0], list(range(4)) + list(range(54, 100)))
+
+
+class KeepOldestPress:
+    """A user's own press: scores tokens by age (the oldest kept), importable as ``test_hf_runtime:KeepOldestPress``."""
+
+    def __init__(self, compression_ratio: float) -> None:
+        self.compression_ratio = compression_ratio
+
+    def post_init_from_model(self, model) -> None:
+        pass
+
+    def score(self, module, hidden_states, keys, values, attentions, kwargs):
+        import torch
+
+        return -torch.arange(keys.shape[2], dtype=keys.dtype).expand(*keys.shape[:3])
+
+
+def test_a_users_own_press_by_import_path(models, ids):
+    _, hf = models
+    run = hf.configure({"kv_press": "test_hf_runtime:KeepOldestPress", "kv_press_compression_ratio": 0.5,
+                        "kv_press_decode_interval": 0, "kv_h2o_layer_start": 0})
+    run.run(ids[:100], ids[100:100])
+    np.testing.assert_array_equal(run.cache.positions(0)[:, 1], np.arange(50))
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"kv_press": "snapkvv"}, "no such kvpress press"),
+    ({"kv_press": "no_such_module_x:Press"}, "cannot import it"),
+    ({"kv_press": "duo_attention"}, "is not a ScorerPress"),
+    ({"kv_press": "snapkv", "kv_h2o_enable": True}, "kv_h2o_enable both evict"),
+    ({"kv_press": 3}, "must be a JSON string"),
+])
+def test_a_bad_press_is_a_config_error_naming_it(models, config, message):
+    pytest.importorskip("kvpress", reason="kvpress presses need kvpress")
+    _, hf = models
+    with pytest.raises(ConfigError, match=message):
+        hf.configure(config)
+
+
+def test_a_press_that_breaks_says_where(models, ids):
+    pytest.importorskip("kvpress", reason="kvpress presses need kvpress")
+    _, hf = models
+    run = hf.configure({"kv_press": "snapkv", "kv_press_compression_ratio": 0.5, "kv_h2o_layer_start": 0})
+    with pytest.raises(PressError, match=r"kv_press 'snapkv' failed on layer 0 holding 64 of 64 tokens \(prefill"):
+        run.run(ids[:64], ids[64:70])  # SnapKV needs more than its 64-token window
+
+
+def test_a_press_on_the_reference_runtime_is_refused(models):
+    ref, _ = models
+    with pytest.raises(ConfigError, match="runs on the hf runtime only"):
+        ReferenceRun(ref, {"kv_press": "snapkv"})
+
+
+def test_open_runtime_loads_a_config_json_with_the_reference_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    hf = open_runtime("hf", str(tmp_path / "config.json"))
+    ref = open_runtime("reference", str(tmp_path / "config.json"))
+    prompt, continuation = run_tokens(ref, 40, 8, None)
+    np.testing.assert_array_equal(run_tokens(hf, 40, 8, None)[0], prompt)
+    a = ref.configure({}).run(prompt, continuation, keep_logits=True)
+    b = hf.configure({}).run(prompt, continuation, keep_logits=True)
+    assert np.abs(a.logits - b.logits).max() < 1e-2
+    with pytest.raises(ValueError, match="reference runtime runs on the CPU only"):
+        open_runtime("reference", str(tmp_path / "config.json"), device="cuda")
+
+
+# the plugin ---------------------------------------------------------------------------------------
+PRESET = {"prompts": [192], "gens": [32], "repeat": 2, "h2o_keep_ratios": [0.3], "h2o_block_tokens": [1],
+          "h2o_sink_tokens": [4], "h2o_recent_tokens": [8], "h2o_ema_alphas": [0.9], "h2o_update_intervals": [4],
+          "h2o_trigger_min_tokens": [32], "h2o_layer_start": 1, "h2o_layer_end": -1, "h2o_target_mode": "static",
+          "h2o_target_lossy_ratios": [3.0], "kv_lossless_enable": True, "kv_lossless_codec": "gear_delta",
+          "kv_lossless_runtime_enable": True,
+          "kv_lossless_runtime_mode": "full", "kv_lossless_block_tokens": 16, "kv_lossless_hot_recent_tokens": 8,
+          "kv_lossless_hot_sink_tokens": 4, "kv_lossless_async_threads": 0,
+          "variants": {"h2o": {}, "snapkv": {"kv_h2o_enable": False, "kv_press": "snapkv",
+                                             "kv_press_compression_ratio": 0.6}}}
+INI = "[pytest]\nh2o_model = model.json\nfilterwarnings = ignore::pytest.PytestAssertRewriteWarning\n"
+EASY = ["--h2o-lossy-target=1.2", "--h2o-lossless-target=0.5", "--h2o-decode-drop-target=0.9"]
+
+
+@pytest.fixture
+def gate_dir(pytester: pytest.Pytester) -> Path:
+    (pytester.path / "model.json").write_text(json.dumps(TINY))
+    (pytester.path / "tiny.json").write_text(json.dumps(PRESET))
+    pytester.makeini(INI)
+    return pytester.path
+
+
+def test_the_gate_runs_our_h2o_and_a_press_on_the_hf_runtime(pytester, gate_dir):
+    pytest.importorskip("kvpress", reason="kvpress presses need kvpress")
+    result = pytester.runpytest("--h2o-preset=tiny.json", "--h2o-out=out", "--h2o-runtime=hf", *EASY,
+                                "--junitxml=report.xml")
+    result.assert_outcomes(passed=2 * 4 + 1, skipped=2 * 3)
+    result.stdout.fnmatch_lines(["*loading model model.json on the hf runtime*", "*snapkv-keep0.30-lr3.0*PASS*"])
+    results = json.loads((gate_dir / "out" / "results.json").read_text())
+    assert results["runtime"] == "hf"
+    configs = results["configs"]
+    assert configs["snapkv-keep0.30-lr3.0"]["h2o_lossy"] > 2.0 and configs["h2o-keep0.30-lr3.0"]["h2o_lossy"] > 2.0
+    assert all("lossless_online" in row and "h2o_fidelity_top1" in row for row in configs.values())
+    assert '<property name="runtime" value="hf"' in (gate_dir / "report.xml").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--h2o-runtime=hf", "--h2o-device=cuda"), "--h2o-device cuda: torch sees no CUDA device here"),
+    (("--h2o-device=cuda",), "--h2o-device cuda: only the hf runtime (--h2o-runtime hf) runs on cuda"),
+    (("--h2o-runtime=gpu",), "expected one of reference, hf, llm-bench"),
+    (("--h2o-runtime=llm-bench",), "--h2o-runtime llm-bench: name the binary with --h2o-llm-bench"),
+    (("--h2o-runtime=hf", "--h2o-model=."), "--h2o-model .: a folder without config.json"),
+])
+def test_runtime_and_device_mistakes_are_usage_errors(pytester, gate_dir, args, message):
+    import torch
+
+    if "--h2o-device=cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    (gate_dir / "tiny.json").write_text(json.dumps({k: v for k, v in PRESET.items() if k != "variants"}))
+    result = pytester.runpytest("--h2o-preset=tiny.json", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str()
+
+
+def test_a_missing_extra_is_a_usage_error_saying_what_to_install(pytester, gate_dir, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    result = pytester.runpytest("--h2o-preset=tiny.json", "--h2o-runtime=hf")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--h2o-runtime hf needs torch: pip install 'pytest-h2o[hf]'" in result.stderr.str()
