@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from filelock import FileLock, Timeout
+
 from h2o_gates.gate_report import build_report
 from h2o_gates.rules import GateMode, Thresholds
-from h2o_presets.matrix import Point, PresetError, expand, find_preset, load_preset
-
 from h2o_kernels.config_keys import ConfigError
 from h2o_kernels.runtimes.base import check_config
+from h2o_presets.matrix import Point, PresetError, expand, find_preset, load_preset
 from pytest_h2o.gate_run import RunSpec, measure
 
 RESULTS = "results.json"

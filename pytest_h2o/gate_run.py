@@ -1,13 +1,13 @@
 """Measure a preset's configurations: the numbers the gate rules read, one metric row per configuration.
 
-Runtimes (:mod:`h2o_kernels.runtimes`):
-- ``reference`` (default) and ``hf`` (transformers): in process, measured in paired, adaptive rounds
-  (:class:`_Session`): every candidate run sits next to baseline runs (H2O and lossless off), each
-  configuration runs until its decode-drop interval is decided or the rounds cap is reached. The
-  first run of each keeps its logits (fidelity against the baseline's) and writes its held KV as
-  dumps; identical dump files are then stored once.
-- ``llm_bench``: an external llm_bench binary per configuration with the original's arguments; the
-  baseline runs before and after the candidates (one paired round each).
+Runtimes (:mod:`h2o_kernels.runtimes`), all measured in paired, adaptive rounds (:class:`_Session`): every
+candidate run sits next to baseline runs (H2O and lossless off), each configuration runs until its
+decode-drop interval is decided or the rounds cap is reached.
+- ``reference`` (default) and ``hf`` (transformers), in process: the first run of each configuration also
+  keeps its logits (fidelity against the baseline's) and writes its held KV as dumps; identical dump files
+  are then stored once.
+- ``llm_bench``: the external llm_bench binary, one call per run with the original's arguments (``-rep 1``:
+  the rounds do the repeating); speeds and the policies' metrics only (no logits, no dumps).
 - ``logs``: llm_bench logs (or a CSV of parsed rows) that already exist, matched to points by run id.
 
 Lossless ratios come from the offline online-sim (``chunked_grouped``, 192-token chunks, 8 framing bytes,
@@ -20,39 +20,39 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from h2o_gates.bench_log import BenchRow, size_text, write_log
-from h2o_gates.log_parse import find_logs, metric_row, parse_log_report, parse_logs_report, read_csv, summarize_problems
+from h2o_gates.log_parse import find_logs, metric_row, parse_logs_report, read_csv, summarize_problems
 from h2o_gates.rules import Thresholds, paired_drop
 from h2o_gates.speed_stats import bracketed_log_ratios
-from h2o_presets.matrix import Point
-
 from h2o_kernels.eviction.h2o import H2OConfig
 from h2o_kernels.fidelity import fidelity
 from h2o_kernels.lossless.kvdump import link_identical
 from h2o_kernels.lossless.manager import LosslessConfig
 from h2o_kernels.lossless.offline_eval import EvalOptions, SelectionError, evaluate
 from h2o_kernels.model.run_memory import check_run_fits
-from h2o_kernels.runtimes.base import Runtime, run_tokens
+from h2o_kernels.runtimes.base import RunFailedError, Runtime, run_tokens
+from h2o_kernels.runtimes.llm_bench import KIND as LLM_BENCH
 from h2o_kernels.runtimes.loading import IN_PROCESS, open_runtime
-from pytest_h2o.cli.sweep import llm_bench_command, read_base_config, sweep_config
+from h2o_presets.matrix import Point
 from pytest_h2o.fidelity_suite import Suite, SuiteText, read_texts, row_metrics, suite_tokens
 
 BASELINE_CONFIG = {"kv_h2o_enable": False, "kv_lossless_enable": False}
 ONLINE_SIM = dict(entry_mode="chunked_grouped", online_chunk_seq=192, online_framing_bytes=8, adaptive_block_seq=64,
                   zstd_level=3, stage="both")
 Progress = Callable[[str], None]
+# RunSpec.runtime -> the runtime kind it opens (:func:`open_runtime`); "logs" runs none
+RUN_KINDS = {"reference": "reference", "hf": "hf", "llm_bench": LLM_BENCH, LLM_BENCH: LLM_BENCH}
 
 
 @dataclass(frozen=True)
 class RunSpec:
     """Where and how to measure (plain data, so it can be handed to xdist workers)."""
 
-    runtime: str  # "reference" | "hf" | "llm_bench" | "logs"
+    runtime: str  # "reference" | "hf" | "llm_bench" (or "llm-bench") | "logs"
     out_dir: Path
     model: str = "smollm2"
     threads: int = 1
@@ -74,17 +74,18 @@ def measure(points: list[Point], spec: RunSpec, progress: Progress) -> dict[str,
     """Measure every point; returns ``{"runtime", "model", "configs": {label: metrics}, "baselines":
     {label: tok/s or None}, "warnings": [...]}`` (JSON-serialisable)."""
     warnings: list[str] = []
-    if spec.runtime in IN_PROCESS:
-        configs, baselines, model = _run_in_process(points, spec, progress)
+    if spec.runtime in RUN_KINDS:
+        configs, baselines, model = _run_runtime(points, spec, progress, warnings)
         if (spec.out_dir / "kv").is_dir():  # identical dumps (the layers no configuration evicts) stored once
             linked, saved = link_identical(spec.out_dir / "kv")
             progress(f"KV dumps: {linked} files identical to another configuration's stored once "
                      f"({saved / 1e6:.1f} MB saved)")
-    elif spec.runtime == "llm_bench":
-        configs, baselines, model = _run_llm_bench(points, spec, progress, warnings)
     else:
         configs, baselines, model = _read_logs(points, spec, warnings)
-    if spec.fidelity_texts and spec.runtime not in IN_PROCESS:
+    if spec.fidelity_texts and RUN_KINDS.get(spec.runtime) == LLM_BENCH:
+        warnings.append(f"[WARN] the fidelity suite ({len(spec.fidelity_texts)} texts) needs logits; the llm_bench "
+                        "runtime keeps none, so no configuration has fidelity numbers")
+    elif spec.fidelity_texts and spec.runtime not in IN_PROCESS:
         warnings.append(f"[WARN] the fidelity suite ({len(spec.fidelity_texts)} texts) runs on an in-process runtime "
                         f"({', '.join(IN_PROCESS)}) only; the {spec.runtime} runtime's fidelity numbers, if any, are "
                         "of one text")
@@ -100,12 +101,22 @@ def measure(points: list[Point], spec: RunSpec, progress: Progress) -> dict[str,
             "warnings": warnings}
 
 
-# in-process runtimes (reference, hf) -----------------------------------------------------------------
-def _run_in_process(points: list[Point], spec: RunSpec, progress: Progress):
-    progress(f"loading model {spec.model} on the {spec.runtime} runtime"
-             + (f" ({spec.device})" if spec.device != "cpu" else ""))
-    runtime = open_runtime(spec.runtime, spec.model, threads=spec.threads, device=spec.device,
-                           progress=lambda line: progress(f"download: {line}"), model_option="--h2o-model")
+# runtimes (reference, hf, llm_bench) ---------------------------------------------------------------
+def _run_runtime(points: list[Point], spec: RunSpec, progress: Progress, warnings: list[str]):
+    kind = RUN_KINDS[spec.runtime]
+    if kind == LLM_BENCH:
+        progress(f"llm_bench {spec.llm_bench}" + (f" with {spec.base_config}" if spec.base_config else ""))
+        if spec.text_file is not None:
+            warnings.append(f"[WARN] --h2o-text-file {spec.text_file} is not used: llm_bench feeds its own prompt "
+                            "(token 16 repeated)")
+        runtime = open_runtime(kind, threads=spec.threads, binary=str(spec.llm_bench),
+                               base_config=Path(spec.base_config) if spec.base_config else None,
+                               work_dir=spec.out_dir)
+    else:
+        progress(f"loading model {spec.model} on the {spec.runtime} runtime"
+                 + (f" ({spec.device})" if spec.device != "cpu" else ""))
+        runtime = open_runtime(kind, spec.model, threads=spec.threads, device=spec.device,
+                               progress=lambda line: progress(f"download: {line}"), model_option="--h2o-model")
     try:
         return _measure_groups(runtime, points, spec, progress)
     finally:
@@ -114,9 +125,11 @@ def _run_in_process(points: list[Point], spec: RunSpec, progress: Progress):
 
 def _measure_groups(runtime: Runtime, points: list[Point], spec: RunSpec, progress: Progress):
     # every size before the first is measured (the session checked them up front when the model was
-    # already here; a first-use download is checked only now)
-    for prompt_len, gen_len in _by_size(points):
-        check_run_fits(runtime.model.config, prompt_len, gen_len, f"{spec.model} p{prompt_len} g{gen_len}")
+    # already here; a first-use download is checked only now); an external binary's sizes are its own
+    if runtime.model.config is not None:
+        for prompt_len, gen_len in _by_size(points):
+            check_run_fits(runtime.model.config, prompt_len, gen_len, f"{spec.model} p{prompt_len} g{gen_len}")
+    text = "synthetic" if runtime.kind == LLM_BENCH else str(spec.text_file or "pydoc_data.topics")
     configs: dict[str, dict[str, Any]] = {}
     baselines: dict[str, float | None] = {}
     for (prompt_len, gen_len), group in _by_size(points).items():
@@ -124,22 +137,31 @@ def _measure_groups(runtime: Runtime, points: list[Point], spec: RunSpec, progre
         base_id = f"baseline_p{prompt_len}_g{gen_len}"
         session = _Session(runtime, spec, prompt, continuation, base_id, group, progress)
         session.measure()
-        baseline = session.rows[base_id].summary()
-        _write_log(spec.out_dir, base_id, session.rows[base_id], baseline, BASELINE_CONFIG,
-                   len(session.rows[base_id].decode_tok_s), spec)
+        base_row = session.rows[base_id]
+        if base_row.decode_tok_s:
+            _write_log(spec.out_dir, base_id, base_row, base_row.summary(), BASELINE_CONFIG,
+                       len(base_row.decode_tok_s), text)
         suite = _suite(runtime, spec, session, progress)
         for point in group:
+            if point.run_id in session.errors:
+                configs[point.label] = {"run_id": point.run_id, "error": session.errors[point.run_id]}
+                baselines[point.label] = statistics.median(base_row.decode_tok_s) if base_row.decode_tok_s else None
+                continue
             summary = {**session.rows[point.run_id].summary(), **session.paired(point.run_id)}
             if session.logits.get(point.run_id) is not None and session.logits.get(base_id) is not None:
                 summary.update(fidelity(session.logits[base_id], session.logits[point.run_id], continuation))
                 if suite is not None:
                     summary.update(_suite_numbers(suite, session, point, summary))
             _write_log(spec.out_dir, point.run_id, session.rows[point.run_id], summary, point.config,
-                       len(session.rows[point.run_id].decode_tok_s), spec)
-            configs[point.label] = {"run_id": point.run_id, "kv_dir": str(spec.out_dir / "kv" / point.run_id),
-                                    "prompt_tokens": prompt_len, "gen_tokens": gen_len,
-                                    "full_kv_bytes": session.full_kv_bytes,
-                                    "held_kv_bytes": session.held[point.run_id], **summary}
+                       len(session.rows[point.run_id].decode_tok_s), text)
+            row: dict[str, Any] = {"run_id": point.run_id, "prompt_tokens": prompt_len, "gen_tokens": gen_len}
+            if runtime.has_dumps:
+                row["kv_dir"] = str(spec.out_dir / "kv" / point.run_id)
+            if session.full_kv_bytes is not None:
+                row["full_kv_bytes"] = session.full_kv_bytes
+            if session.held[point.run_id]:
+                row["held_kv_bytes"] = session.held[point.run_id]
+            configs[point.label] = {**row, **summary}
             baselines[point.label] = summary["baseline_decode_tps"]
     return configs, baselines, runtime.model.name
 
@@ -167,7 +189,7 @@ def _suite_numbers(suite: Suite, session: _Session, point: Point, summary: dict[
 
 
 class _Session:
-    """The paired, adaptive measurement of one (prompt, gen) group on an in-process runtime.
+    """The paired, adaptive measurement of one (prompt, gen) group on a runtime.
 
     After one discarded warm-up run, every round runs each still-undecided candidate once, in an order
     rotated every round, with a baseline run before the first and after every second candidate, so each
@@ -175,8 +197,12 @@ class _Session:
     (:func:`bracketed_log_ratios`). From
     ``spec.rounds`` rounds on, a candidate whose drop interval no longer straddles the target is done;
     the others run again, up to ``spec.max_rounds``. The first run of each keeps its logits (fidelity)
-    and writes the held KV as dumps. Baseline and candidate runs are the same work (prefill, then the
-    timed decode), so nothing but the configuration differs between a pair.
+    and writes the held KV as dumps, where the runtime has them (``has_logits``, ``has_dumps``). Baseline and
+    candidate runs are the same work (prefill, then the timed decode), so nothing but the configuration
+    differs between a pair.
+
+    A run that gives no result (:class:`RunFailedError`: an external binary failed) fails its configuration
+    alone (``errors``); a failed baseline run fails every configuration still being measured.
     """
 
     PER_BRACKET = 2  # candidate runs between two baseline runs
@@ -194,6 +220,8 @@ class _Session:
         self.full_kv_bytes = info.full_kv_bytes(len(prompt) + len(continuation))
         self.held: dict[str, list[int]] = {}
         self.logits: dict[str, Any] = {}
+        self.has_logits, self.has_dumps = runtime.has_logits, runtime.has_dumps
+        self.errors: dict[str, str] = {}  # run id -> why it has no result
         self.sequence: list[tuple[str, float]] = []
         self.rounds = 0
         self.step_delay = 0.0
@@ -202,7 +230,13 @@ class _Session:
     def measure(self) -> None:
         size = f"p{len(self.prompt)} g{len(self.continuation)}"
         self.progress(f"{size}: warm-up run")
-        warm = self.runtimes[self.base_id].run(self.prompt, self.continuation)
+        try:
+            warm = self.runtimes[self.base_id].run(self.prompt, self.continuation, run_id=f"{self.base_id}_warmup")
+        except RunFailedError as exc:
+            self.progress(f"{size}: warm-up run: no result: {exc}")
+            self.errors[self.base_id] = str(exc)
+            self._baseline_failed([p.run_id for p in self.group])
+            return
         if self.spec.inject_slowdown > 0 and warm.decode_tok_s > 0:
             self.step_delay = self.spec.inject_slowdown / warm.decode_tok_s
             self.progress(f"{size}: injecting {self.step_delay * 1e3:.2f} ms per candidate decode step "
@@ -214,22 +248,41 @@ class _Session:
             order = pending[shift:] + pending[:shift]
             for i, name in enumerate(order):
                 if i % self.PER_BRACKET == 0 and (not self.sequence or self.sequence[-1][0] != self.base_id):
-                    self._run(self.base_id)
+                    if not self._run(self.base_id):
+                        self._baseline_failed(pending)
+                        return
                 self._run(name)
-            self._run(self.base_id)
+            if not self._run(self.base_id):
+                self._baseline_failed(pending)
+                return
+            pending = [name for name in pending if name not in self.errors]
             if self.rounds >= self.spec.rounds:
                 pending = [name for name in pending if self._state(name) == "undecided"]
                 for name in pending:
                     self.progress(f"{size} {self._label(name)}: decode drop undecided after {self.rounds} rounds"
                                   + ("; one more round" if self.rounds < self.spec.max_rounds else ""))
 
-    def _run(self, name: str) -> None:
+    def _baseline_failed(self, pending: list[str]) -> None:
+        """Every candidate still being measured fails with the baseline (nothing to pair it with); candidates
+        already decided keep their rounds."""
+        why = self.errors.pop(self.base_id)
+        for name in pending:
+            self.errors.setdefault(name, f"the baseline run failed: {why}")
+
+    def _run(self, name: str) -> bool:
+        """One run of ``name``; False (and ``errors[name]``) when it gave no result."""
         first = name not in self.logits
         candidate = name != self.base_id
-        dump = self.spec.out_dir / "kv" / name if first and candidate else None
-        result = self.runtimes[name].run(self.prompt, self.continuation,
-                                         keep_logits=first and len(self.continuation) > 0, dump_dir=dump,
-                                         run_id=name, step_delay_s=self.step_delay if candidate else 0.0)
+        dump = self.spec.out_dir / "kv" / name if first and candidate and self.has_dumps else None
+        try:
+            result = self.runtimes[name].run(self.prompt, self.continuation,
+                                             keep_logits=first and self.has_logits and len(self.continuation) > 0,
+                                             dump_dir=dump, run_id=name,
+                                             step_delay_s=self.step_delay if candidate else 0.0)
+        except RunFailedError as exc:
+            self.errors[name] = str(exc)
+            self.progress(f"round {self.rounds} {self._label(name)}: no result: {exc}")
+            return False
         if first:
             self.logits[name] = result.logits
             self.held[name] = result.held_kv_bytes
@@ -239,6 +292,7 @@ class _Session:
         adjacent = f" (x{result.decode_tok_s / before:.3f} of the baseline run before)" if candidate and before else ""
         self.progress(f"round {self.rounds} {self._label(name)}: decode {result.decode_tok_s:.2f} tok/s{adjacent}, "
                       f"lossy {result.metrics.get('h2o_lossy', 1.0):.3f}")
+        return True
 
     def _logs(self, name: str) -> list[float]:
         """The candidate's paired log-ratios; none when a run decoded nothing (``gen 0``)."""
@@ -263,9 +317,8 @@ class _Session:
 
 
 def _write_log(out_dir: Path, run_id: str, row: BenchRow, summary: dict, config: dict, repeat: int,
-               spec: RunSpec) -> None:
-    write_log(out_dir / "logs" / f"{run_id}.log", row, summary, config, repeat,
-              str(spec.text_file or "pydoc_data.topics"))
+               text: str) -> None:
+    write_log(out_dir / "logs" / f"{run_id}.log", row, summary, config, repeat, text)
 
 
 def _by_size(points: Iterable[Point]) -> dict[tuple[int, int], list[Point]]:
@@ -273,57 +326,6 @@ def _by_size(points: Iterable[Point]) -> dict[tuple[int, int], list[Point]]:
     for point in points:
         groups.setdefault((point.prompt_tokens, point.gen_tokens), []).append(point)
     return groups
-
-
-# external llm_bench --------------------------------------------------------------------------------
-def _run_llm_bench(points: list[Point], spec: RunSpec, progress: Progress, warnings: list[str]):
-    base = read_base_config(spec.base_config) if spec.base_config else None
-    configs: dict[str, dict[str, Any]] = {}
-    baselines: dict[str, float | None] = {}
-    for (prompt_len, gen_len), group in _by_size(points).items():
-        base_id = f"baseline_p{prompt_len}_g{gen_len}"
-        base_speeds = []
-        for tag in ("before", "after"):
-            row = _external(f"{base_id}_{tag}", sweep_config(base, BASELINE_CONFIG), group[0], spec, progress)
-            if row.get("decode_tps", 0) > 0:
-                base_speeds.append(row["decode_tps"])
-            if tag == "before":
-                for point in group:
-                    configs[point.label] = {"run_id": point.run_id,
-                                            **_external(point.run_id, sweep_config(base, point.config), point, spec,
-                                                        progress)}
-        baseline = sum(base_speeds) / len(base_speeds) if base_speeds else None
-        if baseline is None:
-            warnings.append(f"baseline p{prompt_len} g{gen_len}: llm_bench gave no decode speed")
-        for point in group:
-            baselines[point.label] = baseline
-            row = configs[point.label]
-            if base_speeds and row.get("decode_tps", 0) > 0:  # one paired round: the baselines around it
-                pairs = [(base_id, base_speeds[0]), (point.run_id, row["decode_tps"]), (base_id, base_speeds[-1])]
-                row["decode_tps_rounds"] = [row["decode_tps"]]
-                row["decode_log_ratios"] = bracketed_log_ratios(pairs, base_id)[point.run_id]
-    return configs, baselines, "llm_bench"
-
-
-def _external(run_id: str, config: dict, point: Point, spec: RunSpec, progress: Progress) -> dict[str, Any]:
-    """One llm_bench call: its first table row as numbers, or ``{"error": ...}`` naming what went wrong."""
-    config_path = spec.out_dir / "configs" / f"{run_id}.json"
-    log_path = spec.out_dir / "logs" / f"{run_id}.log"
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    command = llm_bench_command(str(spec.llm_bench), spec.threads, point, config_path, log_path)
-    progress(f"llm_bench {run_id}")
-    done = subprocess.run(command, check=False, capture_output=True, text=True)
-    output = spec.out_dir / "logs" / f"{run_id}.stdout"
-    output.write_text(done.stdout + done.stderr, encoding="utf-8")
-    if done.returncode != 0:
-        return {"error": f"llm_bench exited with status {done.returncode} (its output: {output})"}
-    rows, problems = parse_log_report(log_path) if log_path.is_file() else ([], [])
-    if not rows:
-        why = f": {problems[0]}" if problems else ""
-        return {"error": f"llm_bench wrote no table row to {log_path}{why} (its output: {output})"}
-    return metric_row(rows[0])
 
 
 # existing logs ---------------------------------------------------------------------------------------

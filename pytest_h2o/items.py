@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from h2o_gates.history import CompareSpec, regressions
 from h2o_gates.rules import RULES, format_number
 from h2o_presets.matrix import PRESET_DIR
-
 from pytest_h2o.compare import HistorySetup
 from pytest_h2o.gate import Gate
 

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+
 from h2o_gates.gate_report import write_reports
 from h2o_gates.rules import Thresholds
-from h2o_presets.matrix import PresetError, load_preset, preset_settings
-
 from h2o_kernels.model.loading import ModelSpecError, model_config
 from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits
 from h2o_kernels.runtimes.base import check_text_file
+from h2o_presets.matrix import PresetError, load_preset, preset_settings
 from pytest_h2o.compare import CompareSpecError, HistorySetup
 from pytest_h2o.gate import Gate, GateSetupError, load_points
 from pytest_h2o.gate_run import IN_PROCESS, RunSpec
@@ -173,9 +173,9 @@ class GatePlugin:
         if rounds > max_rounds:
             raise pytest.UsageError(f"--h2o-max-rounds {max_rounds} is below the minimum rounds {rounds} "
                                     "(--h2o-rounds, or the preset's repeat): the cap must be at least the minimum")
-        if runtime not in IN_PROCESS and (r("h2o_rounds") or r("h2o_max_rounds")):
-            raise pytest.UsageError(f"--h2o-rounds and --h2o-max-rounds pace an in-process runtime; the {runtime} "
-                                    "runtime has one round (llm_bench: a baseline before and after the candidates)")
+        if runtime == "logs" and (r("h2o_rounds") or r("h2o_max_rounds")):
+            raise pytest.UsageError("--h2o-rounds and --h2o-max-rounds pace the runs of a runtime; --h2o-logs gates "
+                                    "logs that exist and runs nothing")
         if r("h2o_inject_slowdown") and runtime not in IN_PROCESS:
             raise pytest.UsageError("--h2o-inject-slowdown works inside an in-process runtime's decode loop; "
                                     f"the {runtime} runtime has none")

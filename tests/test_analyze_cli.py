@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from h2o_gates.log_parse import metric_row, read_csv
 
+from h2o_gates.log_parse import metric_row, read_csv
 from h2o_kernels.lossless.kvdump import write_dump
 from pytest_h2o.cli.analyze import (
     add_analyze_arguments,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from h2o_gates.bench_log import METRIC_COLUMNS, BenchRow, mean_sd, render_table
 
+from h2o_gates.bench_log import METRIC_COLUMNS, BenchRow, mean_sd, render_table
 from h2o_kernels.fidelity import fidelity
 
 

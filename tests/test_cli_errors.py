@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from h2o_gates.log_parse import parse_logs, write_csv
 from h2o_test_helpers import write_standard_dump
+
+from h2o_gates.log_parse import parse_logs, write_csv
 
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 300, "rope_theta": 10000.0}

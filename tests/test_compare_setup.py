@@ -7,10 +7,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from h2o_gates import history
-from h2o_gates.history import CompareSpec, append, load, regressions
 from test_history import CONFIGS, PRESET, SHA_A, SHA_B, T0, _record, _report, _row, _schema1, _workload
 
+from h2o_gates import history
+from h2o_gates.history import CompareSpec, append, load, regressions
 from pytest_h2o.compare import HistorySetup
 
 SHA_C = "c" * 8 + "3" * 32

@@ -12,10 +12,10 @@ import re
 from pathlib import Path
 
 import pytest
-from h2o_gates.gate_report import build_report, render_markdown
-from h2o_gates.rules import Thresholds
 from test_analyze_cli import bench_row, write_json, write_log
 
+from h2o_gates.gate_report import build_report, render_markdown
+from h2o_gates.rules import Thresholds
 from pytest_h2o.cli.main import main
 
 SAMPLES = Path(__file__).resolve().parent / "data"  # the original kit's sample llm_bench log

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from h2o_gates.reports import write_offline_markdown
 
+from h2o_gates.reports import write_offline_markdown
 from h2o_kernels.codec.fp16 import CODEC_NAME, FORMAT_VERSION, FP16Codec, decode
 from h2o_kernels.lossless import offline_eval
 from h2o_kernels.lossless.kvdump import iter_dump_files, read_meta

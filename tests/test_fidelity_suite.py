@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from h2o_gates.fidelity_report import suite_rows
 from h2o_gates.rules import Thresholds, check_row
-from h2o_presets.matrix import PresetError, available_presets, expand, find_preset, load_preset, preset_settings
-
 from h2o_kernels.fidelity import SUITE_KINDS, SUITE_TEXTS, SuiteTextError, continuation_perplexity, spread, suite_text
+from h2o_presets.matrix import PresetError, available_presets, expand, find_preset, load_preset, preset_settings
 from pytest_h2o.cli.main import main
 from pytest_h2o.fidelity_suite import aggregate, read_texts, row_metrics, sink_recent_config
 
@@ -143,8 +143,10 @@ def test_target_fidelity_preset_gates_fidelity_and_the_v4_presets_do_not():
     assert point.config["kv_h2o_block_tokens"] == 1 and point.config["kv_h2o_target_mode"] == "adaptive"
     assert point.config["kv_h2o_per_head"] is True
     assert point.config["kv_h2o_layer_start"] == 2 and point.config["kv_h2o_target_lossy_ratio"] >= 3.0
+    compare = load_preset(find_preset("compare_presses.json"))  # the hf runtime's comparison, one text
+    assert preset_settings(compare) == {"h2o_min_top1": 0.86, "h2o_max_ppl_delta": 0.075, "h2o_fidelity_texts": 1}
     for name in available_presets():
-        if name != "target_fidelity.json":
+        if name not in ("target_fidelity.json", "compare_presses.json"):
             assert preset_settings(load_preset(find_preset(name))) == {}, name
     with pytest.raises(PresetError, match="fidelity_texts"):
         expand({**fidelity, "fidelity_texts": 9})

@@ -10,14 +10,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from h2o_gates.gate_report import build_report, render_markdown, write_reports
-from h2o_gates.rules import Thresholds
-from h2o_presets.matrix import Point
 from h2o_test_helpers import write_standard_dump
 
+from h2o_gates.gate_report import build_report, render_markdown, write_reports
+from h2o_gates.rules import Thresholds
 from h2o_kernels.model.llama import LlamaModel
 from h2o_kernels.runtimes.base import ModelInfo, RunResult
 from h2o_kernels.runtimes.reference import ReferenceRun
+from h2o_presets.matrix import Point
 from pytest_h2o import gate_run
 from pytest_h2o.gate_run import RunSpec, whole_cache_ratio
 from pytest_h2o.summary import junit_properties, plain_text, terminal_lines, threshold_text

@@ -265,7 +265,7 @@ def test_the_gate_runs_our_h2o_and_a_press_on_the_hf_runtime(pytester, gate_dir)
     configs = results["configs"]
     assert configs["snapkv-keep0.30-lr3.0"]["h2o_lossy"] > 2.0 and configs["h2o-keep0.30-lr3.0"]["h2o_lossy"] > 2.0
     assert all("lossless_online" in row and "h2o_fidelity_top1" in row for row in configs.values())
-    assert '<property name="runtime" value="hf"' in (gate_dir / "report.xml").read_text()
+    assert '<property name="h2o_runtime" value="hf"' in (gate_dir / "report.xml").read_text()
 
 
 @pytest.mark.parametrize("args, message", [

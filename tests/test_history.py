@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+
 from h2o_gates import history
 from h2o_gates.history import (
     CompareSpec,
@@ -35,7 +36,6 @@ from h2o_gates.history import (
     resolve,
 )
 from h2o_gates.trend import plot_trend, representative_config, trend_table
-
 from pytest_h2o.cli import history as history_cli
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
@@ -440,7 +440,7 @@ def test_speed_with_log_ratios_is_judged_by_the_whole_interval(monkeypatch, metr
     assert not straddle.regression and straddle.undecided
     assert straddle.interval[0] < -5.0 < straddle.interval[1]
     assert straddle.note.startswith("undecided: interval [-7.72%, -1.02%] (coverage 90.3%)")
-    # one round a side (an external runtime): no interval, so a 10% drop is undecided, not a regression
+    # one round a side (logs from single llm_bench calls): no interval, so a 10% drop is undecided, not a regression
     new, old = _pair(monkeypatch, {"c": _speed_row([math.log(0.95)])}, {"c": _speed_row([math.log(0.95 * 0.9)])})
     [single] = compare(new, old, spec)
     assert not single.regression and single.undecided and single.change == pytest.approx(-10.0)

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_analyze_cli import HEADER_LINES, bench_row, table_line, write_log
+
 from h2o_gates.log_parse import (
     CELL_COUNT,
     NO_ROWS,
@@ -24,8 +26,6 @@ from h2o_gates.log_parse import (
     read_csv,
     summarize_problems,
 )
-from test_analyze_cli import HEADER_LINES, bench_row, table_line, write_log
-
 from pytest_h2o.cli.main import main
 
 

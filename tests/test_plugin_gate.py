@@ -344,11 +344,14 @@ def test_an_out_folder_in_use_by_another_session_is_refused(pytester, gate_dir):
 def test_a_failing_llm_bench_fails_its_configuration_naming_the_exit_status(pytester, gate_dir, fake_llm_bench):
     preset = {**PRESET, "h2o_keep_ratios": [0.30], "kv_h2o_sink_tokens": [4, 5]}  # a kv_* key as a dimension
     (gate_dir / "tiny.json").write_text(json.dumps(preset))
-    fail_sink5 = 'sys.exit(3 if config.get("kv_h2o_sink_tokens") == 5 else 0)\n'
+    fail_sink5 = ('if config.get("kv_h2o_sink_tokens") == 5:\n'
+                  '    print("loading llm.mnn", flush=True); print("out of memory", file=sys.stderr); sys.exit(3)\n')
     fake_llm_bench.write_text(fake_llm_bench.read_text() + fail_sink5)
     result = run_external(pytester, "ext", "-k", "lossy_pass or fallback")
-    result.stdout.fnmatch_lines(["keep0.30-lr3.0-h2o_sink_tokens5: not measured: llm_bench exited with status 3 "
-                                 "(its output: *run_0002_*.stdout)"])
+    # the run, the exit status and the end of the binary's output (stdout and stderr), then where all of it is
+    result.stdout.fnmatch_lines(["keep0.30-lr3.0-h2o_sink_tokens5: not measured: llm_bench run run_0002_p64_g32_* "
+                                 'exited with status 3; its output ends: "loading llm.mnn | out of memory" '
+                                 "(output: *llm_bench?run_0002_*.stdout)"])
     result.assert_outcomes(passed=1, failed=1, skipped=2)  # a configuration not measured fails the run
     assert result.ret == pytest.ExitCode.TESTS_FAILED
 
@@ -417,7 +420,7 @@ def test_a_run_that_measured_nothing_leaves_no_history_record_and_says_why_once(
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--h2o-rounds=5",), "*--h2o-rounds and --h2o-max-rounds pace an in-process runtime; the logs runtime*"),
+    (("--h2o-rounds=5",), "*--h2o-rounds and --h2o-max-rounds pace the runs of a runtime; --h2o-logs gates logs*"),
     (("--h2o-inject-slowdown=0.1",), "*--h2o-inject-slowdown works inside an in-process runtime*"),
 ])
 def test_speed_options_an_external_runtime_cannot_honour_are_usage_errors(pytester, gate_dir, args, message):
@@ -460,7 +463,6 @@ def test_a_bundled_preset_is_located_by_name_even_when_the_environment_lies_in_t
     from types import SimpleNamespace
 
     from h2o_presets.matrix import PRESET_DIR
-
     from pytest_h2o.items import _location
 
     project = SimpleNamespace(rootpath=PRESET_DIR.parent)  # as a .venv/ inside the project

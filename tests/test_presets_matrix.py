@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from h2o_presets.matrix import PresetError, available_presets, expand, find_preset, load_preset
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
@@ -129,10 +130,9 @@ def test_float_dimensions_are_floats_as_the_original_parsed_them():
 
 
 def test_generated_config_fills_every_original_key_in_its_order():
-    from h2o_presets.matrix import GENERATED_KV_DEFAULTS, generated_config
-
     from h2o_kernels.eviction.h2o import H2OConfig
     from h2o_kernels.lossless.manager import LosslessConfig
+    from h2o_presets.matrix import GENERATED_KV_DEFAULTS, generated_config
 
     runtime_defaults = {**{k: key.default for k, key in H2OConfig.keys().items()},
                         **{k: key.default for k, key in LosslessConfig.keys().items()}}

@@ -7,13 +7,13 @@ import math
 from pathlib import Path
 
 import pytest
+from matplotlib.image import imread
+from test_analyze_cli import write_kv_dumps
+
 from h2o_gates.gate_report import build_report, format_cell
 from h2o_gates.plots import per_layer_figure, plot_ratio_vs_speed, ratio_vs_speed_figure
 from h2o_gates.reports import write_offline_markdown
 from h2o_gates.rules import Thresholds, check_row, format_number
-from matplotlib.image import imread
-from test_analyze_cli import write_kv_dumps
-
 from h2o_kernels.lossless.offline_eval import EvalOptions, evaluate
 
 MAIN_CONFIGS = ("keep0.30-lr3.0", "keep0.30-lr3.2", "keep0.33-lr3.0", "keep0.33-lr3.2")

@@ -7,6 +7,9 @@ import math
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from h2o_gates.speed_stats import (
     _rank_sum_counts,
     _signed_rank_counts,
@@ -15,8 +18,6 @@ from h2o_gates.speed_stats import (
     one_sample,
     two_sample,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 finite = st.floats(-1.0, 1.0, allow_nan=False, allow_infinity=False)
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from h2o_gates.log_parse import metric_row, parse_log_report
-from h2o_presets.matrix import generated_config
 
+from h2o_gates.log_parse import metric_row, parse_log_report
 from h2o_kernels.runtimes.base import SYNTHETIC_TOKEN, ModelInfo, RunFailedError, RunResult, check_config
+from h2o_presets.matrix import generated_config
 
 KIND = "llm-bench"
 LLM_BENCH_THREADS = 4  # the original sweep's -t

@@ -36,7 +36,6 @@ from h2o_gates.log_parse import (
 )
 from h2o_gates.reports import write_offline_markdown
 from h2o_gates.rules import RULES, Thresholds
-
 from h2o_kernels.lossless.offline_eval import ENTRY_MODES, EvalOptions, SelectionError, evaluate
 from pytest_h2o.cli.out_paths import OutPathError, check_out_file
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from h2o_gates.bench_log import BenchRow, render_table, size_text, write_log
 
+from h2o_gates.bench_log import BenchRow, render_table, size_text, write_log
 from h2o_kernels.fidelity import fidelity
 from h2o_kernels.model.loading import EMBEDDED_MODEL, LoadedModel
 from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits

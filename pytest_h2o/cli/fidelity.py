@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 from h2o_gates.fidelity_report import suite_text_lines, what_heavy_hitters_buy
-
 from h2o_kernels.fidelity import DEFAULT_SUITE_SIZE, SUITE_KINDS, SUITE_TEXTS, SuiteTextError
 from h2o_kernels.model.loading import EMBEDDED_MODEL
 from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits

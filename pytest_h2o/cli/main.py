@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Sequence
 
 from h2o_gates.reports import write_offline_markdown
-
 from h2o_kernels.codec.predictors import K_DEFAULT, V_DEFAULT
 from h2o_kernels.lossless.offline_eval import CODEC_MODES, ENTRY_MODES, EvalOptions, SelectionError, evaluate
 from h2o_kernels.model.kv_capture import capture_kv, prompt_ids

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,21 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from h2o_gates.bench_log import write_log
-from h2o_presets.matrix import GENERATED_KV_DEFAULTS, Point, generated_config
-
 from h2o_kernels.model.loading import EMBEDDED_MODEL, LoadedModel
 from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits
 from h2o_kernels.runtimes.base import check_text_file, run_tokens
+from h2o_kernels.runtimes.llm_bench import LLM_BENCH_THREADS, llm_bench_command, read_base_config, sweep_config
 from h2o_kernels.runtimes.reference import ReferenceRuntime
+from h2o_presets.matrix import GENERATED_KV_DEFAULTS, Point
 from pytest_h2o.cli.args import load_command_model, non_negative_int, positive_int
 from pytest_h2o.cli.bench import run_bench
 from pytest_h2o.cli.out_paths import check_out_dir
+from pytest_h2o.gate import GateSetupError, load_points
 
-LLM_BENCH_THREADS = 4  # the original sweep's -t
-# run_h2o_v4_bench.py's model files (LlmConfig's names) and their defaults, in the order it normalises them
-MODEL_FILE_DEFAULTS = {"llm_config": "llm_config.json", "llm_model": "llm.mnn", "llm_weight": "llm.mnn.weight",
-                       "embedding_file": "embeddings_bf16.bin", "tokenizer_file": "tokenizer.txt",
-                       "context_file": "context.json"}
 # run_h2o_v4_bench.py's manifest keys (after run_id, prompt_len, gen_len) -> the config key they show
 MANIFEST_KEYS = {
     "keep_ratio": "kv_h2o_target_keep_ratio", "block_tokens": "kv_h2o_block_tokens",
@@ -89,8 +84,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[list[Point], dict[str, Any] | None]:
     """The preset's points (the plugin's loader: bundled names, schema, ``kv_*`` keys) and the base config,
     with every option checked before anything runs; a usage error names the option otherwise."""
-    from pytest_h2o.gate import GateSetupError, load_points  # here: gate imports gate_run, which imports this module
-
     if bool(args.llm_bench) != bool(args.base_config):
         parser.error("--llm-bench and --base-config go together")
     if args.threads is None:
@@ -108,27 +101,6 @@ def setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[li
     except ValueError as exc:
         parser.error(str(exc))
     return points, base
-
-
-def sweep_config(base: dict[str, Any] | None, config: dict[str, Any]) -> dict[str, Any]:
-    """One point's config file as run_h2o_v4_bench.py wrote it: the base config's keys in their order, every
-    generated ``kv_*`` key (:func:`h2o_presets.matrix.generated_config`), then, with a base config, its model
-    files relative to ``base_dir`` (MNN reads ``base_dir + field``) with the original's defaults filled in."""
-    merged = {**(base or {}), **generated_config(config)}
-    if base is not None:
-        for key, default in MODEL_FILE_DEFAULTS.items():
-            relative_model_path(merged, key, default)
-    return merged
-
-
-def relative_model_path(config: dict[str, Any], key: str, default: str) -> None:
-    """Set ``config[key]`` (or ``default`` when absent) relative to ``config["base_dir"]``, as the original's
-    ``normalize_mnn_path_field``; a non-string or empty value is left as it is."""
-    raw = config.get(key, default)
-    if not isinstance(raw, str) or not raw:
-        return
-    base_dir = Path(config["base_dir"]).resolve()
-    config[key] = os.path.relpath((base_dir / raw).resolve(), base_dir).replace("\\", "/")
 
 
 def manifest_entry(point: Point, config: dict[str, Any], config_path: Path, log_path: Path,
@@ -156,8 +128,8 @@ def run_point(args: argparse.Namespace, loaded: LoadedModel | None, point: Point
               config_path: Path, log_path: Path) -> int:
     """Run one point on llm_bench or the reference runtime; its return code (2: the runtime refused it)."""
     if args.llm_bench:
-        command = llm_bench_command(args.llm_bench, args.threads, point, config_path, log_path, args.backend,
-                                    args.attention_option)
+        command = llm_bench_command(args.llm_bench, args.threads, point.prompt_tokens, point.gen_tokens, point.repeat,
+                                    config_path, log_path, args.backend, args.attention_option)
         return subprocess.run(command, check=False).returncode
     assert loaded is not None
     try:
@@ -183,28 +155,3 @@ def check_setup(args: argparse.Namespace) -> None:
     if args.llm_bench and not args.dry_run and not shutil.which(args.llm_bench):  # a dry run never calls it
         raise ValueError(f"--llm-bench {args.llm_bench}: not found or not executable; expected the path "
                          "of an llm_bench binary (or its name on PATH)")
-
-
-def llm_bench_command(binary: str, threads: int, point: Point, config: Path, log: Path, backend: str = "cpu",
-                      attention_option: int = 0) -> list[str]:
-    """The original's llm_bench call for one point."""
-    return [binary, "-m", str(config), "-a", backend, "-t", str(threads), "-qatten", str(attention_option),
-            "-kv", "true", "-p", str(point.prompt_tokens), "-n", str(point.gen_tokens), "-rep", str(point.repeat),
-            "-fp", str(log)]
-
-
-def read_base_config(path: Path) -> dict[str, Any]:
-    """The llm_bench base config with ``base_dir`` made absolute (MNN joins base_dir + file names);
-    ValueError names the file when it is not a JSON object."""
-    try:
-        base = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: {exc}") from None
-    if not isinstance(base, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    raw = base.get("base_dir", "")
-    base_dir = Path(raw) if isinstance(raw, str) and raw else Path(".")
-    if not base_dir.is_absolute():
-        base_dir = Path(path).resolve().parent / base_dir
-    base["base_dir"] = os.fspath(base_dir.resolve()) + os.sep
-    return base
