@@ -132,7 +132,7 @@ def render_markdown(report: Mapping[str, Any], original: Mapping[str, Any] | Non
     if original is not None:
         lines += quality_gate_lines(report, original)
     meta = [f"- {key.replace('_', ' ').capitalize()}: `{report[key]}`"
-            for key in ("preset", "runtime", "model", "commit", "out_dir", "started")
+            for key in ("preset", "runtime", "device", "model", "commit", "out_dir", "started")
             if report.get(key) not in (None, "")]
     lines += [*meta, ""] if meta else []
     lines += ["## Targets", "",
@@ -143,7 +143,7 @@ def render_markdown(report: Mapping[str, Any], original: Mapping[str, Any] | Non
               f"- max_lossless_fallback: {_limit(t['max_fallback'])}",
               f"- min_top1: {_limit(t['min_top1'])}", f"- max_ppl_delta: {_limit(t['max_ppl_delta'])}",
               f"- decode_undecided_counts_as: {t['undecided']}", ""]
-    if report.get("rounds") and report.get("runtime") == "reference":
+    if report.get("rounds") and report.get("runtime") not in (None, "logs"):
         lines[-1:] = [f"- rounds: {report['rounds']} to {report['max_rounds']} (paired with adjacent baseline runs; "
                       f"the drop is the Hodges-Lehmann estimate with its exact interval: {t['confidence']:.0%} where "
                       "the rounds allow it, else the full range, its real coverage shown beside each drop)", ""]

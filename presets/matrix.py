@@ -152,6 +152,10 @@ def validate(preset: Any, source: str = "preset") -> None:
             known = set(error.schema.get("properties", {}))
             unknown = sorted(k for k in set(error.instance) - known
                              if not any(re.match(pattern, k) for pattern in error.schema.get("patternProperties", {})))
+            if key:  # inside a variant: kv_* keys only
+                names = ", ".join(f"{k!r}{closest_hint(k, KNOWN_KV_KEYS)}" for k in unknown)
+                lines.append(f"{key}: unknown key(s) {names}: a variant holds kv_* config keys only")
+                continue
             names = ", ".join(f"{k!r}{closest_hint(k, known | KNOWN_KV_KEYS)}" for k in unknown)
             lines.append(f"unknown key(s) {names}: expected the preset keys of {SCHEMA_PATH.name} or kv_* config keys")
         elif error.validator == "anyOf":
@@ -216,8 +220,9 @@ def expand(preset: dict[str, Any], source: str = "preset") -> list[Point]:
             raise PresetError(str(exc)) from None
     points, combos = [], []
     names = list(dims) + list(extra)
-    varying = [key for key in names if key in ("h2o_keep_ratios", "h2o_target_lossy_ratios")
-               or len({**dims, **extra}[key]) > 1]
+    # labels name what varies; keep and target always, as the original's run ids, unless variants name the points
+    always = () if "variants" in preset else ("h2o_keep_ratios", "h2o_target_lossy_ratios")
+    varying = [key for key in names if key in always or len({**dims, **extra}[key]) > 1]
     combos_of_dims = list(itertools.product(*dims.values(), *extra.values()))
     for index, (variant, combo) in enumerate(itertools.product(variants, combos_of_dims), start=1):
         values = dict(zip(names, combo))

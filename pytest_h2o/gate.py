@@ -122,7 +122,8 @@ class Gate:
         missing = {"error": _first_line(results.get("fatal")) or "not measured"}
         rows = {p.label: results["configs"].get(p.label, missing) for p in self.points}
         meta = {"preset": self.name, "preset_path": str(self.preset_path), "runtime": results.get("runtime"),
-                "model": results.get("model"), "out_dir": str(self.out_dir), "started": results.get("started"),
+                "device": results.get("device"), "model": results.get("model"), "out_dir": str(self.out_dir),
+                "started": results.get("started"),
                 "elapsed_s": results.get("elapsed_s"), "warnings": results.get("warnings", []),
                 "fatal": results.get("fatal"), "workload": self.workload, "rounds": self.spec.rounds,
                 "max_rounds": self.spec.max_rounds, "inject_slowdown": self.spec.inject_slowdown,

@@ -97,7 +97,8 @@ def measure(points: list[Point], spec: RunSpec, progress: Progress) -> dict[str,
         row = configs[point.label]
         if "error" not in row:
             _add_lossless(row, point, spec, warnings, progress, coded)
-    return {"runtime": spec.runtime, "model": model, "configs": configs, "baselines": baselines,
+    return {"runtime": spec.runtime, "device": spec.device if spec.runtime in IN_PROCESS else None, "model": model,
+            "configs": configs, "baselines": baselines,
             "warnings": warnings}
 
 

@@ -26,6 +26,8 @@ def junit_properties(report: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     properties are not)."""
     yield "h2o_preset", str(report.get("preset"))
     yield "h2o_runtime", str(report.get("runtime"))
+    if report.get("device"):
+        yield "h2o_device", str(report["device"])
     yield "h2o_model", str(report.get("model"))
     yield "h2o_gate_mode", str(report["mode"])
     yield "h2o_overall_pass", _b(report["overall"]["passed"])

@@ -141,3 +141,28 @@ def test_generated_config_fills_every_original_key_in_its_order():
     config = generated_config({"kv_lossless_front_n": 4, "kv_h2o_prefill_scoring": False})
     assert list(config) == [*GENERATED_KV_DEFAULTS, "kv_h2o_prefill_scoring"]
     assert config["kv_lossless_front_n"] == 4 and config["kv_lossless_codec"] == "none"
+
+
+def test_variants_lay_named_configurations_over_every_point():
+    preset = {"prompts": [64], "gens": [8], "h2o_keep_ratios": [0.3], "h2o_recent_tokens": [8, 16],
+              "variants": {"h2o": {}, "snap": {"kv_h2o_enable": False, "kv_press": "snapkv",
+                                               "kv_press_compression_ratio": 0.6}}}
+    points = expand(preset)
+    assert [p.label for p in points] == ["h2o-recent8", "h2o-recent16", "snap-recent8", "snap-recent16"]
+    assert len({p.run_id for p in points}) == 4 and points[2].run_id.endswith("_snap")
+    assert points[0].config["kv_h2o_enable"] is True and "kv_press" not in points[0].config
+    assert points[3].config["kv_press"] == "snapkv" and points[3].config["kv_h2o_enable"] is False
+    assert points[3].config["kv_h2o_recent_tokens"] == 16
+    labels = [p.label for p in expand(load_preset(PRESETS / "compare_presses.json"))]
+    assert labels == ["h2o", "h2o_per_head", "expected_attention", "observed_attention", "snapkv", "streaming_llm"]
+
+
+@pytest.mark.parametrize("variants, message", [
+    ({"x": {"kv_press_ratio": 0.5}}, "variant 'x': unknown config key 'kv_press_ratio'"),
+    ({"x": {"prompts": [64]}}, "variants.x: unknown key(s) 'prompts': a variant holds kv_* config keys only"),
+    ({"x": {"kv_press": ["snapkv"]}}, "key 'variants.x.kv_press': ['snapkv'] is not of type"),
+    ({}, "key 'variants': {} should be non-empty"),
+])
+def test_a_bad_variant_is_named(variants, message):
+    with pytest.raises(PresetError, match=re.escape(message)):
+        expand({"prompts": [64], "gens": [8], "variants": variants})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 
@@ -101,9 +101,10 @@ class Runtime(Protocol):
         when the model has no tokenizer. Raises ``ValueError`` when the text is too short."""
         ...
 
-    def configure(self, config: dict[str, Any], source: str = "config",
-                  extra_kv_keys: Iterable[str] = ()) -> ConfiguredRun:
-        """Raises ``ConfigError`` naming ``source`` and the key for a bad ``kv_*`` key."""
+    def configure(self, config: dict[str, Any], source: str = "config", extra_kv_keys: Iterable[str] = (),
+                  log: Callable[[str], None] | None = None) -> ConfiguredRun:
+        """Raises ``ConfigError`` naming ``source`` and the key for a bad ``kv_*`` key; ``log`` gets the policies'
+        ``[H2O]`` / ``[H2O-LOSSLESS]`` lines when ``kv_h2o_log_stats`` asks for them."""
         ...
 
     def close(self) -> None:

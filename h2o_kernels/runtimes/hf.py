@@ -12,9 +12,9 @@ layer's ``self_attn`` drive, in the reference runtime's order:
 
 The attention is transformers' eager attention registered as ``h2o_eager``: it slices the model-wide mask
 (sized for layer 0) to each layer's key length, so layers may hold different counts, and adds the padding
-mask of heads that hold fewer tokens. Models load in float32 on the CPU (``dtype`` otherwise) with
+mask of heads that hold fewer tokens. Models compute in float32 (a model folder on cuda: float16) with
 ``threads`` torch threads: two threads with another busy core decode 4x slower than one (measured,
-SmolLM2-135M), so the default is one.
+SmolLM2-135M, 2 cores), so the default is one.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def hf_from_reference(ref: LlamaModel) -> LlamaForCausalLM:
     hf_config._attn_implementation = ATTN_IMPLEMENTATION
     model = LlamaForCausalLM(hf_config).eval()
     nh, nkv, D, inter = c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    t = lambda a: torch.from_numpy(np.require(a, np.float32, ["C", "W"]))  # noqa: E731  (GGUF maps are read-only)
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(t(ref.embed))
         if not c.tie_embeddings:
@@ -137,7 +137,7 @@ class HFRuntime:
         register_attention()
         try:
             model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=ATTN_IMPLEMENTATION,
-                                                         dtype=torch.float32 if device == "cpu" else "auto")
+                                                         dtype=torch.float32 if device == "cpu" else torch.float16)
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as exc:
             raise ModelSpecError(f"{model_option} {path}: not a loadable transformers model folder ({exc})") from None
@@ -175,8 +175,11 @@ class _HFTokenizer:
 
 
 def _reference_encoder(loaded: LoadedModel) -> Callable[[str | None, int, int], np.ndarray]:
+    """The reference runtime's token ids (its tokenizer, or its seeded random ids), without keeping its weights."""
+    tokenizer, vocab_size = loaded.tokenizer, loaded.model.config.vocab_size
+
     def encode(text: str | None, count: int, seed: int = 0) -> np.ndarray:
-        return prompt_ids(loaded.tokenizer, text, count, loaded.model.config.vocab_size, seed)
+        return prompt_ids(tokenizer, text, count, vocab_size, seed)
     return encode
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -52,7 +53,9 @@ def resolve_press(name: str, compression_ratio: float) -> Any:
                               "(kvpress ScorerPress subclasses)")
         return press
     try:
-        import kvpress
+        with warnings.catch_warnings():  # kvpress imports fire, which imports the deprecated pipes module
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import kvpress
     except ImportError:
         raise ConfigError(f"kv_press {name!r}: kvpress is not installed (pip install 'pytest-h2o[hf]')") from None
     classes = {n[:-len("Press")].lower(): n for n in dir(kvpress) if n.endswith("Press") and n != "BasePress"}

@@ -16,7 +16,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -205,10 +205,11 @@ class LlmBenchRuntime:
         repeated) and takes only the lengths from us, so these ids are what it really runs."""
         return np.full(count, SYNTHETIC_TOKEN, dtype=np.int64)
 
-    def configure(self, config: dict[str, Any], source: str = "config",
-                  extra_kv_keys: Iterable[str] = ()) -> LlmBenchRun:
+    def configure(self, config: dict[str, Any], source: str = "config", extra_kv_keys: Iterable[str] = (),
+                  log: Callable[[str], None] | None = None) -> LlmBenchRun:
         """Raises ``ConfigError`` naming ``source`` and the key for a bad ``kv_*`` key (``extra_kv_keys``, the
-        binary's own keys, go into the config file as they are)."""
+        binary's own keys, go into the config file as they are). ``log`` is unused: the binary prints its own
+        lines into its output file."""
         check_config(config, source, extra_kv_keys, runtime=KIND)
         return LlmBenchRun(self, sweep_config(self.base, config), source)
 

@@ -4,10 +4,13 @@ shows defaults, and input-file checks done before any model is loaded."""
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Callable, NoReturn
 
 from h2o_kernels.model.fetch import ModelFetchError
 from h2o_kernels.model.loading import LoadedModel, ModelSpecError, load_model
+from h2o_kernels.runtimes.base import Runtime
+from h2o_kernels.runtimes.loading import DEVICES, IN_PROCESS, RuntimeUnavailableError, open_runtime
 
 
 def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -58,3 +61,25 @@ def load_command_model(spec: str, threads: int, parser: argparse.ArgumentParser)
         parser.error(str(exc))
     except ModelFetchError as exc:
         parser.exit(1, f"{parser.prog}: {exc}\n")
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """``--runtime`` and ``--device`` (defaults from ``$H2O_RUNTIME`` / ``$H2O_DEVICE``, as the plugin reads them)."""
+    p.add_argument("--runtime", choices=IN_PROCESS, default=os.environ.get("H2O_RUNTIME") or "reference",
+                   help="reference (numpy) or hf (transformers; pip install 'pytest-h2o[hf]'); $H2O_RUNTIME")
+    p.add_argument("--device", choices=DEVICES, default=os.environ.get("H2O_DEVICE") or "cpu",
+                   help="the hf runtime's device; $H2O_DEVICE")
+
+
+def load_command_runtime(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Runtime:
+    """``args.model`` on ``args.runtime`` (``args.device``, ``args.threads``): a bad model spec, a missing extra or
+    device is a usage error (exit 2); a download that fails exits 1 with the manual-fetch hint."""
+    if args.runtime not in IN_PROCESS:
+        parser.error(f"--runtime {args.runtime}: expected one of {', '.join(IN_PROCESS)} (from $H2O_RUNTIME?)")
+    try:
+        return open_runtime(args.runtime, args.model, threads=args.threads, device=args.device)
+    except (ModelSpecError, RuntimeUnavailableError, ValueError) as exc:
+        parser.error(str(exc))
+    except ModelFetchError as exc:
+        parser.exit(1, f"{parser.prog}: {exc}\n")
+

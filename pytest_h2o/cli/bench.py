@@ -1,4 +1,4 @@
-"""h2o-gate bench: the llm_bench equivalent on the reference runtime.
+"""h2o-gate bench: the llm_bench equivalent on an in-process runtime (reference, or hf with ``--runtime hf``).
 
 Runs ``-rep`` measured runs (after one discarded warm-up) of ``-p`` prompt tokens and ``-n``
 teacher-forced continuation tokens of real text, with the ``kv_*`` keys of ``-c``; writes the
@@ -18,18 +18,20 @@ import numpy as np
 
 from h2o_gates.bench_log import BenchRow, render_table, size_text, write_log
 from h2o_kernels.fidelity import fidelity
-from h2o_kernels.model.loading import EMBEDDED_MODEL, LoadedModel
+from h2o_kernels.model.loading import EMBEDDED_MODEL
 from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits
 from h2o_kernels.runtimes.base import check_config, check_text_file, run_tokens
-from h2o_kernels.runtimes.reference import ReferenceRun, ReferenceRuntime
-from pytest_h2o.cli.args import load_command_model, non_negative_int, positive_int
+from h2o_kernels.runtimes.base import Runtime
+from pytest_h2o.cli.args import add_runtime_arguments, load_command_runtime, non_negative_int, positive_int
 from pytest_h2o.cli.out_paths import OutPathError, check_out_dir, check_out_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The bench options (llm_bench's names where it had them)."""
     p.add_argument("-m", "--model", default=EMBEDDED_MODEL,
-                   help=f"'{EMBEDDED_MODEL}' (embedded SmolLM2-135M-Instruct), a .gguf file or a HF-style config.json")
+                   help=f"'{EMBEDDED_MODEL}' (embedded SmolLM2-135M-Instruct), a .gguf file, a HF-style config.json "
+                        "(random weights) or, with --runtime hf, a transformers model folder")
+    add_runtime_arguments(p)
     p.add_argument("-c", "--config", type=Path, help="JSON with the kv_h2o_* / kv_lossless_* keys (default: all off)")
     p.add_argument("-p", "--prompt-tokens", type=positive_int, default=512, help="prompt tokens (prefill)")
     p.add_argument("-n", "--gen-tokens", type=non_negative_int, default=128,
@@ -49,15 +51,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Execute ``h2o-gate bench``."""
     config = read_config(args.config, parser)
     try:
-        check_config(config, str(args.config))
+        check_config(config, str(args.config), runtime=args.runtime)
         check_outputs(args.log_file, args.dump_kv)
         check_text_file(args.text_file, "--text-file")
     except ValueError as exc:
         parser.error(str(exc))
-    loaded = load_command_model(args.model, args.threads, parser)
-    prompt, continuation = command_tokens(args, loaded, parser)
+    runtime = load_command_runtime(args, parser)
+    prompt, continuation = command_tokens(args, runtime, parser)
     try:
-        row, summary = run_bench(loaded, config, str(args.config or "defaults"), prompt, continuation,
+        row, summary = run_bench(runtime, config, str(args.config or "defaults"), prompt, continuation,
                                  args.repeat, args.threads, fidelity_run=not args.no_fidelity, dump_kv=args.dump_kv)
     except (ValueError, OSError) as exc:
         print(f"h2o-gate bench: {exc}", file=sys.stderr)
@@ -66,12 +68,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def command_tokens(args: argparse.Namespace, loaded: LoadedModel,
+def command_tokens(args: argparse.Namespace, runtime: Runtime,
                    parser: argparse.ArgumentParser) -> tuple[np.ndarray, np.ndarray]:
     """The run's prompt and continuation; a usage error when they do not fit the model, memory or text."""
     try:
-        check_run_fits(loaded.model.config, args.prompt_tokens, args.gen_tokens, "-p/-n", not args.no_fidelity)
-        return run_tokens(ReferenceRuntime(loaded), args.prompt_tokens, args.gen_tokens, args.text_file, args.synthetic)
+        check_run_fits(runtime.model.config, args.prompt_tokens, args.gen_tokens, "-p/-n", not args.no_fidelity)
+        return run_tokens(runtime, args.prompt_tokens, args.gen_tokens, args.text_file, args.synthetic)
     except RunTooLargeError as exc:
         parser.error(str(exc))
     except ValueError as exc:
@@ -104,29 +106,30 @@ def check_outputs(log_file: Path | None, dump_kv: Path | None) -> None:
         check_out_dir(dump_kv, "--dump-kv")
 
 
-def run_bench(loaded: LoadedModel, config: dict[str, Any], source: str, prompt: np.ndarray,
+def run_bench(runtime: Runtime, config: dict[str, Any], source: str, prompt: np.ndarray,
               continuation: np.ndarray, repeat: int, threads: int, fidelity_run: bool = True,
               dump_kv: Path | None = None, extra_kv_keys: Iterable[str] = ()) -> tuple[BenchRow, dict[str, float]]:
     """One warm-up and ``repeat`` measured runs of ``config``; fidelity against a full-cache run of
     the same tokens. Raises ConfigError for bad ``kv_*`` keys (``extra_kv_keys``: known to another runtime)."""
-    runtime = ReferenceRun(loaded.model, config, source=source, log=lambda line: print(line, flush=True),
-                               extra_kv_keys=extra_kv_keys)
-    row = BenchRow(loaded.name, size_text(loaded.size_bytes), threads, len(prompt), len(continuation))
+    run = runtime.configure(config, source=source, extra_kv_keys=extra_kv_keys,
+                            log=lambda line: print(line, flush=True))
+    info = runtime.model
+    row = BenchRow(info.name, size_text(info.size_bytes), threads, len(prompt), len(continuation))
     say = lambda line: print(f"[h2o-gate bench] {line}", file=sys.stderr, flush=True)  # noqa: E731
     say(f"{source}: warm-up run ({len(prompt)} + {len(continuation)} tokens)")
-    runtime.run(prompt, continuation)
+    run.run(prompt, continuation)
     keep = fidelity_run and len(continuation) > 0
     candidate_logits = None
     for rep in range(repeat):
-        result = runtime.run(prompt, continuation, keep_logits=keep and rep == 0,
-                             dump_dir=dump_kv if rep == 0 else None, run_id=f"{loaded.name}-bench")
+        result = run.run(prompt, continuation, keep_logits=keep and rep == 0,
+                         dump_dir=dump_kv if rep == 0 else None, run_id=f"{info.name}-bench")
         candidate_logits = result.logits if rep == 0 else candidate_logits
         row.add_run(result.prefill_tok_s, result.decode_tok_s, result.metrics)
         say(f"run {rep + 1}/{repeat}: prefill {result.prefill_tok_s:.1f} tok/s, decode {result.decode_tok_s:.2f} tok/s")
     summary = row.summary()
     if candidate_logits is not None:
         say("full-cache reference run for fidelity")
-        reference = ReferenceRun(loaded.model, {}).run(prompt, continuation, keep_logits=True)
+        reference = runtime.configure({}).run(prompt, continuation, keep_logits=True)
         summary.update(fidelity(reference.logits, candidate_logits, continuation))
     return row, summary
 

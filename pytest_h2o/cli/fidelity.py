@@ -17,8 +17,7 @@ from h2o_kernels.fidelity import DEFAULT_SUITE_SIZE, SUITE_KINDS, SUITE_TEXTS, S
 from h2o_kernels.model.loading import EMBEDDED_MODEL
 from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits
 from h2o_kernels.runtimes.base import check_config
-from h2o_kernels.runtimes.reference import ReferenceRuntime
-from pytest_h2o.cli.args import load_command_model, positive_int
+from pytest_h2o.cli.args import add_runtime_arguments, load_command_runtime, positive_int
 from pytest_h2o.cli.bench import read_config
 from pytest_h2o.cli.out_paths import OutPathError, check_out_file
 from pytest_h2o.fidelity_suite import Suite, read_texts, suite_tokens
@@ -27,7 +26,9 @@ from pytest_h2o.fidelity_suite import Suite, read_texts, suite_tokens
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The fidelity options (bench's names where they mean the same)."""
     p.add_argument("-m", "--model", default=EMBEDDED_MODEL,
-                   help=f"'{EMBEDDED_MODEL}' (embedded SmolLM2-135M-Instruct), a .gguf file or a HF-style config.json")
+                   help=f"'{EMBEDDED_MODEL}' (embedded SmolLM2-135M-Instruct), a .gguf file, a HF-style config.json "
+                        "(random weights) or, with --runtime hf, a transformers model folder")
+    add_runtime_arguments(p)
     p.add_argument("-c", "--config", type=Path, required=True, help="JSON with the kv_h2o_* / kv_lossless_* keys")
     p.add_argument("-p", "--prompt-tokens", type=positive_int, default=512, help="prompt tokens (prefill)")
     p.add_argument("-n", "--gen-tokens", type=positive_int, default=128,
@@ -44,21 +45,22 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Execute ``h2o-gate fidelity``."""
     config = read_config(args.config, parser)
     try:
-        check_config(config, str(args.config))
+        check_config(config, str(args.config), runtime=args.runtime)
         if args.json is not None:
             check_out_file(args.json, "--json")
         texts = read_texts(args.texts)
     except (ValueError, OutPathError) as exc:
         parser.error(str(exc))
-    loaded = load_command_model(args.model, args.threads, parser)
+    runtime = load_command_runtime(args, parser)
     try:
-        check_run_fits(loaded.model.config, args.prompt_tokens, args.gen_tokens, "-p/-n", True)
-        tokens = suite_tokens(ReferenceRuntime(loaded), texts, args.prompt_tokens, args.gen_tokens)
+        check_run_fits(runtime.model.config, args.prompt_tokens, args.gen_tokens, "-p/-n", True)
+        tokens = suite_tokens(runtime, texts, args.prompt_tokens, args.gen_tokens)
     except (RunTooLargeError, SuiteTextError) as exc:
         parser.error(f"{exc}; give fewer tokens (-p/-n) or other --texts")
     say = lambda line: print(f"[h2o-gate fidelity] {line}", file=sys.stderr, flush=True)  # noqa: E731
-    suite = Suite(ReferenceRuntime(loaded), tokens, say).measure(config, str(args.config))
-    print(f"{loaded.name}, {args.prompt_tokens} + {args.gen_tokens} tokens, config {args.config}")
+    suite = Suite(runtime, tokens, say).measure(config, str(args.config))
+    print(f"{runtime.model.name} ({runtime.kind}), {args.prompt_tokens} + {args.gen_tokens} tokens, "
+          f"config {args.config}")
     print("\n".join(suite_text_lines(suite, gated=False)))  # this command gates nothing
     comparison = what_heavy_hitters_buy(suite)
     if comparison:
@@ -69,6 +71,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
               file=sys.stderr)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": loaded.name, "config": config, **suite}, indent=2) + "\n",
-                             encoding="utf-8")
+        report = {"model": runtime.model.name, "runtime": runtime.kind, "config": config, **suite}
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0

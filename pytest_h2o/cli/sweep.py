@@ -1,7 +1,8 @@
 """h2o-gate sweep: run every point of a preset matrix.
 
-One config per point, run on the reference runtime or on an external llm_bench binary with the
-original's arguments; writes ``configs/``, ``logs/`` and ``manifest.json`` under ``--out-dir``.
+One config per point, run on an in-process runtime (``--runtime reference|hf``) or on an external
+llm_bench binary with the original's arguments (``--llm-bench``); writes ``configs/``, ``logs/`` and
+``manifest.json`` under ``--out-dir``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from h2o_gates.bench_log import write_log
-from h2o_kernels.model.loading import EMBEDDED_MODEL, LoadedModel
+from h2o_kernels.model.loading import EMBEDDED_MODEL
 from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits
-from h2o_kernels.runtimes.base import check_text_file, run_tokens
+from h2o_kernels.runtimes.base import Runtime, check_text_file, run_tokens
 from h2o_kernels.runtimes.llm_bench import LLM_BENCH_THREADS, llm_bench_command, read_base_config, sweep_config
-from h2o_kernels.runtimes.reference import ReferenceRuntime
 from h2o_presets.matrix import GENERATED_KV_DEFAULTS, Point
-from pytest_h2o.cli.args import load_command_model, non_negative_int, positive_int
+from pytest_h2o.cli.args import add_runtime_arguments, load_command_runtime, non_negative_int, positive_int
 from pytest_h2o.cli.bench import run_bench
 from pytest_h2o.cli.out_paths import check_out_dir
 from pytest_h2o.gate import GateSetupError, load_points
@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", required=True,
                    help="preset matrix JSON: a path or the name of a bundled preset (as pytest --h2o-preset)")
     p.add_argument("--out-dir", required=True, type=Path, help="where configs/, logs/ and manifest.json go")
-    p.add_argument("-m", "--model", default=EMBEDDED_MODEL, help="reference runtime model (see h2o-gate bench)")
+    p.add_argument("-m", "--model", default=EMBEDDED_MODEL, help="the in-process runtime's model (see h2o-gate bench)")
+    add_runtime_arguments(p)
     p.add_argument("--llm-bench", help="run this external llm_bench binary per point instead")
     p.add_argument("--base-config", type=Path, help="with --llm-bench: the model's base config JSON")
     p.add_argument("--backend", default="cpu", help="with --llm-bench: -a")
@@ -59,10 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Execute ``h2o-gate sweep``."""
     points, base = setup(args, parser)
-    loaded = None
+    runtime = None
     if not args.llm_bench and not args.dry_run:
-        loaded = load_command_model(args.model, args.threads, parser)
-        check_points_fit(loaded, points, args.preset, parser)
+        runtime = load_command_runtime(args, parser)
+        check_points_fit(runtime, points, args.preset, parser)
     configs, logs = args.out_dir / "configs", args.out_dir / "logs"
     configs.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         config = sweep_config(base, point.config)
         config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
         print(f"[h2o-gate sweep] {number}/{len(points)} {point.run_id}", file=sys.stderr, flush=True)
-        rc = None if args.dry_run else run_point(args, loaded, point, config, config_path, log_path)
+        rc = None if args.dry_run else run_point(args, runtime, point, config, config_path, log_path)
         failed += rc not in (0, None)
         manifest.append(manifest_entry(point, config, config_path, log_path, rc))
     (args.out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
@@ -89,7 +90,7 @@ def setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[li
     if args.threads is None:
         args.threads = LLM_BENCH_THREADS if args.llm_bench else 1
     try:
-        _, points = load_points(args.preset, {})
+        _, points = load_points(args.preset, {}, "llm_bench" if args.llm_bench else args.runtime)
     except GateSetupError as exc:
         parser.error(f"--preset {exc}")
     try:
@@ -114,28 +115,28 @@ def manifest_entry(point: Point, config: dict[str, Any], config_path: Path, log_
     return {**entry, **{key: value for key, value in point.config.items() if key not in shown}}
 
 
-def check_points_fit(loaded: LoadedModel, points: list[Point], preset: str, parser: argparse.ArgumentParser) -> None:
+def check_points_fit(runtime: Runtime, points: list[Point], preset: str, parser: argparse.ArgumentParser) -> None:
     """A usage error, before the first run, when a point's tokens exceed the model's context or the memory."""
     for point in points:
         try:
-            check_run_fits(loaded.model.config, point.prompt_tokens, point.gen_tokens, f"--preset {preset} "
+            check_run_fits(runtime.model.config, point.prompt_tokens, point.gen_tokens, f"--preset {preset} "
                            f"({point.label})")
         except RunTooLargeError as exc:
             parser.error(str(exc))
 
 
-def run_point(args: argparse.Namespace, loaded: LoadedModel | None, point: Point, config: dict[str, Any],
+def run_point(args: argparse.Namespace, runtime: Runtime | None, point: Point, config: dict[str, Any],
               config_path: Path, log_path: Path) -> int:
-    """Run one point on llm_bench or the reference runtime; its return code (2: the runtime refused it)."""
+    """Run one point on llm_bench or the in-process runtime; its return code (2: the runtime refused it)."""
     if args.llm_bench:
         command = llm_bench_command(args.llm_bench, args.threads, point.prompt_tokens, point.gen_tokens, point.repeat,
                                     config_path, log_path, args.backend, args.attention_option)
         return subprocess.run(command, check=False).returncode
-    assert loaded is not None
+    assert runtime is not None
     try:
-        prompt, continuation = run_tokens(ReferenceRuntime(loaded), point.prompt_tokens, point.gen_tokens,
-                                          args.text_file, args.synthetic)
-        row, summary = run_bench(loaded, config, str(config_path), prompt, continuation, point.repeat, args.threads,
+        prompt, continuation = run_tokens(runtime, point.prompt_tokens, point.gen_tokens, args.text_file,
+                                          args.synthetic)
+        row, summary = run_bench(runtime, config, str(config_path), prompt, continuation, point.repeat, args.threads,
                                  extra_kv_keys=point.extra_kv_keys)
         write_log(log_path, row, summary, config, point.repeat,
                   "synthetic" if args.synthetic else str(args.text_file or "pydoc_data.topics"))
