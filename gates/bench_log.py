@@ -1,7 +1,7 @@
 """The llm_bench markdown log: one table, ``speed(tok/s)`` as ``prefill ± sd<br>decode ± sd`` and
 every metric cell as ``mean ± sd`` (sample standard deviation), in the original's column order.
 
-Written by ``h2o-gate bench`` (our reference runtime) in the same format the original MNN llm_bench
+Written by ``h2o-gate bench`` and the gate (our runtimes) in the same format the original MNN llm_bench
 wrote, so one parser serves both.
 """
 

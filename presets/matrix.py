@@ -5,9 +5,9 @@ The list keys of the original presets (``prompts``, ``gens``, ``h2o_keep_ratios`
 ``kv_*`` key are copied. Any ``kv_*`` key given as a list becomes one more dimension. The points are
 the cartesian product of all dimensions, in the original's order and with its run ids.
 
-A ``kv_*`` key must be one the runtimes know (``h2o_kernels.runtimes.reference.KNOWN_KV_KEYS``) or be listed in the
+A ``kv_*`` key must be one the runtimes know (``h2o_kernels.runtimes.base.KNOWN_KV_KEYS``) or be listed in the
 preset's ``extra_kv_keys`` (keys that only an external runtime reads); a misspelled key is an error naming
-the closest known one.
+the closest known one. ``variants`` (named objects of ``kv_*`` keys) are laid over every point, and name it.
 """
 
 from __future__ import annotations

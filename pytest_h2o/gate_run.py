@@ -6,7 +6,7 @@ decode-drop interval is decided or the rounds cap is reached.
 - ``reference`` (default) and ``hf`` (transformers), in process: the first run of each configuration also
   keeps its logits (fidelity against the baseline's) and writes its held KV as dumps; identical dump files
   are then stored once.
-- ``llm_bench``: the external llm_bench binary, one call per run with the original's arguments (``-rep 1``:
+- ``llm-bench``: the external llm_bench binary, one call per run with the original's arguments (``-rep 1``:
   the rounds do the repeating); speeds and the policies' metrics only (no logits, no dumps).
 - ``logs``: llm_bench logs (or a CSV of parsed rows) that already exist, matched to points by run id.
 
@@ -36,7 +36,7 @@ from h2o_kernels.lossless.offline_eval import EvalOptions, SelectionError, evalu
 from h2o_kernels.model.run_memory import check_run_fits
 from h2o_kernels.runtimes.base import RunFailedError, Runtime, run_tokens
 from h2o_kernels.runtimes.llm_bench import KIND as LLM_BENCH
-from h2o_kernels.runtimes.loading import IN_PROCESS, open_runtime
+from h2o_kernels.runtimes.registry import IN_PROCESS, open_runtime
 from h2o_presets.matrix import Point
 from pytest_h2o.fidelity_suite import Suite, SuiteText, read_texts, row_metrics, suite_tokens
 
@@ -44,15 +44,13 @@ BASELINE_CONFIG = {"kv_h2o_enable": False, "kv_lossless_enable": False}
 ONLINE_SIM = dict(entry_mode="chunked_grouped", online_chunk_seq=192, online_framing_bytes=8, adaptive_block_seq=64,
                   zstd_level=3, stage="both")
 Progress = Callable[[str], None]
-# RunSpec.runtime -> the runtime kind it opens (:func:`open_runtime`); "logs" runs none
-RUN_KINDS = {"reference": "reference", "hf": "hf", "llm_bench": LLM_BENCH, LLM_BENCH: LLM_BENCH}
 
 
 @dataclass(frozen=True)
 class RunSpec:
     """Where and how to measure (plain data, so it can be handed to xdist workers)."""
 
-    runtime: str  # "reference" | "hf" | "llm_bench" (or "llm-bench") | "logs"
+    runtime: str  # a runtime kind ("reference" | "hf" | "llm-bench", :func:`open_runtime`) or "logs" (runs none)
     out_dir: Path
     model: str = "smollm2"
     threads: int = 1
@@ -74,7 +72,7 @@ def measure(points: list[Point], spec: RunSpec, progress: Progress) -> dict[str,
     """Measure every point; returns ``{"runtime", "model", "configs": {label: metrics}, "baselines":
     {label: tok/s or None}, "warnings": [...]}`` (JSON-serialisable)."""
     warnings: list[str] = []
-    if spec.runtime in RUN_KINDS:
+    if spec.runtime != "logs":
         configs, baselines, model = _run_runtime(points, spec, progress, warnings)
         if (spec.out_dir / "kv").is_dir():  # identical dumps (the layers no configuration evicts) stored once
             linked, saved = link_identical(spec.out_dir / "kv")
@@ -82,7 +80,7 @@ def measure(points: list[Point], spec: RunSpec, progress: Progress) -> dict[str,
                      f"({saved / 1e6:.1f} MB saved)")
     else:
         configs, baselines, model = _read_logs(points, spec, warnings)
-    if spec.fidelity_texts and RUN_KINDS.get(spec.runtime) == LLM_BENCH:
+    if spec.fidelity_texts and spec.runtime == LLM_BENCH:
         warnings.append(f"[WARN] the fidelity suite ({len(spec.fidelity_texts)} texts) needs logits; the llm_bench "
                         "runtime keeps none, so no configuration has fidelity numbers")
     elif spec.fidelity_texts and spec.runtime not in IN_PROCESS:
@@ -102,9 +100,9 @@ def measure(points: list[Point], spec: RunSpec, progress: Progress) -> dict[str,
             "warnings": warnings}
 
 
-# runtimes (reference, hf, llm_bench) ---------------------------------------------------------------
+# runtimes (reference, hf, llm-bench) ---------------------------------------------------------------
 def _run_runtime(points: list[Point], spec: RunSpec, progress: Progress, warnings: list[str]):
-    kind = RUN_KINDS[spec.runtime]
+    kind = spec.runtime
     if kind == LLM_BENCH:
         progress(f"llm_bench {spec.llm_bench}" + (f" with {spec.base_config}" if spec.base_config else ""))
         if spec.text_file is not None:
@@ -144,15 +142,20 @@ def _measure_groups(runtime: Runtime, points: list[Point], spec: RunSpec, progre
                        len(base_row.decode_tok_s), text)
         suite = _suite(runtime, spec, session, progress)
         for point in group:
+            summary = {}
+            if point.run_id not in session.errors:
+                summary = {**session.rows[point.run_id].summary(), **session.paired(point.run_id)}
+            if summary and session.logits.get(point.run_id) is not None and session.logits.get(base_id) is not None:
+                summary.update(fidelity(session.logits[base_id], session.logits[point.run_id], continuation))
+                try:
+                    if suite is not None:
+                        summary.update(_suite_numbers(suite, session, point, summary))
+                except RunFailedError as exc:  # one configuration's run on another text
+                    session.errors[point.run_id] = f"fidelity suite: {exc}"
             if point.run_id in session.errors:
                 configs[point.label] = {"run_id": point.run_id, "error": session.errors[point.run_id]}
                 baselines[point.label] = statistics.median(base_row.decode_tok_s) if base_row.decode_tok_s else None
                 continue
-            summary = {**session.rows[point.run_id].summary(), **session.paired(point.run_id)}
-            if session.logits.get(point.run_id) is not None and session.logits.get(base_id) is not None:
-                summary.update(fidelity(session.logits[base_id], session.logits[point.run_id], continuation))
-                if suite is not None:
-                    summary.update(_suite_numbers(suite, session, point, summary))
             _write_log(spec.out_dir, point.run_id, session.rows[point.run_id], summary, point.config,
                        len(session.rows[point.run_id].decode_tok_s), text)
             row: dict[str, Any] = {"run_id": point.run_id, "prompt_tokens": prompt_len, "gen_tokens": gen_len}

@@ -140,7 +140,8 @@ SETTINGS: tuple[Setting, ...] = (
             "config.json (random weights) or, on hf, a transformers model folder"),
     Setting("h2o_device", "H2O_DEVICE", _choice("cpu", "cuda"), "cpu", "device of the hf runtime"),
     Setting("h2o_text_file", "H2O_TEXT_FILE", Path, None, "text for prompts (default: Python's pydoc help)"),
-    Setting("h2o_threads", "H2O_THREADS", _positive_int, 1, "BLAS threads of the reference runtime / llm_bench -t"),
+    Setting("h2o_threads", "H2O_THREADS", _positive_int, 1,
+            "threads of the reference runtime (BLAS), the hf runtime (torch) / llm_bench -t"),
     Setting("h2o_gate_mode", "H2O_GATE_MODE", _mode, "joint", "joint: one configuration passes every rule; "
             "independent: the original's per-metric best of"),
     Setting("h2o_kv_dumps", "H2O_KV_DUMPS", Path, None, "KV dumps for the online-sim instead of the run's own"),

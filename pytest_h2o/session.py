@@ -20,9 +20,11 @@ import pytest
 
 from h2o_gates.gate_report import write_reports
 from h2o_gates.rules import Thresholds
+from h2o_kernels.config_keys import ConfigError
 from h2o_kernels.model.loading import ModelSpecError, model_config
 from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits
 from h2o_kernels.runtimes.base import check_text_file
+from h2o_kernels.runtimes.registry import CPU_TORCH_HINT, RuntimeUnavailableError, check_cuda, check_press_config
 from h2o_presets.matrix import PresetError, load_preset, preset_settings
 from pytest_h2o.compare import CompareSpecError, HistorySetup
 from pytest_h2o.gate import Gate, GateSetupError, load_points
@@ -147,7 +149,7 @@ class GatePlugin:
             raise pytest.UsageError(f"--h2o-device {device}: only the hf runtime (--h2o-runtime hf) runs on {device}; "
                                     f"the {runtime} runtime runs where it runs")
         if runtime == "hf":
-            _check_hf(device)
+            _check_hf(device, self.points)
         for name, path in (("--h2o-base-config", base), ("--h2o-logs", logs), ("--h2o-kv-dumps", r("h2o_kv_dumps")),
                            ("--h2o-text-file", r("h2o_text_file"))):
             if path is not None and not Path(path).exists():
@@ -209,7 +211,7 @@ class GatePlugin:
         sizes and ``kv_*`` config (overrides included, as a sha256 of its JSON)."""
         spec = self.gate.spec
         model = {"reference": spec.model, "hf": f"{spec.model} ({spec.device})",
-                 "llm_bench": f"{spec.llm_bench} {spec.base_config}", "logs": str(spec.logs)}[spec.runtime]
+                 "llm-bench": f"{spec.llm_bench} {spec.base_config}", "logs": str(spec.logs)}[spec.runtime]
         if spec.text_file is not None:
             text, data = str(spec.text_file), Path(spec.text_file).read_bytes()
         else:
@@ -352,24 +354,26 @@ def _runtime_kind(r: Callable[[str], Any]) -> str:
         if not llm_bench:
             raise pytest.UsageError("--h2o-runtime llm-bench: name the binary with --h2o-llm-bench (and the model's "
                                     "config with --h2o-base-config)")
-        return "llm_bench"
+        return "llm-bench"
     if llm_bench:
         raise pytest.UsageError(f"--h2o-llm-bench runs the llm-bench runtime, not --h2o-runtime {chosen}; give one")
     return chosen or "reference"
 
 
-def _check_hf(device: str) -> None:
-    """The hf runtime's extra is installed and ``device`` is there: a usage error saying what to install."""
+def _check_hf(device: str, points: list[Any]) -> None:
+    """The hf runtime's extra is installed, ``device`` is there and every configuration's press exists: a usage
+    error saying what to install or fix."""
     import importlib.util
 
     missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
     if missing:
-        raise pytest.UsageError(f"--h2o-runtime hf needs {' and '.join(missing)}: pip install 'pytest-h2o[hf]' (on a "
-                                "CPU-only machine: pip install torch==2.13.0 first, or pip picks a CUDA build)")
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise pytest.UsageError("--h2o-device cuda: torch sees no CUDA device here (a CPU build of torch, or no "
-                                    "GPU); use --h2o-device cpu")
+        raise pytest.UsageError(f"--h2o-runtime hf needs {' and '.join(missing)}: pip install 'pytest-h2o[hf]' "
+                                f"({CPU_TORCH_HINT})")
+    try:
+        if device == "cuda":
+            check_cuda()
+        for point in points:
+            check_press_config(point.config, point.label)
+    except (RuntimeUnavailableError, ConfigError) as exc:
+        raise pytest.UsageError(str(exc).replace("device cuda:", "--h2o-device cuda:")) from None
 

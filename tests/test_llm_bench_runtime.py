@@ -14,7 +14,7 @@ import pytest
 from h2o_kernels.config_keys import ConfigError
 from h2o_kernels.runtimes.base import RunFailedError, run_tokens
 from h2o_kernels.runtimes.llm_bench import LlmBenchRuntime, llm_bench_command
-from h2o_kernels.runtimes.loading import open_runtime
+from h2o_kernels.runtimes.registry import open_runtime
 from h2o_presets.matrix import Point
 from pytest_h2o import gate_run
 from pytest_h2o.gate_run import RunSpec
@@ -173,13 +173,13 @@ def points(*labels: str) -> list[Point]:
 
 
 def test_the_gate_measures_it_in_paired_rounds(binary, base, tmp_path):
-    spec = RunSpec("llm_bench", tmp_path / "out", threads=2, llm_bench=str(binary), base_config=base, rounds=2,
+    spec = RunSpec("llm-bench", tmp_path / "out", threads=2, llm_bench=str(binary), base_config=base, rounds=2,
                    max_rounds=2)
     results = gate_run.measure(points("a", "b", "c"), spec, lambda line: None)
     order = [Path(args[1]).stem for args in calls(binary)]
     assert order == ["baseline_p8_g4_warmup", "baseline_p8_g4", "run_0001", "run_0002", "baseline_p8_g4", "run_0003",
                      "baseline_p8_g4", "run_0002", "run_0003", "baseline_p8_g4", "run_0001", "baseline_p8_g4"]
-    assert results["runtime"] == "llm_bench" and results["model"] == "llama2_mnn"
+    assert results["runtime"] == "llm-bench" and results["model"] == "llama2_mnn"
     row = results["configs"]["a"]
     assert row["decode_tps_rounds"] == [9.0, 9.0] and row["decode_log_ratios"] == pytest.approx([np.log(0.9)] * 2)
     assert row["baseline_decode_tps"] == 10.0 and row["h2o_lossy"] == 2.0
@@ -193,12 +193,12 @@ def test_the_gate_measures_it_in_paired_rounds(binary, base, tmp_path):
 def test_a_failing_configuration_fails_alone_and_a_failing_baseline_fails_them_all(binary, base, tmp_path):
     pts = points("a", "b")
     pts[1] = Point(pts[1].run_id, 8, 4, 2, {"fake_crash": 5}, "b", ("fake_crash",))
-    spec = RunSpec("llm_bench", tmp_path / "one", llm_bench=str(binary), base_config=base, rounds=2, max_rounds=2)
+    spec = RunSpec("llm-bench", tmp_path / "one", llm_bench=str(binary), base_config=base, rounds=2, max_rounds=2)
     configs = gate_run.measure(pts, spec, lambda line: None)["configs"]
     assert configs["b"]["error"].startswith("llm_bench run run_0002 exited with status 5")
     assert configs["a"]["decode_tps_rounds"] == [9.0, 9.0]
     base.write_text(json.dumps({"llm_model": "llm.mnn", "base_dir": ".", "fake_crash": 6}))
-    spec = RunSpec("llm_bench", tmp_path / "all", llm_bench=str(binary), base_config=base)
+    spec = RunSpec("llm-bench", tmp_path / "all", llm_bench=str(binary), base_config=base)
     configs = gate_run.measure(points("a", "b"), spec, lambda line: None)["configs"]
     assert all(c["error"].startswith("the baseline run failed: llm_bench run baseline_p8_g4_warmup exited with "
                                      "status 6") for c in configs.values())
@@ -207,7 +207,7 @@ def test_a_failing_configuration_fails_alone_and_a_failing_baseline_fails_them_a
 def test_a_baseline_failing_after_the_warm_up_fails_the_configurations_still_measured(binary, base, tmp_path,
                                                                                         monkeypatch):
     monkeypatch.setenv("FAKE_BASELINE_FAILS_AFTER", "2")  # the warm-up and round 1's first baseline run
-    spec = RunSpec("llm_bench", tmp_path / "out", llm_bench=str(binary), base_config=base, rounds=2)
+    spec = RunSpec("llm-bench", tmp_path / "out", llm_bench=str(binary), base_config=base, rounds=2)
     configs = gate_run.measure(points("a", "b"), spec, lambda line: None)["configs"]
     assert [Path(args[1]).stem for args in calls(binary)] == ["baseline_p8_g4_warmup", "baseline_p8_g4", "run_0001",
                                                                "run_0002", "baseline_p8_g4"]

@@ -363,14 +363,15 @@ def test_help_works_with_the_plugin_installed(pytester):
 
 
 def test_an_injected_slowdown_fails_decode_pass(pytester, gate_dir):
-    # the tiny model's candidates run at about half the baseline's speed; 8 baseline steps more per
-    # step puts them at a drop of about 0.9, beyond 0.8, wherever the machine is
-    args = ("--h2o-lossy-target=1.2", "--h2o-lossless-target=1.0", "--h2o-decode-drop-target=0.8", "-rx")
+    # the tiny model's candidates run at about half the baseline's speed; 8 warm-up steps more per step puts
+    # them at a drop of about 0.9, beyond 0.6 even when the warm-up ran 4x faster than the later rounds (a
+    # busy machine under -n 2: the delay is a multiple of the warm-up's step)
+    args = ("--h2o-lossy-target=1.2", "--h2o-lossless-target=1.0", "--h2o-decode-drop-target=0.6", "-rx")
     result = run_gate(pytester, *args, "--h2o-inject-slowdown=8")
     result.stdout.fnmatch_lines(["*injecting * ms per candidate decode step (8 of the warm-up baseline's step time)*"])
     summary = json.loads((gate_dir / "out" / "summary.json").read_text())
     decode = [c["verdicts"]["decode_pass"] for c in summary["configs"]]
-    assert [v["state"] for v in decode] == ["fail", "fail"] and all(v["value"] > 0.8 for v in decode)
+    assert [v["state"] for v in decode] == ["fail", "fail"] and all(v["value"] > 0.6 for v in decode)
     assert summary["inject_slowdown"] == 8
     assert result.ret == pytest.ExitCode.TESTS_FAILED  # no configuration passes: overall_pass fails
 

@@ -10,9 +10,10 @@ layer's ``self_attn`` drive, in the reference runtime's order:
 - after attention: H2O scores the eager softmax ``[heads, q, k]`` (and plans on decode steps), or a press
   (:mod:`h2o_kernels.runtimes.hf_press`) compresses; then the lossless manager schedules its windows.
 
-The attention is transformers' eager attention registered as ``h2o_eager``: it slices the model-wide mask
-(sized for layer 0) to each layer's key length, so layers may hold different counts, and adds the padding
-mask of heads that hold fewer tokens. Models compute in float32 (a model folder on cuda: float16) with
+The attention is transformers' eager attention registered as ``h2o_eager``: it fits the model-wide mask
+(sized for layer 0's cache) to each layer's key length, so layers may hold different counts (the columns a
+layer holds beyond layer 0 are older tokens, visible to every new one), and adds the padding mask of heads
+that hold fewer tokens. Models compute in float32 (a model folder on cuda: float16) with
 ``threads`` torch threads: two threads with another busy core decode 4x slower than one (measured,
 SmolLM2-135M, 2 cores), so the default is one.
 """
@@ -25,7 +26,14 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AttentionInterface,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -37,7 +45,7 @@ from h2o_kernels.lossless.manager import LosslessConfig, LosslessRuntime
 from h2o_kernels.model.kv_capture import prompt_ids
 from h2o_kernels.model.llama import LlamaConfig, LlamaModel, ModelConfigError
 from h2o_kernels.model.loading import EMBEDDED_MODEL, LoadedModel, ModelSpecError, load_model
-from h2o_kernels.model.run_memory import check_run_fits
+from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits
 from h2o_kernels.runtimes.base import NEUTRAL_METRICS, ModelInfo, RunResult, check_config
 from h2o_kernels.runtimes.hf_cache import H2OCache
 from h2o_kernels.runtimes.hf_press import PressDriver
@@ -49,8 +57,10 @@ def _h2o_eager(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch
                attention_mask: torch.Tensor | None, dropout: float = 0.0,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     # ``dropout`` may come by position: kvpress wraps registered attention functions and passes it so
-    if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+    if attention_mask is not None and attention_mask.shape[-1] > key.shape[-2]:
         attention_mask = attention_mask[..., -key.shape[-2]:]  # the new keys are the cache's last ones
+    elif attention_mask is not None and attention_mask.shape[-1] < key.shape[-2]:  # older tokens: visible
+        attention_mask = torch.nn.functional.pad(attention_mask, (key.shape[-2] - attention_mask.shape[-1], 0))
     cache: H2OCache | None = getattr(module, "h2o_cache", None)
     padding = cache.padding_mask(module.layer_idx, query.shape[-2], query.dtype) if cache is not None else None
     if padding is not None:
@@ -136,6 +146,7 @@ class HFRuntime:
     def _load_folder(cls, path: Path, threads: int | None, device: str, model_option: str) -> HFRuntime:
         register_attention()
         try:
+            _check_architecture(AutoConfig.from_pretrained(str(path)), f"{model_option} {path}")
             model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=ATTN_IMPLEMENTATION,
                                                          dtype=torch.float32 if device == "cpu" else torch.float16)
             tokenizer = AutoTokenizer.from_pretrained(str(path))
@@ -163,6 +174,23 @@ class HFRuntime:
         self.hf_model = None
 
 
+# Decoder-only families whose attention is LLaMA's (eager softmax out, one KV cache per layer, rotary positions)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _check_architecture(config: Any, where: str) -> None:
+    """ModelSpecError naming ``where`` unless the model is of :data:`SUPPORTED_MODEL_TYPES` with full attention in
+    every layer (a sliding-window layer crops its own cache, which our keep and positions would not follow)."""
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise ModelSpecError(f"{where}: model_type {kind!r} is not supported by the hf runtime; expected one of "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)} (LLaMA-style attention)")
+    sliding = [t for t in getattr(config, "layer_types", None) or [] if t != "full_attention"]
+    if sliding or (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
+        raise ModelSpecError(f"{where}: sliding-window attention ({sliding[0] if sliding else 'sliding_window'}) is "
+                             "not supported: its layers crop their own cache; use a model with full attention")
+
+
 class _HFTokenizer:
     """A transformers tokenizer behind the ``encode(text).ids`` call of the ``tokenizers`` library."""
 
@@ -184,7 +212,10 @@ def _reference_encoder(loaded: LoadedModel) -> Callable[[str | None, int, int], 
 
 
 class HFRun:
-    """One ``kv_*`` config on the hf runtime (a :class:`~h2o_kernels.runtimes.base.ConfiguredRun`)."""
+    """One ``kv_*`` config on the hf runtime (a :class:`~h2o_kernels.runtimes.base.ConfiguredRun`).
+
+    ``keep_cache``: keep the last run's :class:`H2OCache` in ``cache`` (for inspection; off, each run's cache is
+    freed when it ends, so a gate session does not hold one cache per configuration)."""
 
     def __init__(self, runtime: HFRuntime, config: dict[str, Any], source: str = "config",
                  log: Callable[[str], None] | None = None, extra_kv_keys: Iterable[str] = ()) -> None:
@@ -201,15 +232,18 @@ class HFRun:
                                   c.num_kv_heads, c.head_dim) if self.press_config.enable else None)
         self.lossless: LosslessRuntime | None = None
         self.cache: H2OCache | None = None
+        self.keep_cache = False
         self._decoding = False
         self._step = 0
 
     def run(self, prompt: np.ndarray, continuation: np.ndarray, keep_logits: bool = False,
             dump_dir: Path | None = None, run_id: str = "run", step_delay_s: float = 0.0) -> RunResult:
-        """As :meth:`h2o_kernels.runtimes.reference.ReferenceRun.run` (same arguments, results and errors)."""
+        """As :meth:`h2o_kernels.runtimes.reference.ReferenceRun.run` (same arguments, results and errors; on cuda the
+        memory checked is the GPU's free memory, and running out of it is a ``RunTooLargeError`` too)."""
         c = self.runtime.model.config
-        check_run_fits(c, len(prompt), len(continuation), self.source, keep_logits)
         model, device = self.runtime.hf_model, self.runtime.device
+        free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
+        check_run_fits(c, len(prompt), len(continuation), self.source, keep_logits, available=free)
         cache = self.cache = H2OCache(model.config, c.num_layers, c.num_kv_heads)
         if self.h2o is not None:
             self.h2o.reset()
@@ -241,15 +275,20 @@ class HFRun:
                                 use_cache=True, position_ids=p[None], cache_position=p)
                     cache.n_seen += 1
                     if step_delay_s > 0:
+                        _sync(device)  # the delay adds to the step's own time, not to queued GPU work
                         time.sleep(step_delay_s)
                     if keep_logits and step < len(continuation):
                         logits.append(out.logits[0, -1].float().cpu().numpy())
                 _sync(device)
                 decode_s = time.perf_counter() - t0
-        except BaseException:
+        except BaseException as exc:
             if self.lossless is not None:
                 self.lossless.close()
                 self.lossless = None
+            self.cache = None
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise RunTooLargeError(f"{self.source}: {n} prompt + {len(continuation)} generated tokens ran out of "
+                                       f"{device} memory ({str(exc).splitlines()[0]}): use fewer tokens") from None
             raise
         finally:
             for handle in handles:
@@ -268,9 +307,13 @@ class HFRun:
             self.lossless = None
         if dump_dir is not None:
             dump_cache(cache, dump_dir, run_id, n)
+        held = [cache.nbytes(layer) for layer in range(c.num_layers)]
+        if not self.keep_cache:
+            self.cache = None
+        if self.press is not None:
+            self.press.reset()  # its hidden-state buffers
         return RunResult(n / prefill_s, len(continuation) / decode_s if len(continuation) else 0.0, metrics,
-                         np.stack(logits) if keep_logits and logits else None,
-                         [cache.nbytes(layer) for layer in range(c.num_layers)])
+                         np.stack(logits) if keep_logits and logits else None, held)
 
     def _open_lossless(self, cache: H2OCache) -> None:
         if not self.lossless_config.runs:

@@ -79,8 +79,8 @@ class H2OCache(DynamicCache):
         if grow > 0:
             pad = lambda t: torch.cat([t, t.new_zeros((*t.shape[:2], grow, t.shape[3]))], dim=2)  # noqa: E731
             lay.keys, lay.values = pad(lay.keys), pad(lay.values)
-            self._pos[layer_idx] = np.concatenate([self._pos[layer_idx],
-                                                   np.zeros((grow, self.num_kv_heads), np.int64)])
+            self._pos[layer_idx] = np.concatenate([self._pos[layer_idx],  # padding repeats the last row
+                                                   np.repeat(self._pos[layer_idx][-1:], grow, axis=0)])
         for h, n in enumerate(lens.tolist()):
             lay.keys[:, h, n:n + new] = key_states[:, h]
             lay.values[:, h, n:n + new] = value_states[:, h]

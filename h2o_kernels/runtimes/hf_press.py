@@ -2,17 +2,17 @@
 
 :class:`PressDriver` resolves ``kv_press`` (:class:`~h2o_kernels.eviction.press_config.PressConfig`) to a press
 object and, after each attention of a layer in the H2O layer range, keeps ``int(seen * (1 - ratio))`` tokens:
-at prefill over the prompt (as kvpress' own ``forward_hook``), then every ``decode_interval`` decode steps. A
-``ScorerPress`` is asked only for its scores (``score``), and the kept indices are sorted so the cache stays in
-time order (kvpress keeps top-k order, which breaks recency-based scoring on the next compression); the
-press's ``compression_ratio`` is set for each call so that ratio-dependent scorers (StreamingLLM) keep the
-same count. A press must score tokens (a ``ScorerPress``, or any object with its ``score``). At prefill a press
-sees the prompt's hidden states (as in kvpress); during decode the hidden states
-of the last :data:`HIDDEN_BUFFER` tokens, the prompt's included (kvpress' ``DecodingPress`` keeps 256 and
-SnapKV needs more than its 64-token window).
+at prefill over the prompt (as kvpress' own ``forward_hook``), then every ``decode_interval`` decode steps. The
+press is asked only for its scores (``score``, as every kvpress ``ScorerPress`` has it), and the kept indices are
+sorted so the cache stays in time order (kvpress keeps top-k order, which breaks recency-based scoring on the
+next compression); the press's ``compression_ratio`` is set for each call so that ratio-dependent scorers
+(StreamingLLM) keep the same count. At prefill a press sees the prompt's hidden states (as in kvpress); during
+decode the hidden states of the last :data:`HIDDEN_BUFFER` tokens, the prompt's included (kvpress'
+``DecodingPress`` keeps 256, and SnapKV needs more than its 64-token window).
 
-Metrics as H2O's (:meth:`h2o_kernels.eviction.h2o.H2OPolicy.metrics`): ``h2o_lossy`` is the fp16 bytes of every
-token seen over the bytes held, summed over the decode steps of the layers in range.
+Metrics as H2O's (:meth:`h2o_kernels.eviction.h2o.H2OPolicy.metrics`): on every decode step, the fp16 bytes of
+every token seen and of the tokens each layer holds during its attention (before that step's compression);
+``h2o_lossy`` over the layers in range, ``h2o_lossy_model`` over every layer.
 """
 
 from __future__ import annotations
@@ -26,27 +26,29 @@ import torch
 
 from h2o_kernels.config_keys import ConfigError
 from h2o_kernels.eviction.press_config import PressConfig
+from h2o_kernels.runtimes.base import RunFailedError
 from h2o_kernels.runtimes.hf_cache import H2OCache
 
 HIDDEN_BUFFER = 256
 
 
-class PressError(RuntimeError):
-    """A press failed while scoring; the message names the press, the layer and the cache size."""
+class PressError(RunFailedError):
+    """A press failed while scoring; the message names the press, the layer and the cache size. The gate fails
+    that configuration alone."""
 
 
 def resolve_press(name: str, compression_ratio: float) -> Any:
     """The press ``name`` names: ``package.module:factory`` (called with ``compression_ratio=``), or a kvpress
-    class by snake-case name without ``Press`` (``snapkv`` -> ``SnapKVPress``). Raises ``ConfigError`` naming
-    the key when it names nothing, or kvpress is not installed."""
+    ``ScorerPress`` by snake-case class name without ``Press`` (``snapkv`` -> ``SnapKVPress``). Raises
+    ``ConfigError`` naming ``kv_press`` when it names nothing usable, cannot be built, or kvpress is missing."""
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"kv_press {name!r}: cannot import it ({exc}); expected package.module:factory") \
-                from None
-        press = factory(compression_ratio=compression_ratio)
+        except Exception as exc:  # ImportError, AttributeError, ValueError (an empty module name), its own errors
+            raise ConfigError(f"kv_press {name!r}: cannot import it ({type(exc).__name__}: {exc}); expected "
+                              "package.module:factory") from None
+        press = _build(name, factory, compression_ratio)
         if not callable(getattr(press, "score", None)):
             raise ConfigError(f"kv_press {name!r}: {type(press).__name__} has no score(module, hidden_states, keys, "
                               "values, attentions, kwargs) method; the hf runtime drives presses that score tokens "
@@ -64,11 +66,31 @@ def resolve_press(name: str, compression_ratio: float) -> Any:
         raise ConfigError(f"kv_press {name!r}: no such kvpress press; expected one of "
                           f"{', '.join(sorted(_snake(c) for c in classes.values()))} or package.module:factory")
     press_class = getattr(kvpress, classes[key])
-    if not issubclass(press_class, kvpress.ScorerPress):
-        raise ConfigError(f"kv_press {name!r}: {press_class.__name__} is not a ScorerPress; the hf runtime drives "
-                          "presses that score tokens (snapkv, expected_attention, observed_attention, "
-                          "streaming_llm, knorm, tova, ...)")
-    return press_class(compression_ratio=compression_ratio)
+    scorer = kvpress.ScorerPress
+    if not issubclass(press_class, scorer) or press_class.compress is not scorer.compress:
+        why = "is not a ScorerPress" if not issubclass(press_class, scorer) else "compresses its own way"
+        raise ConfigError(f"kv_press {name!r}: {press_class.__name__} {why}; the hf runtime drives presses by their "
+                          "token scores (snapkv, expected_attention, observed_attention, streaming_llm, knorm, tova, "
+                          "...)")
+    return _build(name, press_class, compression_ratio)
+
+
+def check_press(config: dict[str, Any], source: str = "config") -> None:
+    """Raise ``ConfigError`` naming ``source`` unless ``config``'s ``kv_press`` (if any) resolves to a press."""
+    press = PressConfig.from_config(config, source)
+    if press.enable:
+        try:
+            resolve_press(press.press, press.compression_ratio)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
+def _build(name: str, factory: Any, compression_ratio: float) -> Any:
+    try:
+        return factory(compression_ratio=compression_ratio)
+    except Exception as exc:  # a press that needs other arguments, or rejects the ratio
+        raise ConfigError(f"kv_press {name!r}: cannot build it with compression_ratio={compression_ratio} "
+                          f"({type(exc).__name__}: {exc})") from None
 
 
 def _snake(cls_name: str) -> str:
@@ -84,40 +106,64 @@ class PressDriver:
     """Applies one press to the layers of ``layers`` of ``model`` (see the module docstring)."""
 
     def __init__(self, config: PressConfig, model: Any, layers: range, num_kv_heads: int, head_dim: int) -> None:
+        """Raises ``ConfigError`` naming ``kv_press`` when the press cannot be built or set up for ``model``."""
         self.config, self.layers = config, layers
         self.press = resolve_press(config.press, config.compression_ratio)
         self.bytes_per_token = 2 * 2 * num_kv_heads * head_dim
         for layer in model.model.layers:  # kvpress' own setup (its __call__ does the same)
             layer.self_attn.rotary_emb = model.model.rotary_emb
-        self.press.post_init_from_model(model)
+        setup = getattr(self.press, "post_init_from_model", None)
+        if setup is not None:
+            try:
+                setup(model)
+            except Exception as exc:
+                raise ConfigError(f"kv_press {config.press!r}: its post_init_from_model failed "
+                                  f"({type(exc).__name__}: {exc})") from None
         self.reset()
 
     def reset(self) -> None:
-        self._hidden: dict[int, torch.Tensor] = {}
+        """Forget everything (a new run)."""
+        self._prompt_hidden: dict[int, torch.Tensor] = {}  # the prompt's last HIDDEN_BUFFER hidden states
+        self._decode_hidden: dict[int, list[torch.Tensor]] = {}
         self._since: dict[int, int] = {}
-        self._full = self._held = 0
+        self._bytes = {"full": 0, "held": 0, "model_full": 0, "model_held": 0}
         self.compress_us = 0
         self.compressions = 0
         self.evicted_tokens = 0
 
     def after_attention(self, module: Any, layer: int, kwargs: dict[str, Any], output: Any, cache: H2OCache,
                         decoding: bool) -> None:
+        """After layer ``layer``'s attention: account the step, then compress when due."""
+        hidden = kwargs["hidden_states"]
+        seen = cache.n_seen + int(hidden.shape[1])
+        if decoding:
+            self._sample(layer, seen, int(cache.head_lengths(layer).max()))
         if layer not in self.layers:
             return
-        hidden = kwargs["hidden_states"]
-        buffered = self._hidden.get(layer)
-        self._hidden[layer] = (hidden if buffered is None else torch.cat([buffered, hidden], dim=1))[:, -HIDDEN_BUFFER:]
-        seen = cache.n_seen + int(hidden.shape[1])
         if not decoding:
+            if self.config.decode_interval:
+                self._prompt_hidden[layer] = hidden[:, -HIDDEN_BUFFER:]
             self._compress(module, layer, kwargs, output, cache, seen, hidden)
-        elif self.config.decode_interval:
-            self._since[layer] = self._since.get(layer, 0) + 1
-            if self._since[layer] >= self.config.decode_interval:
-                self._compress(module, layer, kwargs, output, cache, seen, self._hidden[layer])
-                self._since[layer] = 0
-        if decoding:
-            self._full += seen * self.bytes_per_token
-            self._held += int(cache.head_lengths(layer).max()) * self.bytes_per_token
+            return
+        if not self.config.decode_interval:
+            return
+        steps = self._decode_hidden.setdefault(layer, [])
+        steps.append(hidden)
+        del steps[:-HIDDEN_BUFFER]
+        self._since[layer] = self._since.get(layer, 0) + 1
+        if self._since[layer] >= self.config.decode_interval:
+            parts = [self._prompt_hidden[layer]] if layer in self._prompt_hidden else []
+            buffered = torch.cat([*parts, *steps], dim=1)[:, -HIDDEN_BUFFER:]
+            self._compress(module, layer, kwargs, output, cache, seen, buffered)
+            self._since[layer] = 0
+
+    def _sample(self, layer: int, seen: int, held: int) -> None:
+        full, held_bytes = seen * self.bytes_per_token, held * self.bytes_per_token
+        self._bytes["model_full"] += full
+        self._bytes["model_held"] += held_bytes
+        if layer in self.layers:
+            self._bytes["full"] += full
+            self._bytes["held"] += held_bytes
 
     def _compress(self, module: Any, layer: int, kwargs: dict[str, Any], output: Any, cache: H2OCache,
                   seen: int, hidden: torch.Tensor) -> None:
@@ -145,8 +191,10 @@ class PressDriver:
         self.compress_us += (time.perf_counter_ns() - t0) // 1000
 
     def metrics(self) -> dict[str, float]:
-        lossy = self._full / self._held if self._held else 1.0
-        return {"h2o_keep": 1.0 / lossy, "h2o_lossy": lossy, "h2o_evict_us": self.compress_us,
-                "h2o_evictions": self.compressions, "h2o_evicted_tokens": self.evicted_tokens,
+        b = self._bytes
+        lossy = b["full"] / b["held"] if b["held"] else 1.0
+        return {"h2o_keep": 1.0 / lossy, "h2o_lossy": lossy,
+                "h2o_lossy_model": b["model_full"] / b["model_held"] if b["model_held"] else 1.0,
+                "h2o_evict_us": self.compress_us, "h2o_evictions": self.compressions,
+                "h2o_evicted_tokens": self.evicted_tokens,
                 "h2o_target_keep_effective": 1.0 - self.config.compression_ratio}
-

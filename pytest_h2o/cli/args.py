@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Callable, NoReturn
+from typing import Any, Callable, NoReturn
 
 from h2o_kernels.model.fetch import ModelFetchError
 from h2o_kernels.model.loading import LoadedModel, ModelSpecError, load_model
-from h2o_kernels.runtimes.base import Runtime
-from h2o_kernels.runtimes.loading import DEVICES, IN_PROCESS, RuntimeUnavailableError, open_runtime
+from h2o_kernels.runtimes.base import Runtime, check_config
+from h2o_kernels.runtimes.registry import DEVICES, IN_PROCESS, RuntimeUnavailableError, check_press_config, open_runtime
 
 
 def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -69,6 +69,18 @@ def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
                    help="reference (numpy) or hf (transformers; pip install 'pytest-h2o[hf]'); $H2O_RUNTIME")
     p.add_argument("--device", choices=DEVICES, default=os.environ.get("H2O_DEVICE") or "cpu",
                    help="the hf runtime's device; $H2O_DEVICE")
+
+
+def check_command_config(config: dict[str, Any], source: str, runtime: str, parser: argparse.ArgumentParser,
+                         extra_kv_keys: tuple[str, ...] = ()) -> None:
+    """A usage error (exit 2), before any model is loaded, for a ``kv_*`` key ``runtime`` cannot take or a press
+    that does not resolve."""
+    try:
+        check_config(config, source, extra_kv_keys, runtime=runtime)
+        if runtime == "hf":
+            check_press_config(config, source)
+    except (ValueError, RuntimeUnavailableError) as exc:
+        parser.error(str(exc))
 
 
 def load_command_runtime(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Runtime:

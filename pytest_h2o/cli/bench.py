@@ -20,9 +20,14 @@ from h2o_gates.bench_log import BenchRow, render_table, size_text, write_log
 from h2o_kernels.fidelity import fidelity
 from h2o_kernels.model.loading import EMBEDDED_MODEL
 from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits
-from h2o_kernels.runtimes.base import check_config, check_text_file, run_tokens
-from h2o_kernels.runtimes.base import Runtime
-from pytest_h2o.cli.args import add_runtime_arguments, load_command_runtime, non_negative_int, positive_int
+from h2o_kernels.runtimes.base import RunFailedError, Runtime, check_text_file, run_tokens
+from pytest_h2o.cli.args import (
+    add_runtime_arguments,
+    check_command_config,
+    load_command_runtime,
+    non_negative_int,
+    positive_int,
+)
 from pytest_h2o.cli.out_paths import OutPathError, check_out_dir, check_out_file
 
 
@@ -50,8 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Execute ``h2o-gate bench``."""
     config = read_config(args.config, parser)
+    check_command_config(config, str(args.config or "defaults"), args.runtime, parser)
     try:
-        check_config(config, str(args.config), runtime=args.runtime)
         check_outputs(args.log_file, args.dump_kv)
         check_text_file(args.text_file, "--text-file")
     except ValueError as exc:
@@ -61,7 +66,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         row, summary = run_bench(runtime, config, str(args.config or "defaults"), prompt, continuation,
                                  args.repeat, args.threads, fidelity_run=not args.no_fidelity, dump_kv=args.dump_kv)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RunFailedError) as exc:
         print(f"h2o-gate bench: {exc}", file=sys.stderr)
         return 1
     report(args, row, summary, config)

@@ -16,8 +16,7 @@ from h2o_gates.fidelity_report import suite_text_lines, what_heavy_hitters_buy
 from h2o_kernels.fidelity import DEFAULT_SUITE_SIZE, SUITE_KINDS, SUITE_TEXTS, SuiteTextError
 from h2o_kernels.model.loading import EMBEDDED_MODEL
 from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits
-from h2o_kernels.runtimes.base import check_config
-from pytest_h2o.cli.args import add_runtime_arguments, load_command_runtime, positive_int
+from pytest_h2o.cli.args import add_runtime_arguments, check_command_config, load_command_runtime, positive_int
 from pytest_h2o.cli.bench import read_config
 from pytest_h2o.cli.out_paths import OutPathError, check_out_file
 from pytest_h2o.fidelity_suite import Suite, read_texts, suite_tokens
@@ -44,8 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Execute ``h2o-gate fidelity``."""
     config = read_config(args.config, parser)
+    check_command_config(config, str(args.config), args.runtime, parser)
     try:
-        check_config(config, str(args.config), runtime=args.runtime)
         if args.json is not None:
             check_out_file(args.json, "--json")
         texts = read_texts(args.texts)

@@ -2,9 +2,10 @@
 
 Subcommands:
 - ``offline``: the offline lossless evaluator over KV dumps (the original's options and JSON keys).
-- ``kv-dump``: run the reference model on real text and write its KV cache as dumps.
-- ``bench``: the llm_bench equivalent on the reference runtime (see :mod:`pytest_h2o.cli.bench`).
-- ``sweep``: every point of a preset matrix, on the reference runtime or an external llm_bench.
+- ``kv-dump``: run the reference model on real text and write its KV cache as dumps (``bench --dump-kv`` writes
+  any in-process runtime's).
+- ``bench``: the llm_bench equivalent on an in-process runtime, reference or hf (see :mod:`pytest_h2o.cli.bench`).
+- ``sweep``: every point of a preset matrix, on an in-process runtime or an external llm_bench.
 - ``parse-log``, ``analyze``, ``full-eval``: llm_bench logs to CSV, the quality gate over CSV + offline
   JSONs, and both plus the offline runs in one command (see :mod:`pytest_h2o.cli.analyze`).
 - ``history``: the trend of stored gate runs across commits, as a table and a plot.
@@ -63,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_kv_dump(add("kv-dump", "run the reference model on real text and dump its KV cache",
                      "Prefill real text, generate greedily, and write the KV cache (prefill and decode stages) "
                      "in the dump format."))
-    add_bench_arguments(add("bench", "llm_bench on the reference runtime (H2O + runtime lossless)",
+    add_bench_arguments(add("bench", "llm_bench on the reference or hf runtime (H2O or a press + runtime lossless)",
                             bench_doc.splitlines()[0]))
     add_sweep_arguments(add("sweep", "run every point of a preset matrix", sweep_doc.splitlines()[0]))
     add_parse_log_arguments(add("parse-log", "llm_bench markdown logs to one CSV",

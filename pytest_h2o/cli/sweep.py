@@ -18,10 +18,16 @@ from typing import Any
 from h2o_gates.bench_log import write_log
 from h2o_kernels.model.loading import EMBEDDED_MODEL
 from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits
-from h2o_kernels.runtimes.base import Runtime, check_text_file, run_tokens
+from h2o_kernels.runtimes.base import RunFailedError, Runtime, check_text_file, run_tokens
 from h2o_kernels.runtimes.llm_bench import LLM_BENCH_THREADS, llm_bench_command, read_base_config, sweep_config
 from h2o_presets.matrix import GENERATED_KV_DEFAULTS, Point
-from pytest_h2o.cli.args import add_runtime_arguments, load_command_runtime, non_negative_int, positive_int
+from pytest_h2o.cli.args import (
+    add_runtime_arguments,
+    check_command_config,
+    load_command_runtime,
+    non_negative_int,
+    positive_int,
+)
 from pytest_h2o.cli.bench import run_bench
 from pytest_h2o.cli.out_paths import check_out_dir
 from pytest_h2o.gate import GateSetupError, load_points
@@ -48,11 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-config", type=Path, help="with --llm-bench: the model's base config JSON")
     p.add_argument("--backend", default="cpu", help="with --llm-bench: -a")
     p.add_argument("--threads", type=positive_int,
-                   help="-t: llm_bench's threads (default 4, the original's) or the reference runtime's BLAS threads "
+                   help="-t: llm_bench's threads (default 4, the original's) or the in-process runtime's threads "
                         "(default 1, as the plugin)")
     p.add_argument("--attention-option", type=non_negative_int, default=0, help="with --llm-bench: -qatten")
-    p.add_argument("--text-file", type=Path, help="reference runtime: text for prompt and continuation")
-    p.add_argument("--synthetic", action="store_true", help="reference runtime: token 16 repeated, as llm_bench")
+    p.add_argument("--text-file", type=Path, help="in-process runtime: text for prompt and continuation")
+    p.add_argument("--synthetic", action="store_true", help="in-process runtime: token 16 repeated, as llm_bench")
     p.add_argument("--dry-run", action="store_true", help="write configs and manifest, run nothing")
     p.set_defaults(run=run)
 
@@ -90,9 +96,13 @@ def setup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[li
     if args.threads is None:
         args.threads = LLM_BENCH_THREADS if args.llm_bench else 1
     try:
-        _, points = load_points(args.preset, {}, "llm_bench" if args.llm_bench else args.runtime)
+        _, points = load_points(args.preset, {}, "llm-bench" if args.llm_bench else args.runtime)
     except GateSetupError as exc:
         parser.error(f"--preset {exc}")
+    if not args.llm_bench and args.runtime == "hf":
+        for point in points:
+            check_command_config(point.config, f"--preset {args.preset} ({point.label})", "hf", parser,
+                                 point.extra_kv_keys)
     try:
         base = read_base_config(args.base_config) if args.base_config else None
     except ValueError as exc:
@@ -140,7 +150,7 @@ def run_point(args: argparse.Namespace, runtime: Runtime | None, point: Point, c
                                  extra_kv_keys=point.extra_kv_keys)
         write_log(log_path, row, summary, config, point.repeat,
                   "synthetic" if args.synthetic else str(args.text_file or "pydoc_data.topics"))
-    except ValueError as exc:
+    except (ValueError, RunFailedError) as exc:
         print(f"[WARN] {point.run_id}: {exc}", file=sys.stderr)
         return 2
     return 0

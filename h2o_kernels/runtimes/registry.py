@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from h2o_kernels.runtimes.base import RUNTIMES, Runtime
 
 IN_PROCESS = ("reference", "hf")  # runtimes that run a model in this process (logits, dumps, the fidelity suite)
-EXTERNAL = ("llm-bench",)  # runtimes that call another program per run (speeds and metrics only)
+CPU_TORCH_HINT = ("on a CPU-only machine install torch's CPU build first: pip install torch --index-url "
+                  "https://download.pytorch.org/whl/cpu")
 DEVICES = ("cpu", "cuda")
 
 
@@ -28,7 +29,7 @@ def open_runtime(kind: str, model: str = "smollm2", threads: int | None = 1, dev
     ``ModelFetchError`` for the model, :class:`RuntimeUnavailableError` when ``hf``'s extra (``pip install
     'pytest-h2o[hf]'``) or the device is missing, ``ValueError`` for an unknown kind or device.
 
-    ``llm-bench`` (:data:`EXTERNAL`) takes no ``model``: ``binary`` is the llm_bench executable, ``base_config``
+    ``llm-bench`` (an external binary) takes no ``model``: ``binary`` is the llm_bench executable, ``base_config``
     the model's llm_bench config JSON (its model files), ``work_dir`` where each run's config file, table and
     output go, ``threads`` its ``-t`` (None: the original's 4); ``ValueError`` when one is missing or unusable
     (see :class:`~h2o_kernels.runtimes.llm_bench.LlmBenchRuntime`)."""
@@ -59,6 +60,30 @@ def open_runtime(kind: str, model: str = "smollm2", threads: int | None = 1, dev
         from h2o_kernels.runtimes.hf import HFRuntime
     except ImportError as exc:
         raise RuntimeUnavailableError(f"the hf runtime needs torch and transformers ({exc}): pip install "
-                                      "'pytest-h2o[hf]' (on a CPU-only machine: pip install torch==2.13.0 first, "
-                                      "or pip picks a CUDA build)") from None
+                                      f"'pytest-h2o[hf]' ({CPU_TORCH_HINT})") from None
+    if device == "cuda":
+        check_cuda()
     return HFRuntime.load(model, threads=threads, device=device, progress=progress, model_option=model_option)
+
+
+def check_cuda() -> None:
+    """Raise :class:`RuntimeUnavailableError` unless torch sees a CUDA device (imports torch)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeUnavailableError(f"device cuda: torch {torch.__version__} sees no CUDA device here (a CPU build "
+                                      "of torch, or no GPU); use the cpu device")
+
+
+def check_press_config(config: dict[str, Any], source: str = "config") -> None:
+    """Before loading a model: ``ConfigError`` naming ``source`` unless ``config``'s ``kv_press`` (if any) resolves
+    to a press the hf runtime can drive; :class:`RuntimeUnavailableError` when the hf extra is missing."""
+    if not config.get("kv_press"):
+        return
+    try:
+        from h2o_kernels.runtimes.hf_press import check_press
+    except ImportError as exc:
+        raise RuntimeUnavailableError(f"{source}: kv_press needs the hf runtime's extra ({exc}): pip install "
+                                      f"'pytest-h2o[hf]' ({CPU_TORCH_HINT})") from None
+    check_press(config, source)
+
