@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -60,3 +62,16 @@ def write_standard_dump(out_dir: Path, dtype=np.float16, layers=range(LAYERS), r
             seq_start = 0 if stage == "prefill" else prefill_seq(layer_id)
             write_entry(out_dir, layer_id=layer_id, stage=stage, seq_start=seq_start, k=k, v=v, run_id=run_id)
     return out_dir
+
+
+# in-process pytester re-imports the plugin's packages, already imported by the test session
+GATE_INI = "[pytest]\nh2o_model = model.json\nfilterwarnings = ignore::pytest.PytestAssertRewriteWarning\n"
+
+
+def make_gate_dir(pytester: Any, model_config: dict[str, Any], preset: dict[str, Any]) -> Path:
+    """A pytester folder with a random-weight ``model.json`` (the ini's ``h2o_model``) and ``tiny.json``."""
+    (pytester.path / "model.json").write_text(json.dumps(model_config))
+    (pytester.path / "tiny.json").write_text(json.dumps(preset))
+    pytester.makeini(GATE_INI)
+    return pytester.path
+

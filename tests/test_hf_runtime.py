@@ -14,6 +14,8 @@ import pytest
 pytest.importorskip("torch", reason="the hf runtime needs torch: pip install 'pytest-h2o[hf]'")
 pytest.importorskip("transformers", reason="the hf runtime needs transformers: pip install 'pytest-h2o[hf]'")
 
+from h2o_test_helpers import make_gate_dir  # noqa: E402
+
 import pytest_h2o.session  # noqa: E402,F401  (in-process pytester: the plugin's modules are imported once)
 from h2o_kernels.config_keys import ConfigError  # noqa: E402
 from h2o_kernels.lossless.offline_eval import EvalOptions, evaluate  # noqa: E402
@@ -333,16 +335,12 @@ PRESET = {"prompts": [192], "gens": [32], "repeat": 2, "h2o_keep_ratios": [0.3],
           "kv_lossless_hot_sink_tokens": 4, "kv_lossless_async_threads": 0,
           "variants": {"h2o": {}, "snapkv": {"kv_h2o_enable": False, "kv_press": "snapkv",
                                              "kv_press_compression_ratio": 0.6}}}
-INI = "[pytest]\nh2o_model = model.json\nfilterwarnings = ignore::pytest.PytestAssertRewriteWarning\n"
 EASY = ["--h2o-lossy-target=1.2", "--h2o-lossless-target=0.5", "--h2o-decode-drop-target=0.9"]
 
 
 @pytest.fixture
 def gate_dir(pytester: pytest.Pytester) -> Path:
-    (pytester.path / "model.json").write_text(json.dumps(TINY))
-    (pytester.path / "tiny.json").write_text(json.dumps(PRESET))
-    pytester.makeini(INI)
-    return pytester.path
+    return make_gate_dir(pytester, TINY, PRESET)
 
 
 def test_the_gate_runs_our_h2o_and_a_press_on_the_hf_runtime(pytester, gate_dir):

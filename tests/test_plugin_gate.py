@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from h2o_test_helpers import GATE_INI, make_gate_dir
 
 import pytest_h2o.session  # noqa: F401  - imported once here: in-process runs cannot import numpy a second time
 
@@ -28,18 +29,13 @@ PRESET = {
 # loose targets the tiny model meets; each test tightens the one it is about
 EASY = ["--h2o-lossy-target=1.2", "--h2o-lossless-target=1.0", "--h2o-decode-drop-target=0.9"]
 CONFIGS = ("keep0.30-lr3.0", "keep0.50-lr3.0")
-# in-process pytester re-imports the plugin's packages, already imported by this session
-INI = "[pytest]\nh2o_model = model.json\nfilterwarnings = ignore::pytest.PytestAssertRewriteWarning\n"
 RULES = ("lossy_pass", "lossless_online_pass", "decode_pass", "runtime_decomp_pass", "runtime_queue_peak_pass",
          "runtime_fallback_pass", "fidelity_pass")
 
 
 @pytest.fixture
 def gate_dir(pytester: pytest.Pytester) -> Path:
-    (pytester.path / "model.json").write_text(json.dumps(TINY))
-    (pytester.path / "tiny.json").write_text(json.dumps(PRESET))
-    pytester.makeini(INI)
-    return pytester.path
+    return make_gate_dir(pytester, TINY, PRESET)
 
 
 def run_gate(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
@@ -117,7 +113,7 @@ def test_the_exit_status_follows_overall_pass_and_strict_mode_needs_every_config
 
 
 def test_thresholds_come_from_options_then_ini_then_environment(pytester, gate_dir, monkeypatch):
-    pytester.makeini(INI + "h2o_lossy_target = 40\n")
+    pytester.makeini(GATE_INI + "h2o_lossy_target = 40\n")
     monkeypatch.setenv("LOSSY_TARGET", "30")
     monkeypatch.setenv("LOSSLESS_TARGET", "1.0")
     monkeypatch.setenv("DECODE_DROP_TARGET", "0.9")

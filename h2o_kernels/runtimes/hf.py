@@ -38,17 +38,16 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from h2o_kernels.eviction.h2o import H2OConfig, H2OPolicy
 from h2o_kernels.eviction.press_config import PressConfig
 from h2o_kernels.lossless.kvdump import dump_cache
-from h2o_kernels.lossless.manager import LosslessConfig, LosslessRuntime
 from h2o_kernels.model.kv_capture import prompt_ids
 from h2o_kernels.model.llama import LlamaConfig, LlamaModel, ModelConfigError
 from h2o_kernels.model.loading import EMBEDDED_MODEL, LoadedModel, ModelSpecError, load_model
 from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits
-from h2o_kernels.runtimes.base import NEUTRAL_METRICS, ModelInfo, RunResult, check_config
+from h2o_kernels.runtimes.base import ModelInfo, RunResult, check_config
 from h2o_kernels.runtimes.hf_cache import H2OCache
 from h2o_kernels.runtimes.hf_press import PressDriver
+from h2o_kernels.runtimes.policies import KVPolicies
 
 ATTN_IMPLEMENTATION = "h2o_eager"
 
@@ -219,39 +218,31 @@ class HFRun:
 
     def __init__(self, runtime: HFRuntime, config: dict[str, Any], source: str = "config",
                  log: Callable[[str], None] | None = None, extra_kv_keys: Iterable[str] = ()) -> None:
-        """Raises ``ConfigError`` (see :func:`~h2o_kernels.runtimes.base.check_config`)."""
+        """Raises ``ConfigError`` (see :func:`~h2o_kernels.runtimes.base.check_config`; a press that cannot be
+        built, named)."""
         check_config(config, source, extra_kv_keys, runtime="hf")
-        self.runtime, self.source, self.log = runtime, source, log
+        self.runtime, self.source = runtime, source
         c = runtime.model.config
-        self.h2o_config = H2OConfig.from_config(config, source)
-        self.lossless_config = LosslessConfig.from_config(config, source)
-        self.press_config = PressConfig.from_config(config, source)
-        self.h2o = (H2OPolicy(self.h2o_config, c.num_layers, c.num_kv_heads, c.head_dim,
-                              log=log if self.h2o_config.log_stats else None) if self.h2o_config.enable else None)
-        self.press = (PressDriver(self.press_config, runtime.hf_model, self.h2o_config.layer_range(c.num_layers),
-                                  c.num_kv_heads, c.head_dim) if self.press_config.enable else None)
-        self.lossless: LosslessRuntime | None = None
+        self.policies = KVPolicies(config, source, c.num_layers, c.num_kv_heads, c.head_dim, log)
+        press = PressConfig.from_config(config, source)
+        self.press = (PressDriver(press, runtime.hf_model, self.policies.h2o_config.layer_range(c.num_layers),
+                                  c.num_kv_heads, c.head_dim) if press.enable else None)
         self.cache: H2OCache | None = None
         self.keep_cache = False
-        self._decoding = False
-        self._step = 0
 
     def run(self, prompt: np.ndarray, continuation: np.ndarray, keep_logits: bool = False,
             dump_dir: Path | None = None, run_id: str = "run", step_delay_s: float = 0.0) -> RunResult:
         """As :meth:`h2o_kernels.runtimes.reference.ReferenceRun.run` (same arguments, results and errors; on cuda the
         memory checked is the GPU's free memory, and running out of it is a ``RunTooLargeError`` too)."""
         c = self.runtime.model.config
-        model, device = self.runtime.hf_model, self.runtime.device
+        model, device, policies = self.runtime.hf_model, self.runtime.device, self.policies
         free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
         check_run_fits(c, len(prompt), len(continuation), self.source, keep_logits, available=free)
         cache = self.cache = H2OCache(model.config, c.num_layers, c.num_kv_heads)
-        if self.h2o is not None:
-            self.h2o.reset()
+        policies.start(cache)
         if self.press is not None:
             self.press.reset()
-        self._open_lossless(cache)
         handles = self._hook(model, cache)
-        self._decoding, self._step = False, 0
         logits: list[np.ndarray] = []
         n = len(prompt)
         try:
@@ -266,10 +257,9 @@ class HFRun:
                 _sync(device)
                 prefill_s = time.perf_counter() - t0
                 cache.n_seen = n
-                self._decoding = True
                 t0 = time.perf_counter()
                 for step, token in enumerate(continuation, start=1):
-                    self._step = step
+                    policies.decode_step(step)
                     p = torch.tensor([cache.n_seen], device=device)
                     out = model(input_ids=torch.tensor([[int(token)]], device=device), past_key_values=cache,
                                 use_cache=True, position_ids=p[None], cache_position=p)
@@ -282,9 +272,7 @@ class HFRun:
                 _sync(device)
                 decode_s = time.perf_counter() - t0
         except BaseException as exc:
-            if self.lossless is not None:
-                self.lossless.close()
-                self.lossless = None
+            policies.abort()
             self.cache = None
             if isinstance(exc, torch.OutOfMemoryError):
                 raise RunTooLargeError(f"{self.source}: {n} prompt + {len(continuation)} generated tokens ran out of "
@@ -295,66 +283,46 @@ class HFRun:
                 handle.remove()
             for layer in model.model.layers:
                 layer.self_attn.h2o_cache = None
-        metrics = dict(NEUTRAL_METRICS)
-        if self.h2o is not None:
-            metrics.update(self.h2o.metrics())
+        metrics = policies.finish()
         if self.press is not None:
             metrics.update(self.press.metrics())
-        if self.lossless is not None:
-            metrics.update(self.lossless.metrics())
-            self.lossless.restore_all()
-            self.lossless.close()
-            self.lossless = None
+            self.press.reset()  # its hidden-state buffers
         if dump_dir is not None:
             dump_cache(cache, dump_dir, run_id, n)
         held = [cache.nbytes(layer) for layer in range(c.num_layers)]
         if not self.keep_cache:
             self.cache = None
-        if self.press is not None:
-            self.press.reset()  # its hidden-state buffers
         return RunResult(n / prefill_s, len(continuation) / decode_s if len(continuation) else 0.0, metrics,
                          np.stack(logits) if keep_logits and logits else None, held)
 
-    def _open_lossless(self, cache: H2OCache) -> None:
-        if not self.lossless_config.runs:
-            return
-        c, h = self.runtime.model.config, self.h2o_config
-        self.lossless = LosslessRuntime(self.lossless_config, c.num_layers, h.layer_range(c.num_layers),
-                                        h.trigger_min_tokens, h.update_interval, cache,
-                                        log=self.log if h.log_stats else None)
-
     def _hook(self, model: PreTrainedModel, cache: H2OCache) -> list[Any]:
+        """The forward hooks of every layer's ``self_attn`` (removed when the run ends)."""
         handles = []
         for i, layer in enumerate(model.model.layers):
             attn = layer.self_attn
             attn.h2o_cache = cache
-            if self.h2o is not None or self.lossless is not None:
-                handles.append(attn.register_forward_pre_hook(self._before(i, cache), with_kwargs=True))
-            if self.h2o is not None or self.lossless is not None or self.press is not None:
+            if self.policies.active:
+                handles.append(attn.register_forward_pre_hook(self._before(i), with_kwargs=True))
+            if self.policies.active or self.press is not None:
                 handles.append(attn.register_forward_hook(self._after(i, cache), with_kwargs=True))
         return handles
 
-    def _before(self, layer: int, cache: H2OCache) -> Callable[..., None]:
+    def _before(self, layer: int) -> Callable[..., None]:
         def hook(module: Any, args: Any, kwargs: Any) -> None:
-            if self.lossless is not None:  # restore first: a compaction moves rows, so it must see real data
-                self.lossless.before_append(layer)
-            if self._decoding and self.h2o is not None:
-                self.h2o.apply_pending(layer, cache)
+            self.policies.before_append(layer)
         return hook
 
     def _after(self, layer: int, cache: H2OCache) -> Callable[..., None]:
         def hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
-            if self.h2o is not None:
+            policies = self.policies
+            if policies.h2o is not None:
                 probs = output[1]
                 if probs is None:
                     raise RuntimeError("attention weights are None: the model must run h2o_eager attention")
-                self.h2o.after_attention(layer, probs[0].float().cpu().numpy(), decode=self._decoding)
+                policies.after_attention(layer, probs[0].float().cpu().numpy())
             if self.press is not None:
-                self.press.after_attention(module, layer, kwargs, output, cache, self._decoding)
-            if self._decoding and self.lossless is not None:
-                kv = cache.length(layer)
-                budget = self.h2o.budget(layer, kv) if self.h2o is not None else kv
-                self.lossless.after_layer(layer, kv, budget, cache.n_seen + 1, self._step)
+                self.press.after_attention(module, layer, kwargs, output, cache, policies.decoding)
+            policies.after_layer(layer)
         return hook
 
 
