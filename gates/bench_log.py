@@ -85,13 +85,15 @@ def size_text(size_bytes: int) -> str:
 
 
 def write_log(log_file: Path, row: BenchRow, summary: dict[str, float], config: dict[str, Any], repeat: int,
-              text: str) -> Path:
-    """Write the markdown table to ``log_file`` and its JSON twin beside it; return the twin's path."""
+              text: str, runtime: str | None = None) -> Path:
+    """Write the markdown table to ``log_file`` and its JSON twin beside it (which also names ``runtime``, e.g.
+    ``hf (cpu)``, the table having no column for it); return the twin's path."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log_file.write_text(render_table([row]), encoding="utf-8")
     twin = log_file.with_suffix(".json")
     report = {"model": row.model, "model_size": row.model_size, "threads": row.threads,
               "prompt_tokens": row.prompt_tokens, "gen_tokens": row.gen_tokens, "repeat": repeat, "text": text,
+              **({"runtime": runtime} if runtime else {}),
               "config": config, **summary,
               "runs": {"prefill_tps": row.prefill_tok_s, "decode_tps": row.decode_tok_s, **row.metrics}}
     twin.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

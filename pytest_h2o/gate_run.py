@@ -138,7 +138,7 @@ def _measure_groups(runtime: Runtime, points: list[Point], spec: RunSpec, progre
         session.measure()
         base_row = session.rows[base_id]
         if base_row.decode_tok_s:
-            _write_log(spec.out_dir, base_id, base_row, base_row.summary(), BASELINE_CONFIG,
+            _write_log(spec, base_id, base_row, base_row.summary(), BASELINE_CONFIG,
                        len(base_row.decode_tok_s), text)
         suite = _suite(runtime, spec, session, progress)
         for point in group:
@@ -156,7 +156,7 @@ def _measure_groups(runtime: Runtime, points: list[Point], spec: RunSpec, progre
                 configs[point.label] = {"run_id": point.run_id, "error": session.errors[point.run_id]}
                 baselines[point.label] = statistics.median(base_row.decode_tok_s) if base_row.decode_tok_s else None
                 continue
-            _write_log(spec.out_dir, point.run_id, session.rows[point.run_id], summary, point.config,
+            _write_log(spec, point.run_id, session.rows[point.run_id], summary, point.config,
                        len(session.rows[point.run_id].decode_tok_s), text)
             row: dict[str, Any] = {"run_id": point.run_id, "prompt_tokens": prompt_len, "gen_tokens": gen_len}
             if runtime.has_dumps:
@@ -320,9 +320,10 @@ class _Session:
         return next((p.label for p in self.group if p.run_id == name), "baseline")
 
 
-def _write_log(out_dir: Path, run_id: str, row: BenchRow, summary: dict, config: dict, repeat: int,
+def _write_log(spec: RunSpec, run_id: str, row: BenchRow, summary: dict, config: dict, repeat: int,
                text: str) -> None:
-    write_log(out_dir / "logs" / f"{run_id}.log", row, summary, config, repeat, text)
+    runtime = f"{spec.runtime} ({spec.device})" if spec.runtime in IN_PROCESS else spec.runtime
+    write_log(spec.out_dir / "logs" / f"{run_id}.log", row, summary, config, repeat, text, runtime)
 
 
 def _by_size(points: Iterable[Point]) -> dict[tuple[int, int], list[Point]]:

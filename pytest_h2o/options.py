@@ -134,7 +134,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("h2o_out", "H2O_OUT", Path, None, "report folder, new or empty (default: a fresh "
             ".h2o/runs/<timestamp>-<pid>)"),
     Setting("h2o_runtime", "H2O_RUNTIME", _choice("reference", "hf", "llm-bench"), None,
-            "runtime to gate: reference (numpy, the default), hf (transformers; pip install 'pytest-h2o[hf]') or "
+            "runtime to gate: reference (numpy, the default), hf (transformers: the hf extra) or "
             "llm-bench (with --h2o-llm-bench)"),
     Setting("h2o_model", "H2O_MODEL", str, "smollm2", "model of the reference/hf runtime: smollm2, a .gguf, a "
             "config.json (random weights) or, on hf, a transformers model folder"),

@@ -24,7 +24,13 @@ from h2o_kernels.config_keys import ConfigError
 from h2o_kernels.model.loading import ModelSpecError, model_config
 from h2o_kernels.model.run_memory import RunTooLargeError, check_run_fits
 from h2o_kernels.runtimes.base import check_text_file
-from h2o_kernels.runtimes.registry import CPU_TORCH_HINT, RuntimeUnavailableError, check_cuda, check_press_config
+from h2o_kernels.runtimes.registry import (
+    CPU_TORCH_HINT,
+    HF_INSTALL,
+    RuntimeUnavailableError,
+    check_cuda,
+    check_press_config,
+)
 from h2o_presets.matrix import PresetError, load_preset, preset_settings
 from pytest_h2o.compare import CompareSpecError, HistorySetup
 from pytest_h2o.gate import Gate, GateSetupError, load_points
@@ -95,6 +101,7 @@ class GatePlugin:
         except (GateSetupError, PresetError) as exc:
             raise pytest.UsageError(f"{raw_setting(config, 'h2o_preset')[1]}: {exc}") from None
         thresholds = self._thresholds()
+        self.gate_preset = preset_path
         self.gate = Gate(preset_path, self.points, thresholds, resolve(config, "h2o_gate_mode"),
                          self._spec(config, thresholds), progress=self._progress, strict=resolve(config, "h2o_strict"))
         self.gate.workload = self.workload
@@ -147,9 +154,9 @@ class GatePlugin:
         runtime, device = self.runtime, r("h2o_device")
         if device != "cpu" and runtime != "hf":
             raise pytest.UsageError(f"--h2o-device {device}: only the hf runtime (--h2o-runtime hf) runs on {device}; "
-                                    f"the {runtime} runtime runs where it runs")
+                                    f"the {runtime} runtime runs on the CPU")
         if runtime == "hf":
-            _check_hf(device, self.points)
+            _check_hf(device, str(self.gate_preset), self.points)
         for name, path in (("--h2o-base-config", base), ("--h2o-logs", logs), ("--h2o-kv-dumps", r("h2o_kv_dumps")),
                            ("--h2o-text-file", r("h2o_text_file"))):
             if path is not None and not Path(path).exists():
@@ -191,14 +198,14 @@ class GatePlugin:
     def _check_model(self, model: str, runtime: str) -> None:
         """The model file exists and is sound, and every configuration's prompt + gen fits its context
         and this machine's memory: a usage error now rather than a failure after measuring. A transformers
-        model folder (hf) needs its config.json; transformers checks the rest when it loads it."""
-        if runtime == "hf" and Path(model).is_dir():
-            if not (Path(model) / "config.json").is_file():
-                raise pytest.UsageError(f"--h2o-model {model}: a folder without config.json; expected a transformers "
-                                        "model folder, smollm2, a .gguf or a config.json")
-            return
+        model folder (hf) is checked from its config.json (transformers checks the weights when it loads them)."""
         try:
-            config = model_config(model, "--h2o-model")
+            if runtime == "hf" and Path(model).is_dir():
+                from h2o_kernels.runtimes.hf import folder_model_config
+
+                config = folder_model_config(Path(model), "--h2o-model")
+            else:
+                config = model_config(model, "--h2o-model")
             for p in self.points if config is not None else []:
                 check_run_fits(config, p.prompt_tokens, p.gen_tokens, f"--h2o-model {model}, {p.label}")
         except (ModelSpecError, RunTooLargeError) as exc:
@@ -360,20 +367,19 @@ def _runtime_kind(r: Callable[[str], Any]) -> str:
     return chosen or "reference"
 
 
-def _check_hf(device: str, points: list[Any]) -> None:
+def _check_hf(device: str, preset: str, points: list[Any]) -> None:
     """The hf runtime's extra is installed, ``device`` is there and every configuration's press exists: a usage
     error saying what to install or fix."""
     import importlib.util
 
     missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
     if missing:
-        raise pytest.UsageError(f"--h2o-runtime hf needs {' and '.join(missing)}: pip install 'pytest-h2o[hf]' "
-                                f"({CPU_TORCH_HINT})")
+        raise pytest.UsageError(f"--h2o-runtime hf needs {' and '.join(missing)}: {HF_INSTALL}; {CPU_TORCH_HINT}")
     try:
         if device == "cuda":
             check_cuda()
         for point in points:
-            check_press_config(point.config, point.label)
+            check_press_config(point.config, f"--h2o-preset {preset} ({point.label})")
     except (RuntimeUnavailableError, ConfigError) as exc:
         raise pytest.UsageError(str(exc).replace("device cuda:", "--h2o-device cuda:")) from None
 

@@ -216,13 +216,16 @@ def test_a_users_own_press_by_import_path(models, ids):
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"kv_press": "snapkvv"}, "no such kvpress press"),
-    ({"kv_press": "no_such_module_x:Press"}, "cannot import it"),
-    ({"kv_press": ":Press"}, "cannot import it"),
-    ({"kv_press": "test_hf_runtime:ModelInfo"}, "cannot build it"),
-    ({"kv_press": "duo_attention"}, "is not a ScorerPress"),
-    ({"kv_press": "pyramid_kv"}, "compresses its own way"),
-    ({"kv_press": "snapkv", "kv_h2o_enable": True}, "kv_h2o_enable both evict"),
+    ({"kv_press": "snapkvv", "kv_press_compression_ratio": 0.5}, "no such kvpress press"),
+    ({"kv_press": "no_such_module_x:Press", "kv_press_compression_ratio": 0.5}, "cannot import it"),
+    ({"kv_press": ":Press", "kv_press_compression_ratio": 0.5}, "cannot import it"),
+    ({"kv_press": "test_hf_runtime:ModelInfo", "kv_press_compression_ratio": 0.5}, "cannot build it"),
+    ({"kv_press": "duo_attention", "kv_press_compression_ratio": 0.5}, "is not a ScorerPress"),
+    ({"kv_press": "pyramid_kv", "kv_press_compression_ratio": 0.5}, "compresses its own way"),
+    ({"kv_press": "snapkv", "kv_h2o_enable": True, "kv_press_compression_ratio": 0.5}, "kv_h2o_enable both evict"),
+    ({"kv_press": "snapkv", "kv_press_compression_ratio": 1.0}, r"must be in \(0, 1\)"),
+    ({"kv_press": "snapkv"}, r"kv_press_compression_ratio' must be in \(0, 1\).*got 0.0"),
+    ({"kv_press": "snapkv", "kv_press_compression_ratio": 0.5, "kv_press_decode_interval": -3}, "must be >= 0"),
     ({"kv_press": 3}, "must be a JSON string"),
 ])
 def test_a_bad_press_is_a_config_error_naming_it(models, config, message):
@@ -243,7 +246,7 @@ def test_a_press_that_breaks_says_where(models, ids):
 def test_a_press_on_the_reference_runtime_is_refused(models):
     ref, _ = models
     with pytest.raises(ConfigError, match="runs on the hf runtime only"):
-        ReferenceRun(ref, {"kv_press": "snapkv"})
+        ReferenceRun(ref, {"kv_press": "snapkv", "kv_press_compression_ratio": 0.5})
 
 
 def test_open_runtime_loads_a_config_json_with_the_reference_weights(tmp_path):
@@ -280,9 +283,10 @@ def test_a_transformers_model_folder_loads_with_its_own_tokenizer(tmp_path):
 
 
 @pytest.mark.parametrize("config, message", [
-    ({}, "not a loadable transformers model folder"),
+    ({}, "its config.json is not a transformers model config"),
     ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported by the hf runtime"),
     ({"model_type": "mistral", "sliding_window": 4096}, "sliding-window attention"),
+    ({"model_type": "llama", "hidden_size": "big"}, "config.json"),
 ])
 def test_a_folder_the_hf_runtime_cannot_run_is_a_model_spec_error(tmp_path, config, message):
     from h2o_kernels.model.loading import ModelSpecError
@@ -309,7 +313,7 @@ def test_the_cli_benches_on_the_hf_runtime_and_refuses_a_press_elsewhere(tmp_pat
     for args, message in ((["--device", "cuda"], "runs on the CPU only"),
                           (["--runtime", "hf", "--device", "cuda"], "sees no CUDA device"),
                           (["--runtime", "hf", "-c", str(tmp_path / "bad.json")], "no such kvpress press")):
-        (tmp_path / "bad.json").write_text(json.dumps({"kv_press": "snapkvv"}))
+        (tmp_path / "bad.json").write_text(json.dumps({"kv_press": "snapkvv", "kv_press_compression_ratio": 0.5}))
         if "cuda" in args and torch_cuda():
             continue
         with pytest.raises(SystemExit) as exit_info:
@@ -376,6 +380,7 @@ def test_a_press_that_fails_fails_its_configuration_alone(pytester, gate_dir):
     (("--h2o-runtime=gpu",), "expected one of reference, hf, llm-bench"),
     (("--h2o-runtime=llm-bench",), "--h2o-runtime llm-bench: name the binary with --h2o-llm-bench"),
     (("--h2o-runtime=hf", "--h2o-model=."), "--h2o-model .: a folder without config.json"),
+    (("--h2o-runtime=hf", "--h2o-model=gpt"), "--h2o-model gpt: model_type 'gpt2' is not supported by the hf runtime"),
     (("--h2o-runtime=hf", "--h2o-scope=front_n"), None),  # a valid run's settings: checked below with a bad press
 ])
 def test_runtime_and_device_mistakes_are_usage_errors(pytester, gate_dir, args, message):
@@ -383,10 +388,12 @@ def test_runtime_and_device_mistakes_are_usage_errors(pytester, gate_dir, args, 
 
     if "--h2o-device=cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
+    (gate_dir / "gpt").mkdir()
+    (gate_dir / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     preset = {k: v for k, v in PRESET.items() if k != "variants"}
     if message is None:  # a misspelled press is refused before the model loads
-        preset["variants"] = {"bad": {"kv_h2o_enable": False, "kv_press": "snapkvv"}}
-        message = "bad: kv_press 'snapkvv': no such kvpress press"
+        preset["variants"] = {"bad": {"kv_h2o_enable": False, "kv_press": "snapkvv", "kv_press_compression_ratio": 0.5}}
+        message = "tiny.json (bad): kv_press 'snapkvv': no such kvpress press (did you mean 'snapkv'?)"
     (gate_dir / "tiny.json").write_text(json.dumps(preset))
     result = pytester.runpytest("--h2o-preset=tiny.json", *args)
     assert result.ret == pytest.ExitCode.USAGE_ERROR

@@ -13,24 +13,19 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from h2o_kernels.config_keys import ConfigError, Key, clamp, read_keys
-
-_CLAMPS = {"compression_ratio": clamp(0.0, 0.99), "decode_interval": clamp(0)}
+from h2o_kernels.config_keys import ConfigError, Key, read_keys
 
 
 @dataclass(frozen=True)
 class PressConfig:
-    """``press``: a kvpress press by name (``snapkv``, ``expected_attention``: the class name in snake case,
-    without ``Press``) or a user's own by import path (``package.module:factory``, called with
-    ``compression_ratio=``); empty: no press."""
+    """``press``: a kvpress press by name (``snapkv``, ``expected_attention``: the class name without ``Press``,
+    case and underscores free) or a user's own by import path (``package.module:factory``, called with
+    ``compression_ratio=``); empty: no press. With a press, ``compression_ratio`` must be in (0, 1) and
+    ``decode_interval`` >= 0 (not clamped: these keys are ours, so a value out of range is an error)."""
 
     press: str = ""
     compression_ratio: float = 0.0
     decode_interval: int = 16
-
-    def __post_init__(self) -> None:
-        for name, fix in _CLAMPS.items():
-            object.__setattr__(self, name, fix(getattr(self, name)))
 
     @property
     def enable(self) -> bool:
@@ -40,7 +35,7 @@ class PressConfig:
     def keys(cls) -> dict[str, Key]:
         """The config keys read by :meth:`from_config` (``kv_press`` and ``kv_press_<field>``)."""
         return {("kv_press" if f.name == "press" else f"kv_press_{f.name}"):
-                Key(type(f.default), f.default, _CLAMPS.get(f.name, lambda v: v)) for f in fields(cls)}
+                Key(type(f.default), f.default) for f in fields(cls)}
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], source: str = "config") -> PressConfig:
@@ -48,6 +43,12 @@ class PressConfig:
         when a press and our H2O (``kv_h2o_enable``) are both asked for."""
         values = read_keys(cfg, cls.keys(), source)
         config = cls(**{("press" if k == "kv_press" else k[len("kv_press_"):]): v for k, v in values.items()})
+        if config.enable and not 0.0 < config.compression_ratio < 1.0:
+            raise ConfigError(f"{source}: key 'kv_press_compression_ratio' must be in (0, 1), the fraction of tokens "
+                              f"removed (0.69 holds about 3.1x fewer), got {config.compression_ratio!r}")
+        if config.decode_interval < 0:
+            raise ConfigError(f"{source}: key 'kv_press_decode_interval' must be >= 0 (decode steps between "
+                              f"compressions, 0: the prompt only), got {config.decode_interval!r}")
         if config.enable and cfg.get("kv_h2o_enable") is True:
             raise ConfigError(f"{source}: kv_press {config.press!r} and kv_h2o_enable both evict: set "
                               "kv_h2o_enable to false (a press uses only the H2O layer range keys)")

@@ -89,7 +89,8 @@ def model_config(spec: str, model_option: str = "-m") -> LlamaConfig | None:
 
 
 def _missing(path: Path) -> str:
-    return "a folder, not a model file" if path.is_dir() else "no such file"
+    return ("a folder, not a model file (a transformers model folder runs on the hf runtime)" if path.is_dir()
+            else "no such file")
 
 
 def _not_gguf(path: Path) -> str:

@@ -37,6 +37,7 @@ from transformers import (
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
+from transformers.utils import logging as hf_logging
 
 from h2o_kernels.eviction.press_config import PressConfig
 from h2o_kernels.lossless.kvdump import dump_cache
@@ -143,18 +144,16 @@ class HFRuntime:
 
     @classmethod
     def _load_folder(cls, path: Path, threads: int | None, device: str, model_option: str) -> HFRuntime:
+        config = folder_model_config(path, model_option)
         register_attention()
+        hf_logging.disable_progress_bar()  # our progress lines say what loads
         try:
-            _check_architecture(AutoConfig.from_pretrained(str(path)), f"{model_option} {path}")
             model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=ATTN_IMPLEMENTATION,
                                                          dtype=torch.float32 if device == "cpu" else torch.float16)
             tokenizer = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError) as exc:
-            raise ModelSpecError(f"{model_option} {path}: not a loadable transformers model folder ({exc})") from None
-        try:
-            config = LlamaConfig.from_hf_config(model.config.to_dict(), str(path / "config.json"))
-        except ModelConfigError as exc:
-            raise ModelSpecError(str(exc)) from None
+        except Exception as exc:  # OSError (missing weights), ValueError, TypeError from transformers' loaders
+            raise ModelSpecError(f"{model_option} {path}: not a loadable transformers model folder "
+                                 f"({type(exc).__name__}: {exc})") from None
 
         def encode(text: str | None, count: int, seed: int = 0) -> np.ndarray:
             return prompt_ids(_HFTokenizer(tokenizer), text, count, config.vocab_size, seed)
@@ -171,6 +170,28 @@ class HFRuntime:
 
     def close(self) -> None:
         self.hf_model = None
+
+
+def folder_model_config(path: Path, model_option: str = "-m") -> LlamaConfig:
+    """The sizes of the transformers model folder ``path`` from its config.json alone (no weights loaded).
+
+    Raises ``ModelSpecError`` naming ``model_option`` and the folder when config.json is missing or unreadable,
+    the model is not of :data:`SUPPORTED_MODEL_TYPES` with full attention, or its sizes do not fit together."""
+    where = f"{model_option} {path}"
+    if not (path / "config.json").is_file():
+        raise ModelSpecError(f"{where}: a folder without config.json; expected a transformers model folder, "
+                             f"'{EMBEDDED_MODEL}', a .gguf file or a config.json")
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception as exc:  # ValueError (no or unknown model_type), OSError, JSON errors
+        raise ModelSpecError(f"{where}: its config.json is not a transformers model config ({exc})") from None
+    _check_architecture(config, where)
+    try:
+        return LlamaConfig.from_hf_config(config.to_dict(), str(path / "config.json"))
+    except ModelConfigError as exc:
+        raise ModelSpecError(str(exc)) from None
+    except (TypeError, ValueError) as exc:  # e.g. "hidden_size": "big"
+        raise ModelSpecError(f"{where}: config.json has a size that is not a number ({exc})") from None
 
 
 # Decoder-only families whose attention is LLaMA's (eager softmax out, one KV cache per layer, rotary positions)

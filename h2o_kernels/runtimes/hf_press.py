@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from h2o_kernels.config_keys import ConfigError
+from h2o_kernels.config_keys import ConfigError, closest_hint
 from h2o_kernels.eviction.press_config import PressConfig
 from h2o_kernels.runtimes.base import RunFailedError
 from h2o_kernels.runtimes.hf_cache import H2OCache
@@ -59,15 +59,17 @@ def resolve_press(name: str, compression_ratio: float) -> Any:
             warnings.simplefilter("ignore", DeprecationWarning)
             import kvpress
     except ImportError:
-        raise ConfigError(f"kv_press {name!r}: kvpress is not installed (pip install 'pytest-h2o[hf]')") from None
+        raise ConfigError(f"kv_press {name!r}: kvpress is not installed: pip install 'pytest-h2o[hf]' (in a clone "
+                          "of the project: pip install '.[hf]')") from None
+    scorer = kvpress.ScorerPress
     classes = {n[:-len("Press")].lower(): n for n in dir(kvpress) if n.endswith("Press") and n != "BasePress"}
     key = name.replace("_", "").lower()
     if key not in classes:
-        raise ConfigError(f"kv_press {name!r}: no such kvpress press; expected one of "
-                          f"{', '.join(sorted(_snake(c) for c in classes.values()))} or package.module:factory")
+        usable = sorted(n[:-len("Press")].lower() for n in classes.values() if _drivable(getattr(kvpress, n), scorer))
+        raise ConfigError(f"kv_press {name!r}: no such kvpress press{closest_hint(key, usable)}; the hf runtime "
+                          f"drives {', '.join(usable)}, or package.module:factory")
     press_class = getattr(kvpress, classes[key])
-    scorer = kvpress.ScorerPress
-    if not issubclass(press_class, scorer) or press_class.compress is not scorer.compress:
+    if not _drivable(press_class, scorer):
         why = "is not a ScorerPress" if not issubclass(press_class, scorer) else "compresses its own way"
         raise ConfigError(f"kv_press {name!r}: {press_class.__name__} {why}; the hf runtime drives presses by their "
                           "token scores (snapkv, expected_attention, observed_attention, streaming_llm, knorm, tova, "
@@ -93,13 +95,9 @@ def _build(name: str, factory: Any, compression_ratio: float) -> Any:
                           f"({type(exc).__name__}: {exc})") from None
 
 
-def _snake(cls_name: str) -> str:
-    out = []
-    for i, ch in enumerate(cls_name[:-len("Press")]):
-        if ch.isupper() and i and not cls_name[i - 1].isupper():
-            out.append("_")
-        out.append(ch.lower())
-    return "".join(out)
+def _drivable(press_class: Any, scorer: type) -> bool:
+    """A kvpress class that scores tokens and keeps kvpress' own top-k compression (which we replace)."""
+    return isinstance(press_class, type) and issubclass(press_class, scorer) and press_class.compress is scorer.compress
 
 
 class PressDriver:

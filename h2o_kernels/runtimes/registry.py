@@ -8,6 +8,7 @@ from typing import Any, Callable
 from h2o_kernels.runtimes.base import RUNTIMES, Runtime
 
 IN_PROCESS = ("reference", "hf")  # runtimes that run a model in this process (logits, dumps, the fidelity suite)
+HF_INSTALL = "pip install 'pytest-h2o[hf]' (in a clone of the project: pip install '.[hf]')"
 CPU_TORCH_HINT = ("on a CPU-only machine install torch's CPU build first: pip install torch --index-url "
                   "https://download.pytorch.org/whl/cpu")
 DEVICES = ("cpu", "cuda")
@@ -59,8 +60,8 @@ def open_runtime(kind: str, model: str = "smollm2", threads: int | None = 1, dev
     try:
         from h2o_kernels.runtimes.hf import HFRuntime
     except ImportError as exc:
-        raise RuntimeUnavailableError(f"the hf runtime needs torch and transformers ({exc}): pip install "
-                                      f"'pytest-h2o[hf]' ({CPU_TORCH_HINT})") from None
+        raise RuntimeUnavailableError(f"the hf runtime needs torch and transformers ({exc}): {HF_INSTALL}; "
+                                      f"{CPU_TORCH_HINT}") from None
     if device == "cuda":
         check_cuda()
     return HFRuntime.load(model, threads=threads, device=device, progress=progress, model_option=model_option)
@@ -83,7 +84,7 @@ def check_press_config(config: dict[str, Any], source: str = "config") -> None:
     try:
         from h2o_kernels.runtimes.hf_press import check_press
     except ImportError as exc:
-        raise RuntimeUnavailableError(f"{source}: kv_press needs the hf runtime's extra ({exc}): pip install "
-                                      f"'pytest-h2o[hf]' ({CPU_TORCH_HINT})") from None
+        raise RuntimeUnavailableError(f"{source}: kv_press needs the hf runtime's extra ({exc}): {HF_INSTALL}; "
+                                      f"{CPU_TORCH_HINT}") from None
     check_press(config, source)
 

@@ -66,7 +66,7 @@ def load_command_model(spec: str, threads: int, parser: argparse.ArgumentParser)
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     """``--runtime`` and ``--device`` (defaults from ``$H2O_RUNTIME`` / ``$H2O_DEVICE``, as the plugin reads them)."""
     p.add_argument("--runtime", choices=IN_PROCESS, default=os.environ.get("H2O_RUNTIME") or "reference",
-                   help="reference (numpy) or hf (transformers; pip install 'pytest-h2o[hf]'); $H2O_RUNTIME")
+                   help="reference (numpy) or hf (transformers: the hf extra); $H2O_RUNTIME")
     p.add_argument("--device", choices=DEVICES, default=os.environ.get("H2O_DEVICE") or "cpu",
                    help="the hf runtime's device; $H2O_DEVICE")
 
@@ -91,7 +91,7 @@ def load_command_runtime(args: argparse.Namespace, parser: argparse.ArgumentPars
     try:
         return open_runtime(args.runtime, args.model, threads=args.threads, device=args.device)
     except (ModelSpecError, RuntimeUnavailableError, ValueError) as exc:
-        parser.error(str(exc))
+        parser.error(str(exc).replace("device cuda:", "--device cuda:"))
     except ModelFetchError as exc:
         parser.exit(1, f"{parser.prog}: {exc}\n")
 

@@ -37,7 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"'{EMBEDDED_MODEL}' (embedded SmolLM2-135M-Instruct), a .gguf file, a HF-style config.json "
                         "(random weights) or, with --runtime hf, a transformers model folder")
     add_runtime_arguments(p)
-    p.add_argument("-c", "--config", type=Path, help="JSON with the kv_h2o_* / kv_lossless_* keys (default: all off)")
+    p.add_argument("-c", "--config", type=Path,
+                   help="JSON with the kv_h2o_* / kv_lossless_* keys, or kv_press_* with --runtime hf "
+                        "(default: all off)")
     p.add_argument("-p", "--prompt-tokens", type=positive_int, default=512, help="prompt tokens (prefill)")
     p.add_argument("-n", "--gen-tokens", type=non_negative_int, default=128,
                    help="decode steps (teacher-forced text)")
@@ -94,7 +96,7 @@ def report(args: argparse.Namespace, row: BenchRow, summary: dict[str, float], c
             print(f"{name}: {summary[name]:.4f}")
     if args.log_file is not None:
         text = "synthetic" if args.synthetic else str(args.text_file or "pydoc_data.topics")
-        twin = write_log(args.log_file, row, summary, config, args.repeat, text)
+        twin = write_log(args.log_file, row, summary, config, args.repeat, text, f"{args.runtime} ({args.device})")
         print(f"[h2o-gate bench] wrote {args.log_file} and {twin}", file=sys.stderr)
 
 

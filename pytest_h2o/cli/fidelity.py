@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"'{EMBEDDED_MODEL}' (embedded SmolLM2-135M-Instruct), a .gguf file, a HF-style config.json "
                         "(random weights) or, with --runtime hf, a transformers model folder")
     add_runtime_arguments(p)
-    p.add_argument("-c", "--config", type=Path, required=True, help="JSON with the kv_h2o_* / kv_lossless_* keys")
+    p.add_argument("-c", "--config", type=Path, required=True,
+                   help="JSON with the kv_h2o_* / kv_lossless_* keys, or kv_press_* with --runtime hf")
     p.add_argument("-p", "--prompt-tokens", type=positive_int, default=512, help="prompt tokens (prefill)")
     p.add_argument("-n", "--gen-tokens", type=positive_int, default=128,
                    help="teacher-forced continuation tokens, each one scored")

@@ -149,7 +149,8 @@ def run_point(args: argparse.Namespace, runtime: Runtime | None, point: Point, c
         row, summary = run_bench(runtime, config, str(config_path), prompt, continuation, point.repeat, args.threads,
                                  extra_kv_keys=point.extra_kv_keys)
         write_log(log_path, row, summary, config, point.repeat,
-                  "synthetic" if args.synthetic else str(args.text_file or "pydoc_data.topics"))
+                  "synthetic" if args.synthetic else str(args.text_file or "pydoc_data.topics"),
+                  f"{args.runtime} ({args.device})")
     except (ValueError, RunFailedError) as exc:
         print(f"[WARN] {point.run_id}: {exc}", file=sys.stderr)
         return 2
