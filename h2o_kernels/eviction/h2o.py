@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from h2o_kernels.config_keys import Key, clamp, read_keys
+from h2o_kernels.eviction.held_ratio import HeldRatio
 
 if TYPE_CHECKING:
     from h2o_kernels.model.llama import KVCache
@@ -215,7 +216,7 @@ class H2OPolicy:
         self._last_trigger: list[int | None] = [None] * n
         self._pending: list[tuple[int, list[np.ndarray]] | None] = [None] * n
         self._final: list[int | None] = [None] * n
-        self._bytes = {"full": 0, "held": 0, "model_full": 0, "model_held": 0}
+        self._held_ratio = HeldRatio(self.layers)
         self._trigger_ratios = (1.0, 1.0, 1.0, 1.0, 1.0)
         self.evict_us = 0.0
         self.evictions = 0
@@ -269,7 +270,7 @@ class H2OPolicy:
         seen = self._seen[layer]
         if decode:
             self._steps[layer] += 1
-            self._sample(layer, seen, kv)
+            self._held_ratio.sample(layer, seen, kv)
         if not self.active(layer):
             return
         G = self.groups
@@ -311,13 +312,12 @@ class H2OPolicy:
         any kind; ``1 / max(floor, quantized)`` is the lossy ceiling the original's step 4.5 checks. Ours:
         ``h2o_floor_keep_held`` and ``h2o_quantized_keep_held``, the same over the cache the layer held then.
         """
-        b = self._bytes
-        lossy = b["full"] / b["held"] if b["held"] else 1.0
+        lossy = self._held_ratio.lossy
         effective, floor, quantized, floor_held, quantized_held = self._trigger_ratios
         return {
             "h2o_keep": 1.0 / lossy,
             "h2o_lossy": lossy,
-            "h2o_lossy_model": b["model_full"] / b["model_held"] if b["model_held"] else 1.0,
+            "h2o_lossy_model": self._held_ratio.lossy_model,
             "h2o_target_keep_effective": effective,
             "h2o_floor_keep": floor,
             "h2o_quantized_keep": quantized,
@@ -327,15 +327,6 @@ class H2OPolicy:
             "h2o_evictions": self.evictions,
             "h2o_evicted_tokens": self.evicted_tokens,
         }
-
-    def _sample(self, layer: int, seen: int, kv: int) -> None:
-        """Account one decode step's bytes: every token seen (full) and the ``kv`` tokens each head holds."""
-        full, held = seen * self.bytes_per_token, kv * self.bytes_per_token
-        self._bytes["model_full"] += full
-        self._bytes["model_held"] += held
-        if layer in self.layers:
-            self._bytes["full"] += full
-            self._bytes["held"] += held
 
     def _trigger(self, layer: int, scores: np.ndarray, seen: int) -> None:
         """Plan every group of the layer; they share kv, floor and target, so the first plan's numbers are all's."""

@@ -246,8 +246,8 @@ class HFRun:
         c = runtime.model.config
         self.policies = KVPolicies(config, source, c.num_layers, c.num_kv_heads, c.head_dim, log)
         press = PressConfig.from_config(config, source)
-        self.press = (PressDriver(press, runtime.hf_model, self.policies.h2o_config.layer_range(c.num_layers),
-                                  c.num_kv_heads, c.head_dim) if press.enable else None)
+        self.press = (PressDriver(press, runtime.hf_model, self.policies.h2o_config.layer_range(c.num_layers))
+                      if press.enable else None)
         self.cache: H2OCache | None = None
         self.keep_cache = False
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from h2o_kernels.config_keys import ConfigError, closest_hint
+from h2o_kernels.eviction.held_ratio import HeldRatio
 from h2o_kernels.eviction.press_config import PressConfig
 from h2o_kernels.runtimes.base import RunFailedError
 from h2o_kernels.runtimes.hf_cache import H2OCache
@@ -103,11 +104,10 @@ def _drivable(press_class: Any, scorer: type) -> bool:
 class PressDriver:
     """Applies one press to the layers of ``layers`` of ``model`` (see the module docstring)."""
 
-    def __init__(self, config: PressConfig, model: Any, layers: range, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, config: PressConfig, model: Any, layers: range) -> None:
         """Raises ``ConfigError`` naming ``kv_press`` when the press cannot be built or set up for ``model``."""
         self.config, self.layers = config, layers
         self.press = resolve_press(config.press, config.compression_ratio)
-        self.bytes_per_token = 2 * 2 * num_kv_heads * head_dim
         for layer in model.model.layers:  # kvpress' own setup (its __call__ does the same)
             layer.self_attn.rotary_emb = model.model.rotary_emb
         setup = getattr(self.press, "post_init_from_model", None)
@@ -124,7 +124,7 @@ class PressDriver:
         self._prompt_hidden: dict[int, torch.Tensor] = {}  # the prompt's last HIDDEN_BUFFER hidden states
         self._decode_hidden: dict[int, list[torch.Tensor]] = {}
         self._since: dict[int, int] = {}
-        self._bytes = {"full": 0, "held": 0, "model_full": 0, "model_held": 0}
+        self._held_ratio = HeldRatio(self.layers)
         self.compress_us = 0
         self.compressions = 0
         self.evicted_tokens = 0
@@ -135,7 +135,7 @@ class PressDriver:
         hidden = kwargs["hidden_states"]
         seen = cache.n_seen + int(hidden.shape[1])
         if decoding:
-            self._sample(layer, seen, int(cache.head_lengths(layer).max()))
+            self._held_ratio.sample(layer, seen, int(cache.head_lengths(layer).max()))
         if layer not in self.layers:
             return
         if not decoding:
@@ -154,14 +154,6 @@ class PressDriver:
             buffered = torch.cat([*parts, *steps], dim=1)[:, -HIDDEN_BUFFER:]
             self._compress(module, layer, kwargs, output, cache, seen, buffered)
             self._since[layer] = 0
-
-    def _sample(self, layer: int, seen: int, held: int) -> None:
-        full, held_bytes = seen * self.bytes_per_token, held * self.bytes_per_token
-        self._bytes["model_full"] += full
-        self._bytes["model_held"] += held_bytes
-        if layer in self.layers:
-            self._bytes["full"] += full
-            self._bytes["held"] += held_bytes
 
     def _compress(self, module: Any, layer: int, kwargs: dict[str, Any], output: Any, cache: H2OCache,
                   seen: int, hidden: torch.Tensor) -> None:
@@ -189,10 +181,8 @@ class PressDriver:
         self.compress_us += (time.perf_counter_ns() - t0) // 1000
 
     def metrics(self) -> dict[str, float]:
-        b = self._bytes
-        lossy = b["full"] / b["held"] if b["held"] else 1.0
-        return {"h2o_keep": 1.0 / lossy, "h2o_lossy": lossy,
-                "h2o_lossy_model": b["model_full"] / b["model_held"] if b["model_held"] else 1.0,
+        lossy = self._held_ratio.lossy
+        return {"h2o_keep": 1.0 / lossy, "h2o_lossy": lossy, "h2o_lossy_model": self._held_ratio.lossy_model,
                 "h2o_evict_us": self.compress_us, "h2o_evictions": self.compressions,
                 "h2o_evicted_tokens": self.evicted_tokens,
                 "h2o_target_keep_effective": 1.0 - self.config.compression_ratio}
