@@ -32,10 +32,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import xxhash
 import zstandard
 
 from h2o_kernels import CODEC_NAME, FORMAT_VERSION  # the blob format's name and version (re-exported)
+from h2o_kernels.codec.blob import (  # noqa: F401 (CodecError, MAGIC re-exported)
+    DEFAULT_MAX_OUTPUT_BYTES,
+    DTYPE_FP16,
+    MAGIC,
+    CodecError,
+    as_fp16_words,
+    check32,
+    tensor_check,
+)
 from h2o_kernels.codec.estimate import centering_pays, predictor_plan, row_fingerprints, sample_rows, worth_planning
 from h2o_kernels.codec.predictors import (
     FORWARD,
@@ -47,10 +55,7 @@ from h2o_kernels.codec.predictors import (
     parse_predictors,
 )
 
-MAGIC = b"H2KV"
-DTYPE_FP16 = 1
 ZSTD, _CENTERED = 1, 2  # flag bits of a plane's stage byte
-DEFAULT_MAX_OUTPUT_BYTES = 1 << 31
 # A zstd block of at most 128 KiB never codes to fewer than 4 bytes, so no valid frame expands more.
 _ZSTD_MAX_EXPANSION = 1 << 15
 _FIXED = struct.Struct("<4sBBBBIIIII")
@@ -65,10 +70,6 @@ _CENTER_MARGIN = 0.02
 _BATCH_BYTES = 1 << 20
 
 Choose = Literal["estimate", "exhaustive"]
-
-
-class CodecError(ValueError):
-    """A blob is malformed, truncated, tampered with, or would decode to something else."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ class FP16Codec:
 
     def encode_many(self, tensors: list[np.ndarray]) -> list[bytes]:
         """Encode several tensors, one blob each; same-shaped ones share the vectorised work."""
-        words = [_as_fp16_words(t) for t in tensors]
+        words = [as_fp16_words(t) for t in tensors]
         blobs: list[bytes] = [b""] * len(words)
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, w in enumerate(words):
@@ -168,7 +169,7 @@ class FP16Codec:
         blobs = []
         for t in range(n):
             header = [_FIXED.pack(MAGIC, FORMAT_VERSION, DTYPE_FP16, len(_PLANES), 0, seq, heads, dim,
-                                  self.block_seq, _tensor_check(words[t]))]
+                                  self.block_seq, tensor_check(words[t]))]
             payloads = []
             for kind in range(len(_PLANES)):
                 prefix = references[t] if kind == 0 else None
@@ -180,7 +181,7 @@ class FP16Codec:
                 header.append(_PLANE.pack((_CENTERED if prefix is not None else 0) | stage, len(payload)))
                 payloads.append(payload)
             head = b"".join(header) + ids[:, t].tobytes()
-            blobs.append(b"".join([head, _CHECK.pack(_check32(head, *payloads)), *payloads]))
+            blobs.append(b"".join([head, _CHECK.pack(check32(head, *payloads)), *payloads]))
         return blobs
 
     def _frame(self, plane: np.ndarray, prefix: np.ndarray | None) -> tuple[int, bytes | memoryview]:
@@ -324,7 +325,7 @@ def decode_with_info(blobs: list[bytes | bytearray | memoryview], *,
     for (shape, block_seq), indices in by_layout.items():
         for part in _batches(indices, shape):
             for i, tensor in zip(part, _decode_batch([parsed[i] for i in part], shape, block_seq)):
-                if _tensor_check(tensor) != parsed[i][1].check:
+                if tensor_check(tensor) != parsed[i][1].check:
                     raise CodecError(f"blob {i}: decoded tensor fails the blob's tensor check: the payload was altered")
                 out[i] = (tensor.view("<f2"), parsed[i][1])
     return out
@@ -402,7 +403,7 @@ def _parse(view: memoryview, where: str = "") -> tuple[BlobInfo, np.ndarray]:
         raise CodecError(f"{where}blob is {len(view)} bytes, header and payloads declare "
                          f"{header_bytes + sum(length for _, length in stages)}")
     check_at = header_bytes - _CHECK.size
-    if _check32(view[:check_at], view[header_bytes:]) != _CHECK.unpack_from(view, check_at)[0]:
+    if check32(view[:check_at], view[header_bytes:]) != _CHECK.unpack_from(view, check_at)[0]:
         raise CodecError(f"{where}blob check mismatch: the blob was altered")
     raw_ids = bytes(view[ids_at:check_at])
     if raw_ids and max(raw_ids) >= len(PREDICTORS):
@@ -451,27 +452,4 @@ def _decode_plane(payload: memoryview, entropy: str, size: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
-def _tensor_check(words: np.ndarray) -> int:
-    """The tensor check: XXH3-64 of a tensor's shape and little-endian bytes, low 32 bits."""
-    return _check32(struct.pack("<III", *words.shape), words)
-
-
-def _check32(*parts: bytes | memoryview | np.ndarray) -> int:
-    """Low 32 bits of XXH3-64 over the concatenated parts."""
-    digest = xxhash.xxh3_64()
-    for part in parts:
-        digest.update(part)
-    return digest.intdigest() & 0xFFFFFFFF
-
-
 _DCTX = zstandard.ZstdDecompressor()
-
-
-def _as_fp16_words(tensor: np.ndarray) -> np.ndarray:
-    arr = np.asarray(tensor)
-    if arr.dtype.kind != "f" or arr.dtype.itemsize != 2:
-        raise TypeError(f"the fp16 codec takes float16 input, got {arr.dtype}; convert explicitly, "
-                        f"e.g. tensor.astype(np.float16), if a lossy cast is what you want")
-    if arr.ndim != 3:
-        raise ValueError(f"expected a [seq, kv_heads, head_dim] tensor, got shape {arr.shape}")
-    return np.ascontiguousarray(arr.astype("<f2", copy=False)).view("<u2")

@@ -1,0 +1,107 @@
+"""The codec's two profiles behind one door: build an encoder by profile, decode any blob.
+
+``fast`` (blob version 1, :mod:`h2o_kernels.codec.fp16`): byte planes, per-block predictors and zstd;
+hundreds of MB/s, what the runtime uses by default. ``ratio`` (blob version 2,
+:mod:`h2o_kernels.codec.ratio`): a per-channel context model of the hi byte with a range coder and
+row matching (RoPE-aware for K); a higher ratio at tens of MB/s. Decoding never needs the profile:
+the blob's version byte picks the decoder.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import numpy as np
+
+from h2o_kernels.codec.blob import DEFAULT_MAX_OUTPUT_BYTES, CodecError, blob_version
+from h2o_kernels.codec.fp16 import FP16Codec
+from h2o_kernels.codec.predictors import K_DEFAULT, V_DEFAULT
+from h2o_kernels.codec.rope import RopeSpec
+
+Profile = Literal["fast", "ratio"]
+PROFILES: tuple[Profile, ...] = ("fast", "ratio")
+# the blob format version each profile writes
+VERSIONS: dict[str, int] = {"fast": 1, "ratio": 2}
+
+
+class Encoder(Protocol):
+    """What both profiles' encoders do (one instance per thread: they are not thread-safe)."""
+
+    def encode_many(self, tensors: list[np.ndarray],
+                    positions: list[np.ndarray | None] | None = None) -> list[bytes]:
+        """One blob per fp16 ``[seq, kv_heads, head_dim]`` tensor; ``positions`` (int ``[seq]`` per
+        tensor, or None for ``0..seq-1``) are the rows' RoPE positions, used by the ratio profile's K
+        matching only."""
+        ...
+
+
+def make_codec(profile: str, kind: Literal["k", "v"], *, hi_predictors: str | tuple[str, ...] | None = None,
+               lo_predictors: str | tuple[str, ...] | None = None, rope: RopeSpec | None = None) -> Encoder:
+    """An encoder of ``profile`` for K (``kind="k"``) or V tensors.
+
+    The predictor sets apply to the fast profile (default: the kind's defaults, as the original's
+    ``kv_lossless_predictors_k/_v``); ``rope`` lets the ratio profile match K rows through RoPE.
+    Raises ``ValueError`` naming the choices for an unknown profile or kind.
+    """
+    if kind not in ("k", "v"):
+        raise ValueError(f"kind must be 'k' or 'v', got {kind!r}")
+    default = K_DEFAULT if kind == "k" else V_DEFAULT
+    if profile == "fast":
+        return FP16Codec(hi_predictors or default, lo_predictors or default)
+    if profile == "ratio":
+        from h2o_kernels.codec.ratio import RatioCodec
+
+        return RatioCodec(kind, rope=rope if kind == "k" else None)
+    raise ValueError(f"unknown codec profile {profile!r}; choose one of {', '.join(PROFILES)}")
+
+
+def decode(blob: bytes | bytearray | memoryview, *, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> np.ndarray:
+    """The exact fp16 tensor of a blob of either profile; :class:`CodecError` on any defect."""
+    return decode_with_info([blob], max_output_bytes=max_output_bytes)[0][0]
+
+
+def decode_many(blobs: list[bytes | bytearray | memoryview], *,
+                max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> list[np.ndarray]:
+    """:func:`decode` for several blobs (profiles may be mixed); the error names the first bad blob."""
+    return [tensor for tensor, _ in decode_with_info(blobs, max_output_bytes=max_output_bytes)]
+
+
+def decode_with_info(blobs: list[bytes | bytearray | memoryview], *,
+                     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> list[tuple[np.ndarray, object]]:
+    """Each blob's tensor with what :func:`inspect` says of it (a ``fp16.BlobInfo`` for version 1, a
+    ``ratio.RatioBlobInfo`` for version 2)."""
+    from h2o_kernels.codec import fp16
+
+    by_version: dict[int, list[int]] = {}
+    for i, blob in enumerate(blobs):
+        by_version.setdefault(blob_version(blob, f"blob {i}: " if len(blobs) > 1 else ""), []).append(i)
+    out: list = [None] * len(blobs)
+    for version, indices in by_version.items():
+        module = _module(version)
+        try:
+            decoded = module.decode_with_info([blobs[i] for i in indices], max_output_bytes=max_output_bytes)
+        except CodecError as exc:
+            if len(indices) == len(blobs) or module is not fp16:
+                raise
+            raise CodecError(f"{exc} (blob numbers count the version-{version} blobs only)") from None
+        for i, item in zip(indices, decoded):
+            out[i] = item
+    return out
+
+
+def inspect(blob: bytes | bytearray | memoryview) -> object:
+    """Parse and validate a blob of either profile without decoding its payloads."""
+    return _module(blob_version(blob)).inspect(blob)
+
+
+def _module(version: int):
+    if version == VERSIONS["fast"]:
+        from h2o_kernels.codec import fp16
+
+        return fp16
+    if version == VERSIONS["ratio"]:
+        from h2o_kernels.codec import ratio
+
+        return ratio
+    raise CodecError(f"unsupported blob format version {version}; this build reads "
+                     f"{', '.join(f'{v} ({p})' for p, v in VERSIONS.items())}")
