@@ -1,7 +1,8 @@
 """Runtime kernels in numpy: the fp16 lossless KV codec, KV dumps and the offline evaluator.
 
-The codec's name and blob format version live here, importable without numpy (the pytest plugin's
+The codec's name and blob format versions live here, importable without numpy (the pytest plugin's
 header names them in every pytest run)."""
 
 CODEC_NAME = "h2o-fp16-predictive"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the fast profile's blob version
+PROFILE_VERSIONS = {"fast": 1, "ratio": 2}  # the blob version each codec profile writes

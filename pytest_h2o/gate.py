@@ -20,6 +20,7 @@ from filelock import FileLock, Timeout
 from h2o_gates.gate_report import build_report
 from h2o_gates.rules import GateMode, Thresholds
 from h2o_kernels.config_keys import ConfigError
+from h2o_kernels.lossless.manager import LosslessConfig
 from h2o_kernels.runtimes.base import check_config
 from h2o_presets.matrix import Point, PresetError, expand, find_preset, load_preset
 from pytest_h2o.gate_run import RunSpec, measure
@@ -51,6 +52,11 @@ class Gate:
     @property
     def name(self) -> str:
         return self.preset_path.name
+
+    @property
+    def codec_profiles(self) -> list[str]:
+        """The codec profiles the configurations' ``kv_lossless_codec_runtime`` name, in first-use order."""
+        return list(dict.fromkeys(LosslessConfig.from_config(p.config, p.label).profile for p in self.points))
 
     @property
     def out_dir(self) -> Path:

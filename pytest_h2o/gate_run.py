@@ -395,19 +395,21 @@ def _add_lossless(row: dict[str, Any], point: Point, spec: RunSpec, warnings: li
     """``lossless_online`` (front_n layers), ``lossless_scope`` (the configured scope),
     ``per_layer_lossless`` and ``total_ratio`` from the online-sim over dumps; without dumps
     ``lossless_online`` falls back to the runtime's ratio, with a warning. Every dump entry the
-    online-sim could not use is a warning. ``coded`` holds the results by dump content, so dumps
+    online-sim could not use is a warning. The online-sim codes with the configuration's codec profile
+    (``kv_lossless_codec_runtime``). ``coded`` holds the results by dump content and profile, so dumps
     identical to ones already coded (``--h2o-kv-dumps``, or configurations that hold the same KV) are
-    coded once."""
+    coded once per profile."""
     dump_dir = spec.kv_dumps or (Path(row["kv_dir"]) if row.get("kv_dir") else None)
+    lossless = LosslessConfig.from_config(point.config, point.label)
     per_layer = None
     if dump_dir is not None:
-        key = _dump_content(dump_dir)
+        content = _dump_content(dump_dir)
+        key = None if content is None else (content, lossless.profile)
         if key not in coded or key is None:
-            coded[key] = _online_sim(dump_dir, point.label, warnings, progress)
+            coded[key] = _online_sim(dump_dir, point.label, lossless.profile, warnings, progress)
         else:
             progress(f"online-sim {point.label}: its dumps hold the same KV as a configuration already coded")
         per_layer = coded[key]
-    lossless = LosslessConfig.from_config(point.config, point.label)
     h2o = H2OConfig.from_config(point.config, point.label)
     if per_layer is None:
         runtime = row.get("h2o_lossless")
@@ -454,9 +456,9 @@ def _dump_content(dump_dir: Path) -> tuple | None:
     return tuple(sorted(entries)) or None
 
 
-def _online_sim(dump_dir: Path, label: str, warnings: list[str],
+def _online_sim(dump_dir: Path, label: str, profile: str, warnings: list[str],
                 progress: Progress) -> dict[int, tuple[int, int]] | None:
-    options = EvalOptions(scope="layer_range", layer_start=0, layer_end=-1, **ONLINE_SIM)
+    options = EvalOptions(scope="layer_range", layer_start=0, layer_end=-1, codec=profile, **ONLINE_SIM)
     try:
         result = evaluate(dump_dir, options)
     except SelectionError as exc:
@@ -465,7 +467,7 @@ def _online_sim(dump_dir: Path, label: str, warnings: list[str],
     for skipped in result["skipped"]:
         warnings.append(f"[WARN] {label}: online-sim skipped {skipped['file']} ({skipped['reason']}): "
                         f"{skipped['detail']}")
-    progress(f"online-sim {label}: {result['weighted_lossless_ratio']:.4f} over all layers' held KV, "
+    progress(f"online-sim {label}: {result['weighted_lossless_ratio']:.4f} ({profile} codec) over all layers' held KV, "
              f"{result['raw_bytes'] / 1e6:.1f} MB of {dump_dir}, verified {result['roundtrip_verified']}"
              + (f", {len(result['skipped'])} entries skipped" if result["skipped"] else ""))
     return {int(layer): (v["raw_bytes"], v["compressed_bytes"]) for layer, v in result["per_layer"].items()}

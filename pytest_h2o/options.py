@@ -122,6 +122,9 @@ def _choice(*values: str) -> Callable[[str], str]:
     return parse
 
 
+_codec_profile = _choice("fast", "ratio")
+
+
 def _mode(text: str) -> str:
     if text not in ("joint", "independent"):
         raise ValueError(f"expected joint or independent, got {text!r}")
@@ -183,6 +186,10 @@ SETTINGS: tuple[Setting, ...] = (
             "override kv_lossless_kept_sample_layers", "kv_lossless_kept_sample_layers"),
     Setting("h2o_kept_sample_token_interval", "KV_LOSSLESS_KEPT_SAMPLE_TOKEN_INTERVAL", _int, None,
             "override kv_lossless_kept_sample_token_interval", "kv_lossless_kept_sample_token_interval"),
+    Setting("h2o_lossless_codec", "H2O_LOSSLESS_CODEC", _codec_profile, None,
+            "codec profile of runtime lossless and the online-sim: fast (planes + zstd, the default) or ratio "
+            "(context model, higher ratio, tens of MB/s); overrides kv_lossless_codec_runtime",
+            "kv_lossless_codec_runtime"),
     Setting("h2o_history", "H2O_HISTORY", _store, Path(".h2o/history"), "history store; 'off' disables it"),
     Setting("h2o_compare", "H2O_COMPARE", str, None, "compare with a stored run: latest, a commit or a record path"),
     Setting("h2o_compare_fail", "H2O_COMPARE_FAIL", str, None,

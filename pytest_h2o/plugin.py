@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from h2o_kernels import CODEC_NAME, FORMAT_VERSION
+from h2o_kernels import CODEC_NAME, PROFILE_VERSIONS
 from pytest_h2o import __version__
 from pytest_h2o.options import add_options, resolve
 
@@ -26,12 +26,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Name the plugin and codec versions (and the preset, when gating) in the session header."""
-    lines = [f"pytest-h2o {__version__}, codec {CODEC_NAME} v{FORMAT_VERSION}"]
+    versions = ", ".join(f"v{version} ({profile})" for profile, version in PROFILE_VERSIONS.items())
+    lines = [f"pytest-h2o {__version__}, codec {CODEC_NAME} {versions}"]
     plugin = config.stash.get(gate_key, None)
     if plugin is not None:
         g = plugin.gate
         lines.append(f"h2o gate: {g.name}, {len(g.points)} configurations, runtime {g.spec.runtime}, "
-                     f"mode {g.mode}, reports in {g.out_dir}")
+                     f"mode {g.mode}, codec {'/'.join(g.codec_profiles)}, reports in {g.out_dir}")
     return lines
 
 

@@ -107,6 +107,9 @@ def test_config_defaults_match_the_original():
     ("predictors_k", " pair_delta, raw ,pair_delta_delta_seq", "predictors_k",
      ("pair_delta", "raw", "pair_delta_delta_seq")),
     ("predictors_v", "", "predictors_v", ("raw",)),
+    ("codec_runtime", "fp16_gear_predictive_v3", "profile", "fast"),  # the original's value names our fast profile
+    ("codec_runtime", "fast", "profile", "fast"),
+    ("codec_runtime", "ratio", "profile", "ratio"),
 ])
 def test_config_aliases_and_clamps(key, value, field, expected):
     assert getattr(config(**{key: value}), field) == expected
@@ -121,6 +124,8 @@ def test_config_aliases_and_clamps(key, value, field, expected):
     ("scope", "everything", "'front_n'"),  # the original used its default silently; we name the values
     ("runtime_mode", "fulll", "did you mean 'full'"),
     ("codec", "gear", "'gear_delta'"),
+    ("codec_runtime", "fp16_gear_predictive_v4", "did you mean 'fp16_gear_predictive_v3'"),
+    ("codec_runtime", "zstd", "kv_lossless_codec_runtime.*'ratio'"),
     ("strict_roundtrip_check", "yes", "kv_lossless_strict_roundtrip_check"),
 ])
 def test_config_errors_name_the_key(key, value, words):
@@ -323,7 +328,7 @@ def test_store_mode_decode_cache_hits_only_after_a_real_decode(strict, hits, mis
     assert m["resident_kv_bytes"] == total + m["h2o_lossless_comp_mb"] * 1048576
 
 
-def other_data_encoder(k: np.ndarray, v: np.ndarray) -> tuple[bytes, bytes]:
+def other_data_encoder(k: np.ndarray, v: np.ndarray, positions: np.ndarray | None) -> tuple[bytes, bytes]:
     """A valid codec blob of the wrong tensor: only a strict round-trip check can tell."""
     codec = FP16Codec()
     return codec.encode(np.zeros_like(k)), codec.encode(np.zeros_like(v))
@@ -373,9 +378,9 @@ def test_full_mode_budget_shrink_resets_the_schedule():
 # ----------------------------------------------------------------------------- async, failures
 
 def test_slow_codec_with_a_full_queue_skips_new_windows():
-    def slow(k: np.ndarray, v: np.ndarray) -> tuple[bytes, bytes]:
+    def slow(k: np.ndarray, v: np.ndarray, positions: np.ndarray | None) -> tuple[bytes, bytes]:
         time.sleep(0.05)
-        return other_data_encoder(k, v)
+        return other_data_encoder(k, v, positions)
 
     cache, plain = caches()
     lines: list[str] = []
@@ -393,7 +398,7 @@ def test_slow_codec_with_a_full_queue_skips_new_windows():
 
 
 def test_an_encoder_that_raises_counts_a_fallback_and_releases_nothing():
-    def broken(k: np.ndarray, v: np.ndarray) -> tuple[bytes, bytes]:
+    def broken(k: np.ndarray, v: np.ndarray, positions: np.ndarray | None) -> tuple[bytes, bytes]:
         raise RuntimeError("codec down")
 
     for mode in ("full", "store"):

@@ -7,9 +7,11 @@ from importlib.metadata import entry_points
 import pytest
 
 import pytest_h2o
-from h2o_kernels.codec.fp16 import CODEC_NAME, FORMAT_VERSION
+from h2o_kernels import PROFILE_VERSIONS
+from h2o_kernels.codec.fp16 import CODEC_NAME
 
-HEADER = f"pytest-h2o {pytest_h2o.__version__}, codec {CODEC_NAME} v{FORMAT_VERSION}"
+HEADER = (f"pytest-h2o {pytest_h2o.__version__}, codec {CODEC_NAME} "
+          + ", ".join(f"v{v} ({p})" for p, v in PROFILE_VERSIONS.items()))
 
 
 def test_entry_point_is_registered():

@@ -13,6 +13,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from h2o_kernels import PROFILE_VERSIONS
 from h2o_kernels.codec.blob import DEFAULT_MAX_OUTPUT_BYTES, CodecError, blob_version
 from h2o_kernels.codec.fp16 import FP16Codec
 from h2o_kernels.codec.predictors import K_DEFAULT, V_DEFAULT
@@ -20,8 +21,7 @@ from h2o_kernels.codec.rope import RopeSpec
 
 Profile = Literal["fast", "ratio"]
 PROFILES: tuple[Profile, ...] = ("fast", "ratio")
-# the blob format version each profile writes
-VERSIONS: dict[str, int] = {"fast": 1, "ratio": 2}
+VERSIONS: dict[str, int] = PROFILE_VERSIONS  # the blob format version each profile writes
 
 
 class Encoder(Protocol):

@@ -33,16 +33,20 @@ from typing import Any, Callable, Literal, Protocol
 import numpy as np
 import xxhash
 
-from h2o_kernels.codec.fp16 import FP16Codec, decode_many
 from h2o_kernels.codec.predictors import parse_predictors
+from h2o_kernels.codec.profiles import Profile, decode_many, make_codec
+from h2o_kernels.codec.rope import RopeSpec
 from h2o_kernels.config_keys import ConfigError, Key, clamp, read_keys
 
 Scope = Literal["none", "front_n", "h2o_kept", "front_n_and_h2o_kept"]
 Mode = Literal["probe", "full", "store"]
-Encoder = Callable[[np.ndarray, np.ndarray], tuple[bytes, bytes]]
+Encoder = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], tuple[bytes, bytes]]
 Decoder = Callable[[bytes, bytes], tuple[np.ndarray, np.ndarray]]
 
 MODE_IDS: dict[str, int] = {"probe": 0, "full": 1, "store": 2}
+# kv_lossless_codec_runtime -> codec profile. The original stored the key but never read it; its default names
+# the codec it ran, which is our fast profile.
+CODEC_PROFILES: dict[str, Profile] = {"fp16_gear_predictive_v3": "fast", "fast": "fast", "ratio": "ratio"}
 _PREFIX = "kv_lossless_"
 _KEYS: dict[str, Key] = {
     "kv_lossless_enable": Key(bool, False),
@@ -61,7 +65,7 @@ _KEYS: dict[str, Key] = {
     "kv_lossless_store_disable_front": Key(bool, False),
     "kv_lossless_store_bootstrap_tokens": Key(int, 32),
     "kv_lossless_store_grouped_step_tokens": Key(int, 256),
-    "kv_lossless_codec_runtime": Key(str, "fp16_gear_predictive_v3"),
+    "kv_lossless_codec_runtime": Key(str, "fp16_gear_predictive_v3", choices=tuple(CODEC_PROFILES)),
     "kv_lossless_predictors_k": Key(str, "raw,delta_seq,xor_seq,pair_delta"),
     "kv_lossless_predictors_v": Key(str, "raw,delta_seq,xor_seq"),
     "kv_lossless_async_threads": Key(int, 1, clamp(0)),
@@ -123,6 +127,11 @@ class LosslessConfig:
         return cls(**{name[len(_PREFIX):]: value for name, value in values.items()})
 
     @property
+    def profile(self) -> Profile:
+        """The codec profile ``kv_lossless_codec_runtime`` names (see :data:`CODEC_PROFILES`)."""
+        return CODEC_PROFILES[self.codec_runtime]
+
+    @property
     def runs(self) -> bool:
         """Whether the runtime stage does anything: enabled, codec ``gear_delta`` and runtime enabled."""
         return self.enable and self.codec == "gear_delta" and self.runtime_enable
@@ -170,17 +179,23 @@ class KVCacheLike(Protocol):
 
 
 class _CodecEncoder:
-    """The default encoder: K and V through :class:`FP16Codec`, one codec pair per thread."""
+    """The default encoder: K and V through the configured codec profile, one codec pair per thread.
+    ``rope`` lets the ratio profile predict K rows through RoPE from the rows' positions."""
 
-    def __init__(self, predictors_k: tuple[str, ...], predictors_v: tuple[str, ...]) -> None:
-        self._predictors = (predictors_k, predictors_v)
+    def __init__(self, config: LosslessConfig, rope: RopeSpec | None) -> None:
+        self._config = config
+        self._rope = rope
         self._local = local()
 
-    def __call__(self, k: np.ndarray, v: np.ndarray) -> tuple[bytes, bytes]:
+    def __call__(self, k: np.ndarray, v: np.ndarray, positions: np.ndarray | None) -> tuple[bytes, bytes]:
         codecs = getattr(self._local, "codecs", None)
         if codecs is None:
-            codecs = self._local.codecs = tuple(FP16Codec(p, p) for p in self._predictors)
-        return codecs[0].encode(k), codecs[1].encode(v)
+            c = self._config
+            codecs = self._local.codecs = (
+                make_codec(c.profile, "k", hi_predictors=c.predictors_k, lo_predictors=c.predictors_k, rope=self._rope),
+                make_codec(c.profile, "v", hi_predictors=c.predictors_v, lo_predictors=c.predictors_v))
+        k_blobs = codecs[0].encode_many([k]) if positions is None else codecs[0].encode_many([k], [positions])
+        return k_blobs[0], codecs[1].encode_many([v])[0]
 
 
 def _decode_pair(k_blob: bytes, v_blob: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -258,15 +273,18 @@ class LosslessRuntime:
 
     ``h2o_range`` is the H2O layer range (``range(start, end + 1)``); ``trigger_min_tokens`` and
     ``update_interval`` are the H2O knobs that also gate this stage (tokens seen, decode tokens).
-    ``log`` receives one ``[H2O-LOSSLESS]`` line per applied result. ``encoder(k, v) -> (k_blob,
-    v_blob)`` (called from worker threads, so thread-safe) and ``decoder(k_blob, v_blob) -> (k, v)``
-    replace the codec, e.g. in tests. Nothing happens unless ``config.runs``; only decode steps
+    ``log`` receives one ``[H2O-LOSSLESS]`` line per applied result. ``rope`` is the model's RoPE, for the
+    ratio profile's K matching. ``encoder(k, v, positions) -> (k_blob, v_blob)`` (called from worker
+    threads, so thread-safe; ``positions`` the window rows' RoPE positions ``[count]``, or None where the
+    cache's heads hold different tokens) and ``decoder(k_blob, v_blob) -> (k, v)`` replace the codec,
+    e.g. in tests. Nothing happens unless ``config.runs``; only decode steps
     (``decode_step >= 1``) schedule windows.
     """
 
     def __init__(self, config: LosslessConfig, num_layers: int, h2o_range: range, trigger_min_tokens: int,
                  update_interval: int, cache: KVCacheLike, log: Callable[[str], None] | None = None, *,
-                 encoder: Encoder | None = None, decoder: Decoder | None = None) -> None:
+                 rope: RopeSpec | None = None, encoder: Encoder | None = None,
+                 decoder: Decoder | None = None) -> None:
         self.config = config
         self.num_layers = num_layers
         self.h2o_range = h2o_range
@@ -274,7 +292,8 @@ class LosslessRuntime:
         self.update_interval = max(1, update_interval)
         self.cache = cache
         self.log = log
-        self._encode = encoder or _CodecEncoder(config.predictors_k, config.predictors_v)
+        self._encode = encoder or _CodecEncoder(config, rope)
+        self._positions = config.profile == "ratio" and rope is not None
         self._decode = decoder or _decode_pair
         self._store = config.runtime_mode == "store"
         threads = config.async_threads if config.runs and config.runtime_mode != "probe" else 0
@@ -413,13 +432,24 @@ class LosslessRuntime:
             return
         k = self.cache.k(layer)[start:start + n].copy()
         v = self.cache.v(layer)[start:start + n].copy()
+        positions = self._row_positions(layer, start, n)
         task = _Window(layer, start, n, kv_len, k.nbytes + v.nbytes, _digest(k, v))
         if self._pool is None:
-            self._apply(task, self._run_encode(k, v))
+            self._apply(task, self._run_encode(k, v, positions))
         else:
-            self._tasks.append((task, self._pool.submit(self._run_encode, k, v)))
+            self._tasks.append((task, self._pool.submit(self._run_encode, k, v, positions)))
             self._async_queue_peak = max(self._async_queue_peak, len(self._tasks))
             self._drain(block=False)
+
+    def _row_positions(self, layer: int, start: int, n: int) -> np.ndarray | None:
+        """The RoPE positions of cache rows ``[start, start + n)`` when the ratio profile can use them: the
+        cache knows them and every KV head holds the same tokens there."""
+        positions = getattr(self.cache, "positions", None)
+        if not self._positions or positions is None:
+            return None
+        rows = np.asarray(positions(layer)[start:start + n])
+        rows = rows.reshape(len(rows), -1)
+        return rows[:, 0].astype(np.int64) if (rows == rows[:, :1]).all() else None
 
     def _pending_blocks(self, st: _Layer) -> int:
         """Blocks that hold the queue: store-mode held windows (other modes validate on apply)."""
@@ -427,10 +457,10 @@ class LosslessRuntime:
 
     # ------------------------------------------------------------------- encode, apply, decode
 
-    def _run_encode(self, k: np.ndarray, v: np.ndarray) -> _Encoded:
+    def _run_encode(self, k: np.ndarray, v: np.ndarray, positions: np.ndarray | None) -> _Encoded:
         t0 = time.perf_counter_ns()
         try:
-            k_blob, v_blob = self._encode(k, v)
+            k_blob, v_blob = self._encode(k, v, positions)
         except Exception as exc:  # an encoder failure is a fallback, never a crash
             return _Encoded(comp_us=_us_since(t0), error=f"{type(exc).__name__}: {exc}")
         return _Encoded(bytes(k_blob), bytes(v_blob), _us_since(t0))

@@ -244,7 +244,8 @@ class HFRun:
         check_config(config, source, extra_kv_keys, runtime="hf")
         self.runtime, self.source = runtime, source
         c = runtime.model.config
-        self.policies = KVPolicies(config, source, c.num_layers, c.num_kv_heads, c.head_dim, log)
+        self.policies = KVPolicies(config, source, c.num_layers, c.num_kv_heads, c.head_dim, log,
+                                   rope_theta=c.rope_theta)
         press = PressConfig.from_config(config, source)
         self.press = (PressDriver(press, runtime.hf_model, self.policies.h2o_config.layer_range(c.num_layers))
                       if press.enable else None)

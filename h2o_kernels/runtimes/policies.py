@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from h2o_kernels.codec.rope import RopeSpec
 from h2o_kernels.eviction.h2o import H2OConfig, H2OPolicy
 from h2o_kernels.lossless.manager import LosslessConfig, LosslessRuntime
 from h2o_kernels.runtimes.base import NEUTRAL_METRICS
@@ -25,11 +26,13 @@ from h2o_kernels.runtimes.base import NEUTRAL_METRICS
 
 class KVPolicies:
     """H2O and runtime lossless for one ``kv_*`` config of a model of ``num_layers`` x ``num_kv_heads`` x
-    ``head_dim``; ``log`` gets their ``[H2O]`` / ``[H2O-LOSSLESS]`` lines when ``kv_h2o_log_stats`` is on.
+    ``head_dim``; ``log`` gets their ``[H2O]`` / ``[H2O-LOSSLESS]`` lines when ``kv_h2o_log_stats`` is on;
+    ``rope_theta`` (the model's rotate-half RoPE base) lets the ratio codec profile predict K rows through RoPE.
     Raises ``ConfigError`` naming ``source`` for a badly typed key."""
 
     def __init__(self, config: dict[str, Any], source: str, num_layers: int, num_kv_heads: int, head_dim: int,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, rope_theta: float | None = None) -> None:
+        self.rope = RopeSpec(rope_theta) if rope_theta is not None and rope_theta > 1 else None
         self.h2o_config = H2OConfig.from_config(config, source)
         self.lossless_config = LosslessConfig.from_config(config, source)
         self.num_layers = num_layers
@@ -55,7 +58,8 @@ class KVPolicies:
         if self.lossless_config.runs:
             h = self.h2o_config
             self.lossless = LosslessRuntime(self.lossless_config, self.num_layers, h.layer_range(self.num_layers),
-                                            h.trigger_min_tokens, h.update_interval, cache, log=self.log)
+                                            h.trigger_min_tokens, h.update_interval, cache, log=self.log,
+                                            rope=self.rope)
 
     def decode_step(self, step: int) -> None:
         """Decode step ``step`` (1-based) begins."""

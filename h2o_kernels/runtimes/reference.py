@@ -30,7 +30,8 @@ class ReferenceRun:
         c = model.config
         self.model = model
         self.source = source
-        self.policies = KVPolicies(config, source, c.num_layers, c.num_kv_heads, c.head_dim, log)
+        self.policies = KVPolicies(config, source, c.num_layers, c.num_kv_heads, c.head_dim, log,
+                                   rope_theta=c.rope_theta)
 
     def run(self, prompt: np.ndarray, continuation: np.ndarray, keep_logits: bool = False,
             dump_dir: Path | None = None, run_id: str = "run", step_delay_s: float = 0.0) -> RunResult:
