@@ -1,7 +1,796 @@
-/* h2o_kernels.codec._ratiocore: placeholder module body, replaced by the kernel. */
+/* h2o_kernels.codec._ratiocore: the ratio profile's coder (blob version 2, model id 1).
+ *
+ * A tensor of fp16 words [seq, C] (C = kv_heads * head_dim channels) is coded row by row:
+ *   - exact repeat of an earlier row: adaptive flag + the row index in bit_length(t-1) equiprobable bits;
+ *   - RoPE match (K, when a RoPE spec is given): adaptive flag + index, then per channel the residual of
+ *     the row against the earlier row re-rotated by the position difference (fp16 ordinal units);
+ *   - literal row: optional reference row (adaptive flag + index in bit_length(t-2) bits, default t-1),
+ *     the lo bytes raw (returned separately), the hi bytes centred on the channel's running mean and coded
+ *     MSB first as 8 binary decisions, depth-major (all channels' depth-d decision, then depth d+1), each
+ *     the integer logistic mix (lpaq-style) of 4 adaptive counters + a bias, with a binary range coder
+ *     (LZMA's: 32-bit range, 12-bit probabilities, carry through a cache byte).
+ * Every constant below is part of the format. The model is integer-only; the RoPE prediction uses
+ * IEEE-754 double +,-,*,/ only (correctly rounded everywhere; no libm, no contraction, FLT_EVAL_METHOD 0)
+ * and an integer double -> fp16 rounding, so every platform codes and decodes the same bits.
+ * Decoding errors raise ValueError with a specific message (ratio.py turns them into CodecError).
+ */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ratiocore", NULL, -1, NULL};
+#if !defined(FLT_EVAL_METHOD) || FLT_EVAL_METHOD != 0
+#error "the RoPE prediction needs double arithmetic evaluated in double (FLT_EVAL_METHOD == 0)"
+#endif
 
-PyMODINIT_FUNC PyInit__ratiocore(void) { return PyModule_Create(&module); }
+#define MAX_CHANNELS 65536 /* kv_heads * head_dim; bounds the per-channel tables (1 KiB a channel) */
+#define RATE_LIMIT_CH 30   /* per-channel counters: rate 1/(n+1.5) up to this count */
+#define RATE_LIMIT_SH 255  /* shared counters */
+#define NIN 5              /* mixer inputs: channel tree, channel x reference, shared reference, shared tree, bias */
+#define BATCH_SHIFT 14     /* depth-major mixer step: the summed gradient of one depth >> 14 */
+#define REF_MARGIN 8       /* encoder: a reference row must share 8 more hi bytes than row t-1 */
+#define ROPE_BITS_PER_CH 10 /* encoder: a RoPE match must cost less than ~10 bits a channel */
+#define ROPE_CANDIDATES 2  /* encoder: rows verified per RoPE search (nearest sketches) */
+#define RES_LEN_MAX 17     /* residual magnitude bit length: 1..17 */
+
+/* ---------------------------------------------------------------- well-defined integer helpers */
+/* floor(x / 2^s), 1 <= s <= 62, branch-free: shift the magnitude-complement of a negative x, complement back */
+static inline int64_t asr64(int64_t x, int s) {
+    uint64_t neg = (uint64_t)x >> 63, m = 0 - neg;
+    return (int64_t)((((uint64_t)x) ^ m) >> s) ^ -(int64_t)neg;
+}
+static inline int32_t clamp32(int64_t x, int32_t lo, int32_t hi) { return x < lo ? lo : (x > hi ? hi : (int32_t)x); }
+static inline int bit_length(uint32_t x) { int n = 0; while (x) { n++; x >>= 1; } return n; }
+
+/* ---------------------------------------------------------------- squash / stretch (lpaq's tables) */
+static const int32_t SQ[33] = {1, 2, 3, 6, 10, 16, 27, 45, 73, 120, 194, 310, 488, 747, 1101, 1546, 2047, 2549,
+                               2994, 3348, 3607, 3785, 3901, 3975, 4022, 4050, 4068, 4079, 4085, 4089, 4092, 4093,
+                               4094};
+static inline int32_t squash(int32_t d) { /* 4096 / (1 + e^(-d/256)) by interpolation: -2047..2047 -> 1..4095 */
+    if (d > 2047) return 4095;
+    if (d < -2047) return 1;
+    int32_t u = d + 2048, w = u & 127, i = u >> 7;
+    return (SQ[i] * (128 - w) + SQ[i + 1] * w + 64) >> 7;
+}
+static int16_t ST[4096];
+static int16_t SQT[4097]; /* squash(d - 2048), d in 0..4096 */
+static inline int32_t squash_t(int32_t d) { /* squash by table; equal to squash() for every d */
+    d = d < -2048 ? -2048 : d;
+    d = d > 2048 ? 2048 : d;
+    return SQT[d + 2048];
+}
+static int32_t RATE[256];
+static double F16[65536];
+
+static void init_tables(void) {
+    int32_t pi = 0;
+    for (int32_t x = -2047; x <= 2047; x++) {
+        int32_t v = squash(x);
+        for (int32_t i = pi; i <= v; i++) ST[i] = (int16_t)x;
+        pi = v + 1;
+    }
+    for (int32_t i = pi; i < 4096; i++) ST[i] = 2047;
+    for (int32_t d = -2048; d <= 2048; d++) SQT[d + 2048] = (int16_t)squash(d);
+    for (int32_t n = 0; n < 256; n++) RATE[n] = (65536 * 2) / (2 * n + 3);
+    for (uint32_t w = 0; w < 65536; w++) { /* exact fp16 -> double from the bits */
+        uint32_t e = (w >> 10) & 31, m = w & 1023;
+        uint64_t bits;
+        if (e == 31) bits = m ? 0x7FF8000000000000ull : 0x7FF0000000000000ull;
+        else if (e == 0) {
+            double v = (double)m;
+            for (int k = 0; k < 24; k++) v *= 0.5; /* m * 2^-24, exact */
+            memcpy(&bits, &v, 8);
+        } else bits = ((uint64_t)(e - 15 + 1023) << 52) | ((uint64_t)m << 42);
+        if (w & 0x8000) bits |= 0x8000000000000000ull;
+        memcpy(&F16[w], &bits, 8);
+    }
+}
+
+/* ---------------------------------------------------------------- adaptive counters */
+/* state: probability of a 1 (16 bits) << 8 | count */
+#define CTR_INIT (32768u << 8)
+static inline int32_t p12(uint32_t s) { int32_t p = (int32_t)(s >> 12); return p < 1 ? 1 : (p > 4095 ? 4095 : p); }
+static inline uint32_t ctr_upd(uint32_t s, int bit, uint32_t limit) {
+    int64_t p = s >> 8;
+    uint32_t n = s & 255;
+    int64_t target = (int64_t)((0 - (uint32_t)bit) & 65535u); /* 65535 for a 1, 0 for a 0 */
+    p += asr64((target - p) * RATE[n], 16);
+    n += n < limit;
+    return ((uint32_t)p << 8) | n;
+}
+
+/* ---------------------------------------------------------------- range coder */
+typedef struct {
+    uint64_t low;
+    uint32_t range, code;
+    uint8_t cache;
+    uint64_t csize;
+    uint8_t *buf;
+    size_t pos, cap; /* encoder: bytes written / allocated; decoder: bytes consumed / stream length */
+    size_t over;     /* decoder: bytes read past the end */
+    int oom;         /* encoder: allocation failed */
+} rc_t;
+
+static void rc_put(rc_t *r, uint8_t b) {
+    if (r->pos == r->cap) {
+        size_t cap = r->cap ? r->cap * 2 : 4096;
+        uint8_t *nb = (uint8_t *)realloc(r->buf, cap);
+        if (!nb) { r->oom = 1; r->pos = 0; return; }
+        r->buf = nb;
+        r->cap = cap;
+    }
+    r->buf[r->pos++] = b;
+}
+static void shift_low(rc_t *r) {
+    if (r->low < 0xFF000000u || r->low >= (1ull << 32)) {
+        uint8_t carry = (uint8_t)(r->low >> 32), temp = r->cache;
+        do { rc_put(r, (uint8_t)(temp + carry)); temp = 0xFF; } while (--r->csize);
+        r->cache = (uint8_t)(r->low >> 24);
+    }
+    r->csize++;
+    r->low = (r->low & 0x00FFFFFFu) << 8;
+}
+static inline uint8_t rc_byte(rc_t *r) {
+    uint8_t b = 0;
+    if (r->pos < r->cap) b = r->buf[r->pos]; else r->over++;
+    r->pos++;
+    return b;
+}
+/* code one binary decision with P(1) = p/4096; the encoder passes the bit, the decoder gets it back */
+static inline int rc_bit(rc_t *r, int enc, int32_t p, int bit) {
+    uint32_t bound = (r->range >> 12) * (uint32_t)p;
+    if (enc) { /* branch-free: the bits are close to random */
+        uint32_t mask = (uint32_t)bit - 1u; /* 0 for a 1, all ones for a 0 */
+        r->low += bound & mask;
+        r->range = (bound & ~mask) | ((r->range - bound) & mask);
+        while (r->range < (1u << 24)) { r->range <<= 8; shift_low(r); }
+        return bit;
+    }
+    bit = r->code < bound;
+    uint32_t mask = (uint32_t)bit - 1u;
+    r->code -= bound & mask;
+    r->range = (bound & ~mask) | ((r->range - bound) & mask);
+    while (r->range < (1u << 24)) { r->range <<= 8; r->code = (r->code << 8) | rc_byte(r); }
+    return bit;
+}
+static inline uint32_t rc_index(rc_t *r, int enc, int nbits, uint32_t j) { /* equiprobable bits, MSB first */
+    uint32_t out = 0;
+    for (int k = nbits - 1; k >= 0; k--) out = (out << 1) | (uint32_t)rc_bit(r, enc, 2048, (int)((j >> k) & 1));
+    return out;
+}
+
+/* ---------------------------------------------------------------- deterministic RoPE arithmetic */
+/* cos and sin of x (|x| < 2^31) from +,-,*,/ only: Cody-Waite reduction by pi/2 (fdlibm's split), then
+ * Taylor polynomials on [-pi/4, pi/4]. Accuracy ~1e-16 for small x; it only shapes predictions. */
+static void det_cossin(double x, double *c, double *s) {
+    const double inv_pio2 = 6.36619772367581382433e-01, p1 = 1.57079632673412561417e+00,
+                 p2 = 6.07710050650619224932e-11, p3 = 2.02226624871116645580e-21;
+    double kf = x * inv_pio2;
+    int64_t k = (int64_t)(kf >= 0 ? kf + 0.5 : kf - 0.5);
+    double kd = (double)k;
+    double r = ((x - kd * p1) - kd * p2) - kd * p3;
+    double r2 = r * r;
+    double sp = r * (1.0 + r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880 +
+                r2 * (-1.0 / 39916800 + r2 * (1.0 / 6227020800.0)))))));
+    double cp = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 + r2 * (-1.0 / 3628800 +
+                r2 * (1.0 / 479001600.0 + r2 * (-1.0 / 87178291200.0)))))));
+    switch ((int)(((uint64_t)k) & 3)) {
+    case 0: *c = cp; *s = sp; break;
+    case 1: *c = -sp; *s = cp; break;
+    case 2: *c = -cp; *s = -sp; break;
+    default: *c = sp; *s = -cp; break;
+    }
+}
+static double det_log(double x) { /* x > 0 finite: x = m 2^e, ln m = 2 atanh((m-1)/(m+1)) */
+    int e = 0;
+    while (x >= 2.0) { x *= 0.5; e++; }
+    while (x < 1.0) { x *= 2.0; e--; }
+    if (x > 1.41421356237309504880) { x *= 0.5; e++; }
+    double z = (x - 1.0) / (x + 1.0), z2 = z * z, term = z, sum = 0.0;
+    for (int k = 1; k < 60; k += 2) { sum += term / k; term *= z2; }
+    return 2.0 * sum + e * 6.93147180559945286227e-01;
+}
+static double det_exp(double y) { /* y <= 0, modest: e^y = 2^k e^r, |r| <= ln2/2 */
+    const double ln2 = 6.93147180559945286227e-01;
+    double kf = y / ln2;
+    int64_t k = (int64_t)(kf >= 0 ? kf + 0.5 : kf - 0.5);
+    double r = y - (double)k * ln2, term = 1.0, sum = 1.0;
+    for (int n = 1; n < 25; n++) { term = term * r / n; sum += term; }
+    for (; k > 0; k--) sum *= 2.0;
+    for (; k < 0; k++) sum *= 0.5;
+    return sum;
+}
+/* inv_freq[i] = theta^(-2i/dim), i < dim/2 (the transformers/LLaMA RoPE frequencies) */
+static void rope_freqs(double theta, int dim, double *inv_freq) {
+    double lt = det_log(theta);
+    for (int i = 0; i < dim / 2; i++) inv_freq[i] = det_exp(-(2.0 * i / dim) * lt);
+}
+/* double -> fp16 bits, round to nearest even, from the double's bits; every NaN -> 0x7E00 */
+static uint16_t f64_to_f16(double x) {
+    uint64_t u;
+    memcpy(&u, &x, 8);
+    uint16_t sign = (uint16_t)((u >> 48) & 0x8000);
+    uint64_t a = u & 0x7FFFFFFFFFFFFFFFull;
+    if (a > 0x7FF0000000000000ull) return 0x7E00;
+    if (a == 0x7FF0000000000000ull) return (uint16_t)(sign | 0x7C00);
+    int e = (int)(a >> 52) - 1023;
+    uint64_t m = (a & 0xFFFFFFFFFFFFFull) | (1ull << 52);
+    if ((a >> 52) == 0) return sign; /* double subnormal: far below fp16's range */
+    if (e > 15) return (uint16_t)(sign | 0x7C00);
+    int shift = e >= -14 ? 42 : 42 + (-14 - e); /* fp16 subnormals: units of 2^-24 */
+    if (shift > 60) return sign;
+    uint64_t q = m >> shift, rem = m & ((1ull << shift) - 1), half = 1ull << (shift - 1);
+    if (rem > half || (rem == half && (q & 1))) q++;
+    uint32_t out = e >= -14 ? (uint32_t)((e + 15) << 10) + (uint32_t)(q - 1024) : (uint32_t)q;
+    if (out >= 0x7C00) out = 0x7C00;
+    return (uint16_t)(sign | out);
+}
+static inline int32_t ordinal(uint16_t w) { return w < 0x8000 ? (int32_t)w : -1 - (int32_t)(w & 0x7FFF); }
+static inline uint16_t from_ordinal(int32_t o) { return (uint16_t)(o >= 0 ? o : 0x8000 | (-1 - o)); }
+
+typedef struct {
+    int on, interleaved, heads, dim, half;
+    double *inv_freq; /* [half] */
+    double *cs, *sn;  /* [half] scratch */
+} rope_t;
+
+/* pair p of a head: the two dims and the frequency index */
+static inline void pair_dims(const rope_t *rp, int i, int *a, int *b) {
+    if (rp->interleaved) { *a = 2 * i; *b = 2 * i + 1; } else { *a = i; *b = i + rp->half; }
+}
+static void rope_angles(rope_t *rp, int64_t delta) {
+    for (int i = 0; i < rp->half; i++) det_cossin((double)delta * rp->inv_freq[i], &rp->cs[i], &rp->sn[i]);
+}
+/* pred[C] = row rotated by the angles in rp->cs/sn (computed for the position difference) */
+static void rope_predict(const rope_t *rp, const uint16_t *row, uint16_t *pred) {
+    for (int h = 0; h < rp->heads; h++) {
+        const uint16_t *x = row + (size_t)h * rp->dim;
+        uint16_t *y = pred + (size_t)h * rp->dim;
+        for (int i = 0; i < rp->half; i++) {
+            int da, db;
+            pair_dims(rp, i, &da, &db);
+            double a = F16[x[da]], b = F16[x[db]], c = rp->cs[i], s = rp->sn[i];
+            double pa = a * c - b * s, pb = a * s + b * c;
+            y[da] = f64_to_f16(pa);
+            y[db] = f64_to_f16(pb);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- the model */
+typedef struct {
+    size_t C;
+    uint32_t *t_chan;  /* [C * 256] channel bit-tree */
+    uint32_t *t_prev;  /* [C * 32]  channel x (depth, prefix equals reference, reference bit) */
+    uint32_t t_gprev[32], t_glob[256];
+    uint32_t t_match[2], t_rope[2], t_ref[2], t_rz[2], t_rs[1], t_ru[RES_LEN_MAX + 1], t_rl[RES_LEN_MAX + 2];
+    int32_t w[16][NIN];
+    int64_t *csum;     /* [C] sum of the centred magnitudes of earlier rows */
+    int32_t *ctr, *sym, *prv, *node, *eq, *pr; /* [C] per-row scratch */
+    int16_t *st;       /* [C * NIN] */
+    uint8_t *bits;     /* [C] */
+    uint16_t *pred;    /* [C] RoPE prediction */
+} model_t;
+
+static void model_free(model_t *m) {
+    free(m->t_chan); free(m->t_prev); free(m->csum); free(m->ctr); free(m->sym); free(m->prv); free(m->node);
+    free(m->eq); free(m->pr); free(m->st); free(m->bits); free(m->pred);
+}
+static int model_init(model_t *m, size_t C) {
+    memset(m, 0, sizeof *m);
+    m->C = C;
+    m->t_chan = (uint32_t *)malloc(C * 256 * sizeof(uint32_t));
+    m->t_prev = (uint32_t *)malloc(C * 32 * sizeof(uint32_t));
+    m->csum = (int64_t *)calloc(C, sizeof(int64_t));
+    m->ctr = (int32_t *)malloc(C * sizeof(int32_t)); m->sym = (int32_t *)malloc(C * sizeof(int32_t));
+    m->prv = (int32_t *)malloc(C * sizeof(int32_t)); m->node = (int32_t *)malloc(C * sizeof(int32_t));
+    m->eq = (int32_t *)malloc(C * sizeof(int32_t)); m->pr = (int32_t *)malloc(C * sizeof(int32_t));
+    m->st = (int16_t *)malloc(C * NIN * sizeof(int16_t));
+    m->bits = (uint8_t *)malloc(C);
+    m->pred = (uint16_t *)malloc(C * sizeof(uint16_t));
+    if (!m->t_chan || !m->t_prev || !m->csum || !m->ctr || !m->sym || !m->prv || !m->node || !m->eq || !m->pr ||
+        !m->st || !m->bits || !m->pred) { model_free(m); return -1; }
+    for (size_t i = 0; i < C * 256; i++) m->t_chan[i] = CTR_INIT;
+    for (size_t i = 0; i < C * 32; i++) m->t_prev[i] = CTR_INIT;
+    uint32_t *small[] = {m->t_gprev, m->t_glob, m->t_match, m->t_rope, m->t_ref, m->t_rz, m->t_rs, m->t_ru, m->t_rl};
+    size_t sizes[] = {32, 256, 2, 2, 2, 2, 1, RES_LEN_MAX + 1, RES_LEN_MAX + 2};
+    for (int k = 0; k < 9; k++) for (size_t i = 0; i < sizes[k]; i++) small[k][i] = CTR_INIT;
+    for (int i = 0; i < 16; i++) for (int k = 0; k < NIN; k++) m->w[i][k] = 65536 / 4;
+    return 0;
+}
+
+/* a shared counter seen n times in one depth batch, k of them 1s (hist: 4 copies of n + k << 16) */
+#define HIST_STRIDE 288
+static inline uint32_t batch_upd(uint32_t s, const int32_t *hist, int i) {
+    int64_t n = 0, k = 0; /* each copy counts at most MAX_CHANNELS / 4 samples: no carry into the 1s */
+    for (int q = 0; q < 4; q++) { n += hist[i + q * HIST_STRIDE] & 0xFFFF; k += hist[i + q * HIST_STRIDE] >> 16; }
+    if (!n) return s;
+    int64_t p = s >> 8, target = (k * 65535 + n / 2) / n;
+    uint32_t cnt = s & 255;
+    p += asr64((target - p) * RATE[cnt], 16);
+    if (cnt < RATE_LIMIT_SH) cnt++;
+    return ((uint32_t)p << 8) | cnt;
+}
+
+/* one adaptive decision with a shared counter */
+static inline int code_flag(rc_t *r, int enc, uint32_t *ctr, int bit) {
+    bit = rc_bit(r, enc, p12(*ctr), bit);
+    *ctr = ctr_upd(*ctr, bit, RATE_LIMIT_SH);
+    return bit;
+}
+
+/* The hi bytes of literal row t (hi[t*C..]), reference row hi bytes ref (NULL for t == 0). */
+static void code_literal_hi(model_t *m, rc_t *r, int enc, uint8_t *hi_row, const uint8_t *ref, size_t t) {
+    const size_t C = m->C;
+    const int has_prev = ref != NULL;
+    for (size_t c = 0; c < C; c++) {
+        int32_t ctr = t ? (int32_t)((m->csum[c] + (int64_t)(t / 2)) / (int64_t)t) : 56;
+        int32_t s0 = enc ? hi_row[c] : 0, p0 = has_prev ? ref[c] : 0;
+        m->ctr[c] = ctr;
+        m->sym[c] = (s0 & 128) | ((s0 - ctr + 64) & 127);
+        m->prv[c] = (p0 & 128) | ((p0 - ctr + 64) & 127);
+        m->node[c] = 1;
+        m->eq[c] = 1;
+    }
+    for (int depth = 0; depth < 8; depth++) {
+        const int sh = 7 - depth;
+        for (size_t c = 0; c < C; c++) { /* predict: independent across channels */
+            int32_t pbit = (m->prv[c] >> sh) & 1, eq = m->eq[c];
+            int32_t ctxp = ((depth * 2 + eq) * 2 + pbit) * has_prev;
+            int16_t *st = m->st + c * NIN;
+            st[0] = ST[p12(m->t_chan[c * 256 + (size_t)m->node[c]])];
+            st[1] = ST[p12(m->t_prev[c * 32 + (size_t)ctxp])];
+            st[2] = ST[p12(m->t_gprev[ctxp])];
+            st[3] = ST[p12(m->t_glob[m->node[c]])];
+            st[4] = 256;
+            const int32_t *ws = m->w[depth * 2 + eq];
+            int64_t dot = 0;
+            for (int k = 0; k < NIN; k++) dot += (int64_t)ws[k] * st[k];
+            m->pr[c] = squash_t(clamp32(asr64(dot, 16), -4096, 4096)); /* 1..4095 */
+        }
+        for (size_t c = 0; c < C; c++) m->bits[c] = (uint8_t)rc_bit(r, enc, m->pr[c], (m->sym[c] >> sh) & 1);
+        int64_t grad[2][NIN] = {{0}};
+        int32_t hist[4 * HIST_STRIDE];
+        memset(hist, 0, sizeof hist);
+        for (size_t c = 0; c < C; c++) { /* update, in channel order */
+            int bit = m->bits[c];
+            int32_t pbit = (m->prv[c] >> sh) & 1, eq = m->eq[c];
+            int32_t ctxp = ((depth * 2 + eq) * 2 + pbit) * has_prev;
+            int64_t err = (int64_t)(((int32_t)bit << 12) - m->pr[c]) * 6;
+            const int16_t *st = m->st + c * NIN;
+            for (int k = 0; k < NIN; k++) grad[eq][k] += st[k] * err;
+            uint32_t *a = &m->t_chan[c * 256 + (size_t)m->node[c]], *b = &m->t_prev[c * 32 + (size_t)ctxp];
+            *a = ctr_upd(*a, bit, RATE_LIMIT_CH);
+            *b = ctr_upd(*b, bit, RATE_LIMIT_CH);
+            int32_t *hg = hist + (c & 3) * HIST_STRIDE; /* 4 interleaved copies: no store-to-load chains */
+            hg[ctxp] += 1 + (bit << 16);
+            hg[32 + m->node[c]] += 1 + (bit << 16);
+            m->eq[c] = eq & (bit == pbit);
+            m->node[c] = m->node[c] * 2 + bit;
+        }
+        /* shared counters: one update per depth and context toward the batch's frequency of 1s */
+        for (int i = 0; i < 32; i++) m->t_gprev[i] = batch_upd(m->t_gprev[i], hist, i);
+        for (int i = 1 << depth; i < 2 << depth; i++) m->t_glob[i] = batch_upd(m->t_glob[i], hist, 32 + i);
+        for (int e = 0; e < 2; e++)
+            for (int k = 0; k < NIN; k++) {
+                int32_t *w = &m->w[depth * 2 + e][k];
+                *w = clamp32((int64_t)*w + asr64(grad[e][k] + (1 << (BATCH_SHIFT - 1)), BATCH_SHIFT),
+                             -(1 << 24), 1 << 24);
+            }
+    }
+    if (!enc)
+        for (size_t c = 0; c < C; c++)
+            hi_row[c] = (uint8_t)((m->node[c] & 128) | (((m->node[c] & 127) + m->ctr[c] - 64) & 127));
+}
+
+/* Residuals of a RoPE-matched row against m->pred: per channel a zero flag (context: the previous
+ * channel's flag), a sign, the magnitude's bit length in unary (adaptive per step), the bit below the top
+ * one adaptive (per length), the rest equiprobable. Returns -1 (decoder) for a value out of range. */
+static int code_residuals(model_t *m, rc_t *r, int enc, uint16_t *row) {
+    int lastz = 0;
+    for (size_t c = 0; c < m->C; c++) {
+        int32_t po = ordinal(m->pred[c]);
+        int32_t res = enc ? ordinal(row[c]) - po : 0;
+        int zero = code_flag(r, enc, &m->t_rz[lastz], res == 0);
+        lastz = zero;
+        if (!zero) {
+            int neg = code_flag(r, enc, &m->t_rs[0], res < 0);
+            uint32_t mag = (uint32_t)(res < 0 ? -res : res);
+            int nb = bit_length(mag), q = 1;
+            while (q < RES_LEN_MAX) {
+                if (!code_flag(r, enc, &m->t_ru[q], nb > q)) break;
+                q++;
+            }
+            uint32_t mm = 1;
+            for (int k = q - 2; k >= 0; k--) {
+                int b = (int)((mag >> k) & 1);
+                if (k == q - 2) b = code_flag(r, enc, &m->t_rl[q], b);
+                else b = rc_bit(r, enc, 2048, b);
+                mm = (mm << 1) | (uint32_t)b;
+            }
+            res = neg ? -(int32_t)mm : (int32_t)mm;
+        }
+        if (!enc) {
+            int32_t o = po + res;
+            if (o < -32768 || o > 32767) return -1;
+            row[c] = from_ordinal(o);
+        }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- encoder searches */
+static inline uint32_t popcount64(uint64_t x) {
+    x = x - ((x >> 1) & 0x5555555555555555ull);
+    x = (x & 0x3333333333333333ull) + ((x >> 2) & 0x3333333333333333ull);
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0Full;
+    return (uint32_t)((x * 0x0101010101010101ull) >> 56);
+}
+static uint64_t row_hash(const uint16_t *row, size_t C) {
+    uint64_t h = 0x9E3779B97F4A7C15ull;
+    for (size_t c = 0; c < C; c++) h = (h ^ row[c]) * 0x100000001B3ull;
+    return h ^ (h >> 29);
+}
+static size_t count_equal(const uint8_t *a, const uint8_t *b, size_t C) {
+    size_t n = 0;
+    for (size_t c = 0; c < C; c++) n += a[c] == b[c];
+    return n;
+}
+/* cost estimate of coding row against pred as residuals (bits ~ 2 bit_length + 1), stopping at limit */
+static uint64_t residual_cost(const uint16_t *row, const uint16_t *pred, size_t C, uint64_t limit) {
+    uint64_t cost = 0;
+    for (size_t c = 0; c < C && cost < limit; c++) {
+        int32_t d = ordinal(row[c]) - ordinal(pred[c]);
+        cost += d ? (uint64_t)(2 * bit_length((uint32_t)(d < 0 ? -d : d)) + 1) : 1;
+    }
+    return cost;
+}
+
+typedef struct {
+    const uint16_t *words; /* [seq * C] encoder input / decoder output */
+    uint8_t *hi;           /* [seq * C] */
+    int32_t *match, *rope, *ref; /* [seq] -1: none */
+    const int64_t *pos;    /* [seq] positions relative to row 0 */
+    size_t seq, C;
+} rows_t;
+
+/* sketch: sign bits of each row de-rotated to position 0 (encoder only) */
+static int rope_search(rows_t *R, rope_t *rp, uint16_t *tmp, uint64_t *sk, size_t words_per) {
+    const size_t seq = R->seq, C = R->C;
+    for (size_t t = 0; t < seq; t++) {
+        for (int i = 0; i < rp->half; i++)
+            det_cossin(-(double)R->pos[t] * rp->inv_freq[i], &rp->cs[i], &rp->sn[i]);
+        uint64_t *s = sk + t * words_per;
+        memset(s, 0, words_per * 8);
+        const uint16_t *row = R->words + t * C;
+        for (int h = 0; h < rp->heads; h++)
+            for (int i = 0; i < rp->half; i++) {
+                int da, db;
+                pair_dims(rp, i, &da, &db);
+                size_t ca = (size_t)h * rp->dim + (size_t)da, cb = (size_t)h * rp->dim + (size_t)db;
+                double a = F16[row[ca]], b = F16[row[cb]], c = rp->cs[i], sn = rp->sn[i];
+                if (a * c - b * sn < 0) s[ca >> 6] |= 1ull << (ca & 63);
+                if (a * sn + b * c < 0) s[cb >> 6] |= 1ull << (cb & 63);
+            }
+    }
+    for (size_t t = 1; t < seq; t++) {
+        if (R->match[t] >= 0) continue;
+        size_t best[ROPE_CANDIDATES];
+        uint32_t bestd[ROPE_CANDIDATES];
+        for (int k = 0; k < ROPE_CANDIDATES; k++) { best[k] = SIZE_MAX; bestd[k] = UINT32_MAX; }
+        const uint64_t *st = sk + t * words_per;
+        for (size_t j = 0; j < t; j++) {
+            const uint64_t *sj = sk + j * words_per;
+            uint32_t d = 0;
+            for (size_t k = 0; k < words_per; k++) d += popcount64(st[k] ^ sj[k]);
+            for (int k = 0; k < ROPE_CANDIDATES; k++)
+                if (d < bestd[k]) {
+                    for (int q = ROPE_CANDIDATES - 1; q > k; q--) { bestd[q] = bestd[q - 1]; best[q] = best[q - 1]; }
+                    bestd[k] = d;
+                    best[k] = j;
+                    break;
+                }
+        }
+        uint64_t limit = (uint64_t)ROPE_BITS_PER_CH * C, bestc = limit;
+        for (int k = 0; k < ROPE_CANDIDATES; k++) {
+            if (best[k] == SIZE_MAX || bestd[k] > C / 4) continue;
+            size_t j = best[k];
+            rope_angles(rp, R->pos[t] - R->pos[j]);
+            rope_predict(rp, R->words + j * C, tmp);
+            uint64_t cost = residual_cost(R->words + t * C, tmp, C, bestc);
+            if (cost < bestc) { bestc = cost; R->rope[t] = (int32_t)j; }
+        }
+    }
+    return 0;
+}
+
+static void ref_search(rows_t *R) {
+    const size_t C = R->C;
+    for (size_t t = 2; t < R->seq; t++) {
+        if (R->match[t] >= 0 || R->rope[t] >= 0) continue;
+        const uint8_t *h = R->hi + t * C;
+        size_t prev = count_equal(h, R->hi + (t - 1) * C, C), best = 0, bj = 0;
+        for (size_t j = 0; j + 1 < t; j++) {
+            size_t n = count_equal(h, R->hi + j * C, C);
+            if (n > best) { best = n; bj = j; }
+        }
+        if (best >= prev + REF_MARGIN) R->ref[t] = (int32_t)bj;
+    }
+}
+
+static int match_search(rows_t *R) {
+    size_t cap = 16;
+    while (cap < 2 * R->seq) cap *= 2;
+    int64_t *slot = (int64_t *)malloc(cap * sizeof(int64_t));
+    if (!slot) return -1;
+    for (size_t i = 0; i < cap; i++) slot[i] = -1;
+    for (size_t t = 0; t < R->seq; t++) {
+        const uint16_t *row = R->words + t * R->C;
+        size_t i = (size_t)row_hash(row, R->C) & (cap - 1);
+        for (;; i = (i + 1) & (cap - 1)) {
+            if (slot[i] < 0) { slot[i] = (int64_t)t; break; }
+            if (memcmp(R->words + (size_t)slot[i] * R->C, row, R->C * 2) == 0) { R->match[t] = (int32_t)slot[i]; break; }
+        }
+    }
+    free(slot);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- the shared coding loop */
+/* enc: code R (searches done) into r, lo bytes into lo. dec: rebuild words/hi from r and lo.
+ * Returns 0, or an error message (decoder). literal_rows receives the literal row count. */
+static const char *code_rows(int enc, rows_t *R, rope_t *rp, model_t *m, rc_t *r, uint8_t *lo, size_t lo_len,
+                             size_t *literal_rows) {
+    const size_t C = R->C, seq = R->seq;
+    uint16_t *words = (uint16_t *)R->words;
+    int prev_match = 0, prev_rope = 0, prev_ref = 0;
+    size_t lo_pos = 0;
+    for (size_t t = 0; t < seq; t++) {
+        uint16_t *row = words + t * C;
+        uint8_t *hi = R->hi + t * C;
+        int done = 0;
+        if (t >= 1) {
+            int bit = code_flag(r, enc, &m->t_match[prev_match], enc ? R->match[t] >= 0 : 0);
+            prev_match = bit;
+            if (bit) {
+                uint32_t j = rc_index(r, enc, bit_length((uint32_t)(t - 1)), enc ? (uint32_t)R->match[t] : 0);
+                if (j >= t) return "exact-match row index out of range";
+                if (!enc) { memcpy(row, words + (size_t)j * C, C * 2); memcpy(hi, R->hi + (size_t)j * C, C); }
+                done = 1;
+            }
+        }
+        if (!done && rp->on && t >= 1) {
+            int bit = code_flag(r, enc, &m->t_rope[prev_rope], enc ? R->rope[t] >= 0 : 0);
+            prev_rope = bit;
+            if (bit) {
+                uint32_t j = rc_index(r, enc, bit_length((uint32_t)(t - 1)), enc ? (uint32_t)R->rope[t] : 0);
+                if (j >= t) return "RoPE-match row index out of range";
+                rope_angles(rp, R->pos[t] - R->pos[j]);
+                rope_predict(rp, words + (size_t)j * C, m->pred);
+                if (code_residuals(m, r, enc, row) < 0) return "RoPE residual out of the fp16 range";
+                if (!enc) for (size_t c = 0; c < C; c++) hi[c] = (uint8_t)(row[c] >> 8);
+                done = 1;
+            }
+        }
+        if (!done) {
+            size_t rj = t - 1;
+            if (t >= 2) {
+                int bit = code_flag(r, enc, &m->t_ref[prev_ref], enc ? R->ref[t] >= 0 : 0);
+                prev_ref = bit;
+                if (bit) {
+                    uint32_t j = rc_index(r, enc, bit_length((uint32_t)(t - 2)), enc ? (uint32_t)R->ref[t] : 0);
+                    if (j > t - 2) return "reference row index out of range";
+                    rj = j;
+                }
+            }
+            code_literal_hi(m, r, enc, hi, t ? R->hi + rj * C : NULL, t);
+            if (lo_pos + C > lo_len) return "more literal rows than lo bytes";
+            if (enc) for (size_t c = 0; c < C; c++) lo[lo_pos + c] = (uint8_t)row[c];
+            else for (size_t c = 0; c < C; c++) row[c] = (uint16_t)(((uint16_t)hi[c] << 8) | lo[lo_pos + c]);
+            lo_pos += C;
+        }
+        for (size_t c = 0; c < C; c++) m->csum[c] += hi[c] & 127;
+        if (r->oom) return "out of memory";
+        if (!enc && r->over > 4) return "range-coded stream truncated";
+    }
+    *literal_rows = C ? lo_pos / C : 0;
+    if (!enc && lo_pos != lo_len) return "fewer literal rows than lo bytes";
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- Python glue */
+static int parse_rope(rope_t *rp, int on, double theta, int interleaved, size_t heads, size_t dim) {
+    memset(rp, 0, sizeof *rp);
+    if (!on) return 0;
+    rp->on = 1;
+    rp->interleaved = interleaved;
+    rp->heads = (int)heads;
+    rp->dim = (int)dim;
+    rp->half = (int)dim / 2;
+    size_t h = rp->half ? (size_t)rp->half : 1;
+    rp->inv_freq = (double *)malloc(h * sizeof(double));
+    rp->cs = (double *)malloc(h * sizeof(double));
+    rp->sn = (double *)malloc(h * sizeof(double));
+    if (!rp->inv_freq || !rp->cs || !rp->sn) return -1;
+    rope_freqs(theta, rp->dim, rp->inv_freq);
+    return 0;
+}
+static void rope_free(rope_t *rp) { free(rp->inv_freq); free(rp->cs); free(rp->sn); }
+
+static int check_shape(Py_ssize_t seq, Py_ssize_t heads, Py_ssize_t dim, int rope_on, double theta) {
+    if (seq < 0 || heads < 0 || dim < 0 || seq > 0xFFFFFFFFL || heads > 0xFFFF || dim > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "shape out of range");
+        return -1;
+    }
+    if ((size_t)heads * (size_t)dim > MAX_CHANNELS) {
+        PyErr_Format(PyExc_ValueError, "kv_heads * head_dim = %zd channels, the ratio profile takes at most %d",
+                     heads * dim, MAX_CHANNELS);
+        return -1;
+    }
+    if (rope_on && (dim % 2 || !(theta > 1.0 && theta <= DBL_MAX))) {
+        PyErr_SetString(PyExc_ValueError, "RoPE matching needs an even head_dim and a finite theta > 1");
+        return -1;
+    }
+    return 0;
+}
+
+/* encode(words, seq, heads, dim, rope_on, theta, interleaved, positions_or_None)
+ * -> (stream, lo, n_match, n_rope, n_ref) */
+static PyObject *py_encode(PyObject *self, PyObject *args) {
+    Py_buffer wb, pb = {0};
+    Py_ssize_t seq, heads, dim;
+    int rope_on, interleaved;
+    double theta;
+    PyObject *posobj;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnnpdpO", &wb, &seq, &heads, &dim, &rope_on, &theta, &interleaved, &posobj))
+        return NULL;
+    PyObject *result = NULL;
+    const char *err = NULL;
+    size_t C = (size_t)heads * (size_t)dim, n = (size_t)seq * C;
+    rows_t R = {0};
+    rope_t rp = {0};
+    model_t m;
+    int model_ok = 0;
+    rc_t r = {0, 0xFFFFFFFFu, 0, 0, 1, NULL, 0, 0, 0, 0};
+    uint8_t *lo = NULL;
+    uint16_t *tmp = NULL;
+    uint64_t *sk = NULL;
+    int64_t *pos = NULL;
+    size_t literal = 0;
+    if (check_shape(seq, heads, dim, rope_on, theta) < 0) goto done;
+    if ((size_t)wb.len != n * 2) { PyErr_SetString(PyExc_ValueError, "words buffer size does not match the shape"); goto done; }
+    if (posobj != Py_None) {
+        if (PyObject_GetBuffer(posobj, &pb, PyBUF_SIMPLE) < 0) goto done;
+        if ((size_t)pb.len != (size_t)seq * 8) { PyErr_SetString(PyExc_ValueError, "positions size does not match seq"); goto done; }
+    }
+    R.seq = (size_t)seq; R.C = C; R.words = (const uint16_t *)wb.buf;
+    R.hi = (uint8_t *)malloc(n ? n : 1);
+    R.match = (int32_t *)malloc((R.seq ? R.seq : 1) * sizeof(int32_t));
+    R.rope = (int32_t *)malloc((R.seq ? R.seq : 1) * sizeof(int32_t));
+    R.ref = (int32_t *)malloc((R.seq ? R.seq : 1) * sizeof(int32_t));
+    pos = (int64_t *)malloc((R.seq ? R.seq : 1) * sizeof(int64_t));
+    lo = (uint8_t *)malloc(n ? n : 1);
+    tmp = (uint16_t *)malloc((C ? C : 1) * sizeof(uint16_t));
+    size_t words_per = (C + 63) / 64;
+    sk = (uint64_t *)malloc((R.seq * words_per > 0 ? R.seq * words_per : 1) * 8);
+    if (!R.hi || !R.match || !R.rope || !R.ref || !pos || !lo || !tmp || !sk || model_init(&m, C ? C : 1) < 0 ||
+        parse_rope(&rp, rope_on, theta, interleaved, (size_t)heads, (size_t)dim) < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    model_ok = 1;
+    m.C = C;
+    for (size_t t = 0; t < R.seq; t++) {
+        R.match[t] = R.rope[t] = R.ref[t] = -1;
+        pos[t] = pb.buf ? ((const int64_t *)pb.buf)[t] : (int64_t)t;
+    }
+    R.pos = pos;
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t i = 0; i < n; i++) R.hi[i] = (uint8_t)(R.words[i] >> 8);
+    if (C && match_search(&R) < 0) err = "out of memory";
+    if (!err && C && rp.on) rope_search(&R, &rp, tmp, sk, words_per);
+    if (!err && C) ref_search(&R);
+    if (!err && C) err = code_rows(1, &R, &rp, &m, &r, lo, n, &literal);
+    if (!err && C) for (int i = 0; i < 5; i++) shift_low(&r);
+    if (!err && r.oom) err = "out of memory";
+    Py_END_ALLOW_THREADS
+    if (err) { PyErr_SetString(PyExc_MemoryError, err); goto done; }
+    size_t nm = 0, nr = 0, nf = 0;
+    for (size_t t = 0; t < R.seq; t++) { nm += R.match[t] >= 0; nr += R.match[t] < 0 && R.rope[t] >= 0; nf += R.ref[t] >= 0; }
+    /* LZMA's first byte is always 0 (low + range never carries into it): it is not stored */
+    result = Py_BuildValue("(y#y#nnn)", (const char *)(r.pos ? r.buf + 1 : (uint8_t *)""),
+                           (Py_ssize_t)(r.pos ? r.pos - 1 : 0),
+                           (const char *)lo, (Py_ssize_t)(literal * C), (Py_ssize_t)nm, (Py_ssize_t)nr, (Py_ssize_t)nf);
+done:
+    free(R.hi); free(R.match); free(R.rope); free(R.ref); free(pos); free(lo); free(tmp); free(sk); free(r.buf);
+    if (model_ok) model_free(&m);
+    rope_free(&rp);
+    PyBuffer_Release(&wb);
+    if (pb.buf) PyBuffer_Release(&pb);
+    return result;
+}
+
+/* decode(stream, lo, seq, heads, dim, rope_on, theta, interleaved, positions_or_None, out)
+ * writes the words into the writable buffer out (seq * heads * dim * 2 bytes); returns
+ * (n_match, n_rope, n_ref). Raises ValueError with what is wrong for a defective stream. */
+static PyObject *py_decode(PyObject *self, PyObject *args) {
+    Py_buffer sb, lb, ob, pb = {0};
+    Py_ssize_t seq, heads, dim;
+    int rope_on, interleaved;
+    double theta;
+    PyObject *posobj;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*nnnpdpOw*", &sb, &lb, &seq, &heads, &dim, &rope_on, &theta, &interleaved,
+                          &posobj, &ob))
+        return NULL;
+    PyObject *result = NULL;
+    const char *err = NULL;
+    size_t C = (size_t)heads * (size_t)dim, n = (size_t)seq * C, literal = 0;
+    rows_t R = {0};
+    rope_t rp = {0};
+    model_t m;
+    int model_ok = 0;
+    rc_t r = {0, 0xFFFFFFFFu, 0, 0, 1, (uint8_t *)sb.buf, 0, (size_t)sb.len, 0, 0};
+    int64_t *pos = NULL;
+    if (check_shape(seq, heads, dim, rope_on, theta) < 0) goto done;
+    if ((size_t)ob.len != n * 2) { PyErr_SetString(PyExc_ValueError, "output buffer size does not match the shape"); goto done; }
+    if (posobj != Py_None) {
+        if (PyObject_GetBuffer(posobj, &pb, PyBUF_SIMPLE) < 0) goto done;
+        if ((size_t)pb.len != (size_t)seq * 8) { PyErr_SetString(PyExc_ValueError, "positions size does not match seq"); goto done; }
+    }
+    if (C == 0 || seq == 0) {
+        if (sb.len || lb.len) { PyErr_SetString(PyExc_ValueError, "payload bytes for an empty tensor"); goto done; }
+        result = Py_BuildValue("(nnn)", (Py_ssize_t)0, (Py_ssize_t)0, (Py_ssize_t)0);
+        goto done;
+    }
+    R.seq = (size_t)seq; R.C = C; R.words = (const uint16_t *)ob.buf;
+    R.hi = (uint8_t *)malloc(n);
+    R.match = (int32_t *)malloc(R.seq * sizeof(int32_t));
+    R.rope = (int32_t *)malloc(R.seq * sizeof(int32_t));
+    R.ref = (int32_t *)malloc(R.seq * sizeof(int32_t));
+    pos = (int64_t *)malloc(R.seq * sizeof(int64_t));
+    if (!R.hi || !R.match || !R.rope || !R.ref || !pos || model_init(&m, C) < 0 ||
+        parse_rope(&rp, rope_on, theta, interleaved, (size_t)heads, (size_t)dim) < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    model_ok = 1;
+    for (size_t t = 0; t < R.seq; t++) pos[t] = pb.buf ? ((const int64_t *)pb.buf)[t] : (int64_t)t;
+    R.pos = pos;
+    Py_BEGIN_ALLOW_THREADS
+    for (int i = 0; i < 4; i++) r.code = (r.code << 8) | rc_byte(&r); /* after the implicit 0 byte */
+    err = code_rows(0, &R, &rp, &m, &r, (uint8_t *)lb.buf, (size_t)lb.len, &literal);
+    if (!err && r.over) err = "range-coded stream truncated";
+    if (!err && r.pos != r.cap) err = "range-coded stream has trailing bytes";
+    Py_END_ALLOW_THREADS
+    if (err) { PyErr_SetString(PyExc_ValueError, err); goto done; }
+    result = PyLong_FromSize_t(literal);
+done:
+    free(R.hi); free(R.match); free(R.rope); free(R.ref); free(pos);
+    if (model_ok) model_free(&m);
+    rope_free(&rp);
+    PyBuffer_Release(&sb);
+    PyBuffer_Release(&lb);
+    PyBuffer_Release(&ob);
+    if (pb.buf) PyBuffer_Release(&pb);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"encode", py_encode, METH_VARARGS, "encode(words, seq, heads, dim, rope_on, theta, interleaved, positions) -> "
+                                        "(stream, lo, n_match, n_rope, n_ref)"},
+    {"decode", py_decode, METH_VARARGS, "decode(stream, lo, seq, heads, dim, rope_on, theta, interleaved, positions, out)"
+                                        " -> literal_rows"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ratiocore",
+                                    "The ratio profile's context-model coder (see ratio.py).", -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__ratiocore(void) {
+    init_tables();
+    return PyModule_Create(&module);
+}
