@@ -21,8 +21,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from h2o_kernels.codec import _fastcore
 from h2o_kernels.codec.fp16 import CODEC_NAME, FORMAT_VERSION, CodecError, FP16Codec, decode, decode_many, inspect
-from h2o_kernels.codec.predictors import FORWARD, INVERSE, K_DEFAULT, PREDICTORS, V_DEFAULT, parse_predictors
+from h2o_kernels.codec.predictors import FORWARD, K_DEFAULT, PREDICTOR_IDS, PREDICTORS, V_DEFAULT, parse_predictors
 
 # --- the documented blob layout ------------------------------------------------------------------
 
@@ -731,6 +732,20 @@ def ref_forward(name: str, x: np.ndarray) -> np.ndarray:
     return (y % 256).astype(np.uint8)
 
 
+def c_inverse(name: str, y: np.ndarray) -> np.ndarray:
+    """The C kernel's inverse of ``name`` on each block of ``y`` (``[*leading, rows, heads, dim]``), through
+    ``decode_planes`` with ``y`` as the hi plane (one block per leading index)."""
+    rows, heads, dim = y.shape[-3:]
+    blocks = y.reshape(int(np.prod(y.shape[:-3], dtype=np.int64)), rows, heads, dim)
+    out = np.empty_like(blocks)
+    for b, block in enumerate(blocks):
+        words = np.empty((rows, heads, dim), dtype="<u2")
+        ids = bytes([PREDICTOR_IDS[name], 0]) if rows else b""
+        _fastcore.decode_planes(words, block.tobytes(), bytes(block.size), rows, heads, dim, max(rows, 1), ids, False)
+        out[b] = (words >> 8).astype(np.uint8)
+    return out.reshape(y.shape)
+
+
 @st.composite
 def byte_blocks(draw) -> np.ndarray:
     """uint8 ``[*leading, rows, heads, dim]`` with 0..2 leading (plane/block) axes."""
@@ -746,7 +761,7 @@ def test_predictors_invert_and_match_the_reference(x, name):
     assert np.array_equal(x, before), "forward transform modified its input"
     assert y.dtype == np.uint8 and y.shape == x.shape
     assert np.array_equal(y, ref_forward(name, x))
-    z = INVERSE[name](y)
+    z = c_inverse(name, y)
     assert z.dtype == np.uint8 and z.shape == x.shape
     assert np.array_equal(z, x)
 
@@ -755,7 +770,7 @@ def test_pair_delta_with_odd_head_dim_keeps_the_last_dim():
     x = np.array([[[10, 13, 200, 5, 77]]], dtype=np.uint8)  # [rows=1, heads=1, dim=5]
     y = FORWARD["pair_delta"](x)
     assert y.tolist() == [[[10, 3, 200, (5 - 200) % 256, 77]]]
-    assert np.array_equal(INVERSE["pair_delta"](y), x)
+    assert np.array_equal(c_inverse("pair_delta", y), x)
     for dim in (3, 5, 7, 9):
         # odd dims copy their even neighbour (+3): pair_delta pays on the lo plane, even for odd head_dim
         words = np.random.default_rng(dim).integers(15000, 15100, size=(40, 2, dim)).astype(np.uint16)
@@ -775,14 +790,14 @@ def test_sequence_predictors_restart_at_each_block():
     for name in ("delta_seq", "xor_seq"):
         y = FORWARD[name](x)
         assert np.array_equal(y[:, 0], x[:, 0]), "a block's first row must be kept"
-        assert np.array_equal(INVERSE[name](y), x)
+        assert np.array_equal(c_inverse(name, y), x)
 
 
 def test_predictor_tables():
     assert PREDICTORS[0] == "raw"
     assert K_DEFAULT == PREDICTORS
     assert set(V_DEFAULT) <= set(PREDICTORS)
-    assert set(FORWARD) == set(INVERSE) == set(PREDICTORS)
+    assert set(FORWARD) == set(PREDICTOR_IDS) == set(PREDICTORS)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -826,3 +841,111 @@ def test_zero_width_blob_with_a_sequence_predictor_decodes_or_raises_codec_error
     blob = forge(FP16Codec().encode(words.view(np.float16)), reseal=True, id0=1, id1=1)  # delta_seq
     assert inspect(blob).hi.predictors == ("delta_seq",)
     raises_or_exact(blob, words)
+
+
+# --- the C kernel (h2o_kernels.codec._fastcore) -----------------------------------------------------
+
+
+def kernel_planes(words: np.ndarray, hi: tuple[str, ...], lo: tuple[str, ...], block_seq: int, center: int) -> tuple:
+    seq, heads, dim = words.shape
+    return _fastcore.encode_planes(words, seq, heads, dim, block_seq, bytes(PREDICTOR_IDS[p] for p in hi),
+                                   bytes(PREDICTOR_IDS[p] for p in lo), center, 0.02, 0.10, 0.02)
+
+
+def offset_channels(seq: int, heads: int, dim: int, seed: int) -> np.ndarray:
+    """K-like words: each channel its own magnitude and sign (centering pays)."""
+    rng = np.random.default_rng(seed)
+    scale = np.exp(rng.normal(0.0, 2.5, size=(1, heads, dim)))
+    return words_of((rng.normal(0.0, 1.0, size=(seq, heads, dim)) * scale).astype(np.float16))
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(words=word_tensors(max_seq=70, max_dim=7), hi=predictor_sets, lo=predictor_sets, block_seq=st.integers(1, 40),
+       center=st.sampled_from([0, 1]))
+def test_kernel_planes_are_the_documented_transforms(words, hi, lo, block_seq, center):
+    """Every predictor, centering on and off: the kernel's planes are FORWARD of its own decisions."""
+    seq, heads, dim = words.shape
+    coded_hi, plain_hi, coded_lo, plain_lo, ids, centered, _, lo_bits, repeats = kernel_planes(
+        words, tuple(hi), tuple(lo), block_seq, center)
+    blocks = blocks_of(seq, block_seq)
+    assert len(ids) == 2 * blocks
+    assert set(PREDICTORS[i] for i in ids[:blocks]) <= set(hi) and set(PREDICTORS[i] for i in ids[blocks:]) <= set(lo)
+    assert not centered or (center and seq >= 2)
+    ref = heads * dim if centered else 0
+    hi_plane = (words >> 8).astype(np.uint8)
+    if centered:
+        reference = np.frombuffer(coded_hi[:ref], dtype=np.uint8).reshape(heads, dim)
+        hi_plane = ((hi_plane << 1) | (hi_plane >> 7)) - reference
+    for k, (plane, coded, plain) in enumerate(((hi_plane, coded_hi[ref:], plain_hi),
+                                               ((words & 0xFF).astype(np.uint8), coded_lo, plain_lo))):
+        expected = [ref_forward(PREDICTORS[ids[k * blocks + b]], plane[b * block_seq:(b + 1) * block_seq])
+                    for b in range(blocks)]
+        assert coded == b"".join(e.tobytes() for e in expected)
+        if any(ids[k * blocks:(k + 1) * blocks]):
+            assert plain[(ref if k == 0 else 0):] == plane.tobytes()
+        else:
+            assert plain is None
+    assert repeats == sum(any(np.array_equal(words[r] & 0xFF, words[j] & 0xFF) for j in range(r)) for r in range(seq))
+    assert 0 <= lo_bits <= 8.5
+
+
+def test_centering_is_chosen_where_it_pays_and_never_when_off():
+    words = offset_channels(192, 3, 64, 20)
+    blob = FP16Codec().encode(words.view(np.float16))
+    assert inspect(blob).hi.centered
+    assert_decodes_to(blob, words)
+    off = FP16Codec(center=False).encode(words.view(np.float16))
+    assert not inspect(off).hi.centered
+    assert len(blob) < len(off) - 64  # the reference row costs less than centering saves
+    assert_decodes_to(off, words)
+    noise = np.random.default_rng(21).integers(0, 0x10000, size=(192, 3, 64), dtype=np.uint16)
+    assert not inspect(FP16Codec().encode(noise.view(np.float16))).hi.centered
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 5), (1, 3, 5), (2, 1, 1), (3, 2, 1), (5, 0, 4), (5, 3, 0), (65, 1, 9),
+                                   (129, 3, 64)])
+@pytest.mark.parametrize("center", [0, 1])
+def test_kernel_handles_odd_shapes(shape, center):
+    words = offset_channels(*shape, seed=22)
+    out = kernel_planes(words, K_DEFAULT, K_DEFAULT, 64, center)
+    assert len(out[2]) == words.size and len(out[0]) in (words.size, words.size + shape[1] * shape[2])
+    for codec in (FP16Codec(center=bool(center)), FP16Codec(V_DEFAULT, V_DEFAULT, block_seq=7, choose="exhaustive")):
+        assert_decodes_to(codec.encode(words.view(np.float16)), words)
+
+
+def test_kernel_rejects_bad_arguments():
+    words = np.zeros((4, 2, 3), dtype=np.uint16)
+    good = (words, 4, 2, 3, 2, b"\0", b"\0", 1, 0.02, 0.1, 0.02)
+    for index, value, fragment in [(5, b"", "hi_cands"), (6, b"\5", "lo_cands"), (5, bytes(6), "hi_cands"),
+                                   (1, 5, "words"), (4, 0, "block_seq")]:
+        args = list(good)
+        args[index] = value
+        with pytest.raises(ValueError, match=fragment):
+            _fastcore.encode_planes(*args)
+    out = np.empty((4, 2, 3), dtype="<u2")
+    with pytest.raises(ValueError, match="sizes"):
+        _fastcore.decode_planes(out, bytes(23), bytes(24), 4, 2, 3, 2, bytes(4), False)
+    with pytest.raises(ValueError, match="predictor id"):
+        _fastcore.decode_planes(out, bytes(24), bytes(24), 4, 2, 3, 2, bytes([0, 9, 0, 0]), False)
+
+
+def test_lo_plane_goes_to_zstd_only_where_it_may_shrink():
+    rng = np.random.default_rng(23)
+    noise = rng.integers(0, 0x10000, size=(128, 3, 64), dtype=np.uint16)
+    assert inspect(FP16Codec(V_DEFAULT, V_DEFAULT).encode(noise.view(np.float16))).lo.entropy == "stored"
+    repeated = noise.copy()
+    repeated[64:] = noise[:64]  # layer-0 V: a repeated token repeats its row
+    info = inspect(FP16Codec(V_DEFAULT, V_DEFAULT).encode(repeated.view(np.float16)))
+    assert info.lo.entropy == "zstd" and info.lo.payload_bytes < 0.6 * repeated.size
+    few = 0x3C00 + rng.choice(np.array([0x11, 0x93]), size=(128, 3, 64)).astype(np.uint16)  # 1 bit a lo byte
+    assert inspect(FP16Codec("raw", "raw").encode(few.view(np.float16))).lo.payload_bytes < 0.3 * few.size
+
+
+def test_positions_are_accepted_and_ignored():
+    words = offset_channels(40, 2, 8, 24)
+    codec = FP16Codec()
+    blob = codec.encode(words.view(np.float16))
+    assert codec.encode(words.view(np.float16), positions=np.arange(7, 47)) == blob
+    assert codec.encode_many([words.view(np.float16)] * 2, positions=[None, np.arange(40)]) == [blob, blob]
+    with pytest.raises(ValueError, match="positions"):
+        codec.encode_many([words.view(np.float16)], positions=[None, None])

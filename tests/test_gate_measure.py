@@ -172,7 +172,7 @@ def test_a_dump_the_online_sim_cannot_read_is_a_warning(tmp_path):
     broken = sorted(tmp_path.glob("k_*.bin"))[0]
     broken.write_bytes(broken.read_bytes()[:10])
     warnings: list[str] = []
-    per_layer = gate_run._online_sim(tmp_path, "cfg", warnings, lambda line: None)
+    per_layer = gate_run._online_sim(tmp_path, "cfg", "fast", warnings, lambda line: None)
     assert per_layer and warnings and all(w.startswith("[WARN] cfg: online-sim skipped ") for w in warnings)
     assert broken.name in warnings[0]
 

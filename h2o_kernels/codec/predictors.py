@@ -1,4 +1,5 @@
-"""Byte-plane predictors of the fp16 KV codec, vectorised over blocks.
+"""Byte-plane predictors of the fp16 KV codec, vectorised over blocks (numpy reference of the C kernel
+:mod:`h2o_kernels.codec._fastcore`, which applies and inverts them when coding; used by the exhaustive choice).
 
 Every function takes a ``uint8`` array shaped ``[..., rows, kv_heads, head_dim]`` (rows run along the
 token axis inside one block; leading axes index planes and blocks) and returns a new array of the
@@ -62,38 +63,10 @@ def _pair_delta(x: np.ndarray) -> np.ndarray:
     return y
 
 
-def _scan(x: np.ndarray, op: np.ufunc) -> np.ndarray:
-    """Inclusive prefix ``op`` along the row axis (Hillis-Steele: log2(rows) vector passes)."""
-    y = x.copy()
-    step = 1
-    while step < y.shape[-3]:
-        nxt = np.empty_like(y)
-        nxt[..., :step, :, :] = y[..., :step, :, :]
-        op(y[..., step:, :, :], y[..., :-step, :, :], out=nxt[..., step:, :, :])
-        y = nxt
-        step *= 2
-    return y
-
-
-def _undo_pair_delta(y: np.ndarray) -> np.ndarray:
-    x = y.copy()
-    odd = y.shape[-1] // 2
-    np.add(y[..., 1::2], y[..., 0:2 * odd:2], out=x[..., 1::2])
-    return x
-
-
 FORWARD: dict[str, Transform] = {
     "raw": lambda x: x,
     "delta_seq": _delta_seq,
     "xor_seq": _xor_seq,
     "pair_delta": _pair_delta,
     "pair_delta_delta_seq": lambda x: _delta_seq(_pair_delta(x)),
-}
-
-INVERSE: dict[str, Transform] = {
-    "raw": lambda y: y,
-    "delta_seq": lambda y: _scan(y, np.add),
-    "xor_seq": lambda y: _scan(y, np.bitwise_xor),
-    "pair_delta": _undo_pair_delta,
-    "pair_delta_delta_seq": lambda y: _undo_pair_delta(_scan(y, np.add)),
 }
