@@ -95,7 +95,7 @@ def inspect(blob: bytes | bytearray | memoryview) -> object:
 
 
 def _module(version: int):
-    if version == VERSIONS["fast"]:
+    if version in (1, VERSIONS["fast"]):  # version 1: the fast profile's first format, still read
         from h2o_kernels.codec import fp16
 
         return fp16
@@ -104,4 +104,4 @@ def _module(version: int):
 
         return ratio
     raise CodecError(f"unsupported blob format version {version}; this build reads "
-                     f"{', '.join(f'{v} ({p})' for p, v in VERSIONS.items())}")
+                     f"{', '.join(f'{v} ({p})' for p, v in {'fast': 1, **VERSIONS}.items())}")
