@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 from h2o_test_helpers import realistic_kv, words_of
 
+from h2o_kernels import PROFILE_VERSIONS
 from h2o_kernels.codec.fp16 import FP16Codec
+from h2o_kernels.codec.profiles import decode_many
+from h2o_kernels.codec.rope import RopeSpec
 from h2o_kernels.config_keys import ConfigError
 from h2o_kernels.lossless.manager import LosslessConfig, LosslessRuntime, cold_window
 from h2o_kernels.model.llama import KVCache
@@ -246,6 +249,70 @@ def test_nothing_before_trigger_min_tokens_nor_at_prefill():
     drive(rt, cache, plain, 5)
     rt.after_layer(0, PROMPT, PROMPT, PROMPT, 0)  # prefill: decode_step 0
     assert rt.metrics()["lossless_updates"] == 0 and rt.metrics()["h2o_lossless"] == 1.0
+
+
+# -------------------------------------------------------------------------------- codec profiles
+
+@pytest.mark.parametrize("mode", ["full", "store"])
+def test_the_ratio_profile_reads_the_kv_bit_exactly_and_is_counted_as_coded(mode):
+    versions: set[int] = set()
+
+    def decoding(k_blob: bytes, v_blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+        versions.update((k_blob[4], v_blob[4]))
+        k, v = decode_many([k_blob, v_blob])
+        return k, v
+
+    cache, plain = caches()
+    rt = runtime(config(runtime_mode=mode, scope="front_n_and_h2o_kept", kept_sample_layers=0, codec_runtime="ratio",
+                        store_bootstrap_tokens=16, store_grouped_step_tokens=24), cache, rope=RopeSpec(10000.0),
+                 decoder=decoding)
+    try:
+        drive(rt, cache, plain, 24)
+    finally:
+        rt.close()
+    m = rt.metrics()
+    assert m["lossless_updates"] > 0 and m["h2o_lossless_fallback"] == 0 and m["h2o_lossless"] > 1.0
+    assert versions == {PROFILE_VERSIONS["ratio"]}
+    rt.restore_all()
+    assert all(same(cache, plain, layer) for layer in range(LAYERS))
+
+
+def test_the_ratio_profile_gets_the_window_rows_positions():
+    seen: list[np.ndarray | None] = []
+
+    def recording(k: np.ndarray, v: np.ndarray, positions: np.ndarray | None) -> tuple[bytes, bytes]:
+        seen.append(positions)
+        return other_data_encoder(k, v, positions)
+
+    cache, plain = caches()
+    cache.keep(0, np.r_[0:40, 50:PROMPT])  # an H2O compaction: positions 40-49 are gone
+    plain.keep(0, np.r_[0:40, 50:PROMPT])
+    rt = runtime(config(runtime_mode="full", scope="front_n", front_n=1, codec_runtime="ratio"), cache,
+                 rope=RopeSpec(10000.0), encoder=recording)
+    drive(rt, cache, plain, 1)
+    [positions] = seen
+    window = cache.positions(0)[:, 0]
+    assert positions is not None and positions.dtype == np.int64
+    start = int(np.flatnonzero(window == positions[0])[0])
+    assert np.array_equal(positions, window[start:start + len(positions)]) and 40 not in positions
+
+
+def test_the_fast_profile_and_ragged_heads_pass_no_positions():
+    seen: list[np.ndarray | None] = []
+
+    def recording(k: np.ndarray, v: np.ndarray, positions: np.ndarray | None) -> tuple[bytes, bytes]:
+        seen.append(positions)
+        return other_data_encoder(k, v, positions)
+
+    for codec_runtime, keep in (("fast", None), ("ratio", [np.arange(PROMPT - 1), np.arange(1, PROMPT)])):
+        cache, plain = caches()
+        if keep is not None:  # per-head H2O: the heads hold different tokens in the same rows
+            cache.keep(0, keep)
+            plain.keep(0, keep)
+        rt = runtime(config(runtime_mode="full", scope="front_n", front_n=1, codec_runtime=codec_runtime), cache,
+                     rope=RopeSpec(10000.0), encoder=recording)
+        drive(rt, cache, plain, 1)
+    assert seen == [None, None]
 
 
 # -------------------------------------------------------------------------------------- modes
