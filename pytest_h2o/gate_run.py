@@ -401,6 +401,7 @@ def _add_lossless(row: dict[str, Any], point: Point, spec: RunSpec, warnings: li
     coded once per profile."""
     dump_dir = spec.kv_dumps or (Path(row["kv_dir"]) if row.get("kv_dir") else None)
     lossless = LosslessConfig.from_config(point.config, point.label)
+    row["codec_profile"] = lossless.profile
     per_layer = None
     if dump_dir is not None:
         content = _dump_content(dump_dir)

@@ -383,6 +383,23 @@ def test_whole_cache_ratio_is_full_bytes_over_held_compressed_bytes(pytester, ga
         assert m["total_ratio"] < m["h2o_lossy"] * max(ratios.values())
 
 
+def test_the_codec_profile_option_reaches_the_runtime_and_the_online_sim(pytester, gate_dir):
+    online = {}
+    for profile in ("fast", "ratio"):
+        result = run_gate(pytester, *EASY, f"--h2o-lossless-codec={profile}", f"--h2o-out=out-{profile}",
+                          "-k", "keep0.30")
+        result.assert_outcomes(passed=4, skipped=3)
+        result.stdout.fnmatch_lines([f"*codec {profile}, reports in*",
+                                     f"*online-sim keep0.30-lr3.0: * ({profile} codec)*"])
+        configs = json.loads((gate_dir / f"out-{profile}" / "summary.json").read_text())["configs"]
+        [config] = [c for c in configs if c["name"] == "keep0.30-lr3.0"]
+        assert config["metrics"]["codec_profile"] == profile
+        log = json.loads((gate_dir / f"out-{profile}" / "logs" / "run_0001_p64_g32_k0.3_b4_lr3.0.json").read_text())
+        assert log["config"]["kv_lossless_codec_runtime"] == profile
+        online[profile] = config["metrics"]["lossless_online"]
+    assert online["ratio"] > online["fast"]  # the ratio profile's blobs are never larger, and smaller here
+
+
 def test_a_kv_dump_that_cannot_be_read_is_reported_everywhere(pytester, gate_dir):
     from h2o_test_helpers import write_standard_dump
 
