@@ -46,9 +46,15 @@ def _original_offline_lines(r: dict) -> list[str]:
 
 
 def _our_offline_lines(r: dict) -> list[str]:
-    """Our additions: what ran, whether it was verified, per-layer ratios, throughput, each skipped file."""
-    lines = ["", "## Codec", "", f"- Codec version: {r['codec_version']}", f"- Scheme: {r['codec_scheme']}",
-             f"- Round trip verified: `{r['roundtrip_verified']}`"]
+    """Our additions: what ran (codec profile, blob versions, RoPE matching of the ratio profile), whether it was
+    verified, per-layer ratios, throughput, each skipped file."""
+    lines = ["", "## Codec", "", f"- Codec profile: `{r['codec_profile']}`", f"- Codec version: {r['codec_version']}",
+             f"- Scheme: {r['codec_scheme']}",
+             f"- Blobs by format version: K {_versions(r['k_blob_versions'])}, V {_versions(r['v_blob_versions'])}"]
+    if r["codec_profile"] == "ratio":
+        theta = "the dumps' meta" if r["rope_theta"] is None else f"--rope-theta {r['rope_theta']:g}"
+        lines.append(f"- K matched through RoPE: {r['rope_groups']} groups (RoPE from {theta})")
+    lines.append(f"- Round trip verified: `{r['roundtrip_verified']}`")
     if "plain_zstd_ratio" in r:
         lines.append(f"- Plain split planes + zstd ratio (same chunks): {r['plain_zstd_ratio']:.4f}")
     lines += ["", "## Per Layer", "", "| layer | raw bytes | compressed bytes | ratio |", "|---:|---:|---:|---:|"]
@@ -62,6 +68,11 @@ def _our_offline_lines(r: dict) -> list[str]:
         lines += [f"| `{item['file']}` | {item['reason']} | {item['cause']} | {_cell(item['detail'])} |"
                   for item in r["skipped"]]
     return lines
+
+
+def _versions(counts: dict[str, int]) -> str:
+    """Blob counts by format version, e.g. ``v2: 7, v1: 1`` (``none`` when nothing was coded)."""
+    return ", ".join(f"v{version}: {count}" for version, count in sorted(counts.items(), reverse=True)) or "none"
 
 
 def _cell(text: str) -> str:

@@ -303,7 +303,7 @@ def test_unwritable_folders_are_refused(tmp_path, capsys):
 ])
 def test_offline_outputs_are_checked_before_evaluating(dump_dir, tmp_path, blocker, capsys, monkeypatch, argv,
                                                        fragment):
-    monkeypatch.setattr("pytest_h2o.cli.main.evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+    monkeypatch.setattr("pytest_h2o.cli.offline.evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
     names = {"blocker": blocker, "tmp": tmp_path}
     err = usage_error(capsys, ["offline", "--dump-dir", str(dump_dir), *[a.format(**names) for a in argv]])
     assert fragment.format(**names) in err
@@ -421,3 +421,103 @@ def test_help_shows_the_defaults_of_the_own_subcommands(capsys, command, shown):
     text = help_text(capsys, command)
     for fragment in shown:
         assert fragment in text, fragment
+
+
+# --- codec profiles, RoPE, worker threads, start-up ---------------------------------------------------
+
+
+def test_ratio_profile_through_the_cli(dump_dir, tmp_path, capsys):
+    out, md = tmp_path / "r.json", tmp_path / "r.md"
+    argv = ["--codec", "ratio", "--rope-theta", "10000", "--entry-mode", "chunked_grouped", "--online-chunk-seq",
+            "16", "--jobs", "1", "--out-md", str(md)]
+    assert offline(dump_dir, out, *argv) == 0
+    result = json.loads(out.read_text())
+    direct = evaluate(dump_dir, EvalOptions(codec="ratio", rope_theta=10000.0, entry_mode="chunked_grouped",
+                                            online_chunk_seq=16))
+    for key in ("codec_profile", "codec_version", "compressed_bytes", "k_blob_versions", "rope_theta", "rope_groups"):
+        assert result[key] == direct[key], key
+    assert result["codec_profile"] == "ratio" and result["rope_groups"] == 2
+    assert " ratio v2 " in capsys.readouterr().out
+    text = md.read_text()
+    assert "- Codec profile: `ratio`" in text and "RoPE from --rope-theta 10000" in text
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--codec-mode", "legacy"], "--codec-mode legacy applies"),
+    (["--k-hi-predictors", "raw"], "--k-hi-predictors applies"),
+    (["--predictor-choice", "exhaustive", "--adaptive-block-seq", "16"],
+     "--predictor-choice, --adaptive-block-seq apply"),
+])
+def test_fast_only_options_with_ratio_are_usage_errors(dump_dir, tmp_path, capsys, argv, named):
+    err = usage_error(capsys, ["offline", "--dump-dir", str(dump_dir), "--out-json", str(tmp_path / "r.json"),
+                               "--codec", "ratio", *argv])
+    assert f"--codec ratio: {named} to the fast profile only" in err and "use --codec fast" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--jobs", "0"], "--jobs: expected an integer >= 1"),
+    (["--codec", "best"], "--codec: invalid choice"),
+    (["--rope-theta", "1"], "--rope-theta: RoPE theta must be a finite number > 1"),
+    (["--rope-theta", "nan"], "--rope-theta: RoPE theta must be a finite number > 1"),
+    (["--rope-theta", "fast"], "--rope-theta: invalid float value"),
+])
+def test_codec_and_jobs_usage_errors(dump_dir, tmp_path, capsys, argv, fragment):
+    err = usage_error(capsys, ["offline", "--dump-dir", str(dump_dir), "--out-json", str(tmp_path / "r.json"),
+                               *argv])
+    assert fragment in err
+
+
+def test_jobs_do_not_change_the_json(dump_dir, tmp_path, monkeypatch):
+    from h2o_kernels.lossless import offline_eval
+
+    monkeypatch.setattr(offline_eval, "_WAVE_BYTES", 1)  # one wave per group: the threads share the work
+    results = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"r{jobs}.json"
+        assert offline(dump_dir, out, "--jobs", jobs, "--scope", "layer_range", "--layer-start", "0",
+                       "--entry-mode", "chunked_grouped", "--online-chunk-seq", "8") == 0
+        result = json.loads(out.read_text())
+        assert result.pop("timing")["jobs"] == int(jobs)
+        results.append({key: value for key, value in result.items() if not key.endswith(("_mb_s", "_s"))})
+    assert results[0] == results[1]
+
+
+def test_a_malformed_rope_theta_is_a_warning(dump_dir, tmp_path, capsys):
+    work = Path(shutil.copytree(dump_dir, tmp_path / "dump"))
+    bad = sorted(work.glob("meta_*layer000*.json"))[0]
+    bad.write_text(json.dumps({**json.loads(bad.read_text()), "rope_theta": "ten thousand"}))
+    assert offline(work, tmp_path / "r.json", "--codec", "ratio") == 0
+    err = capsys.readouterr().err
+    assert f"[WARN] {bad}: rope_theta 'ten thousand' is not a number" in err
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["skipped_entries"] == 0 and len(result["warnings"]) == 1
+
+
+HEAVY_MODULES = ("h2o_kernels.model", "h2o_kernels.runtimes", "h2o_presets", "h2o_kernels.fidelity",
+                 "pytest_h2o.gate", "pytest_h2o.cli.bench", "pytest_h2o.cli.sweep", "pytest_h2o.cli.analyze",
+                 "pytest_h2o.cli.history", "pytest_h2o.cli.fidelity", "pytest_h2o.cli.kv_dump", "jsonschema", "gguf",
+                 "tokenizers", "matplotlib", "torch")
+
+
+def test_offline_imports_only_its_own_modules(dump_dir, tmp_path):
+    code = ("import sys; from pytest_h2o.cli.main import main; "
+            f"status = main(['offline', '--dump-dir', {str(dump_dir)!r}, '--out-json', {str(tmp_path / 'r.json')!r}]); "
+            "print(' '.join(sorted(sys.modules))); sys.exit(status)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    loaded = proc.stdout.splitlines()[-1].split()
+    assert "h2o_kernels.lossless.offline_eval" in loaded
+    assert [name for name in loaded if name.startswith(HEAVY_MODULES)] == []
+
+
+def test_top_level_help_lists_every_command(capsys):
+    from pytest_h2o.cli.main import COMMANDS as TABLE
+
+    assert tuple(TABLE) == COMMANDS
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name, command in TABLE.items():
+        assert f"{name} {command.help}" in text, name

@@ -78,7 +78,7 @@ def test_legacy_runs_the_fixed_predictors_over_whole_tensors(std_dir):
 
 
 def test_legacy_blobs_decode_bit_exactly(std_dir):
-    codecs = [EvalOptions(codec_mode="legacy").codec(kind) for kind in ("k", "v")]
+    codecs = [EvalOptions(codec_mode="legacy").encoder(kind) for kind in ("k", "v")]
     assert all(isinstance(c, FP16Codec) and not c.center and c.predictors == (("delta_seq",), ("raw",))
                for c in codecs)
     for path in iter_dump_files(std_dir):

@@ -10,12 +10,16 @@ import numpy as np
 import pytest
 from h2o_test_helpers import realistic_kv, words_of
 
+from h2o_kernels.codec.rope import RopeSpec
 from h2o_kernels.lossless import kvdump
 from h2o_kernels.lossless.kvdump import (
     DumpEntry,
     DumpError,
+    dump_cache,
     iter_dump_files,
     link_identical,
+    load_many,
+    meta_rope,
     read_meta,
     read_npz,
     write_dump,
@@ -372,3 +376,106 @@ def test_link_identical_counts_only_freed_bytes_and_skips_links_and_other_files(
     assert {os.stat(tmp_path / n).st_ino for n in ("a.bin", "b.bin", "c.bin")} == {os.stat(tmp_path / "a.bin").st_ino}
     assert os.stat(tmp_path / "notes.txt").st_nlink == 1 and (tmp_path / "link.bin").is_symlink()
     assert os.stat(tmp_path / "empty1.bin").st_ino != os.stat(tmp_path / "empty2.bin").st_ino
+
+
+# --- RoPE in the meta ----------------------------------------------------------------------------------
+
+
+def test_write_dump_records_rope_and_read_meta_reads_it(tmp_path):
+    k, v = _kv()
+    plain = write_dump(tmp_path, run_id="r", stage="prefill", layer_id=0, seq_start=0, k=k, v=v)
+    assert "rope_theta" not in json.loads(plain.read_text()) and read_meta(plain).rope is None
+    spec = RopeSpec(100000.0, "interleaved")
+    meta_path = write_dump(tmp_path, run_id="r", stage="decode", layer_id=0, seq_start=9, k=k, v=v, rope=spec)
+    meta = json.loads(meta_path.read_text())
+    assert meta["rope_theta"] == 100000.0 and meta["rope_layout"] == "interleaved"
+    assert read_meta(meta_path).rope == spec
+
+
+@pytest.mark.parametrize("fields, rope, problem", [
+    ({}, None, None),
+    ({"rope_theta": 10000}, RopeSpec(10000.0), None),  # layout absent: rotate-half
+    ({"rope_theta": 500000.0, "rope_layout": "half"}, RopeSpec(500000.0), None),
+    ({"rope_theta": "1e4"}, None, "rope_theta '1e4' is not a number"),
+    ({"rope_theta": True}, None, "rope_theta True is not a number"),
+    ({"rope_theta": 1.0}, None, "RoPE theta must be a finite number > 1"),
+    ({"rope_theta": float("inf")}, None, "RoPE theta must be a finite number > 1"),
+    ({"rope_theta": 10000.0, "rope_layout": "neox"}, None, "RoPE layout must be 'half' or 'interleaved'"),
+])
+def test_meta_rope(tmp_path, fields, rope, problem):
+    path = tmp_path / "meta_x.json"
+    got, text = meta_rope(fields, path)
+    assert got == rope
+    if problem is None:
+        assert text is None
+    else:
+        assert text.startswith(f"{path}: ") and problem in text and "not matched through RoPE" in text
+
+
+class _Cache:
+    """A runtime cache as dump_cache reads it: one layer, positions per row and KV head."""
+
+    num_layers = 1
+
+    def __init__(self, positions: np.ndarray) -> None:
+        self._positions = positions
+        self._k, self._v = _kv(shape=(len(positions), positions.shape[1], 4))
+
+    def k(self, layer: int) -> np.ndarray:
+        return self._k
+
+    def v(self, layer: int) -> np.ndarray:
+        return self._v
+
+    def positions(self, layer: int) -> np.ndarray:
+        return self._positions
+
+
+def _stage_ropes(out_dir: Path) -> dict[str, RopeSpec | None]:
+    return {read_meta(p).stage: read_meta(p).rope for p in iter_dump_files(out_dir)}
+
+
+def test_dump_cache_records_rope_only_for_consecutive_rows(tmp_path):
+    spec = RopeSpec(100000.0)
+    full = np.repeat(np.arange(10)[:, None], 2, axis=1)  # prompt 0..5, decode 6..9, nothing evicted
+    dump_cache(_Cache(full), tmp_path / "full", "r", prompt_len=6, rope=spec)
+    assert _stage_ropes(tmp_path / "full") == {"prefill": spec, "decode": spec}
+    evicted = np.repeat(np.array([0, 1, 3, 4, 5, 6, 7, 9])[:, None], 2, axis=1)  # token 2 and 8 evicted
+    dump_cache(_Cache(evicted), tmp_path / "evicted", "r", prompt_len=6, rope=spec)
+    assert _stage_ropes(tmp_path / "evicted") == {"prefill": None, "decode": None}
+    per_head = full.copy()
+    per_head[7, 1] = 8  # head 1 kept another token at row 7
+    per_head[8, 1] = 9
+    per_head[9, 1] = 10
+    dump_cache(_Cache(per_head), tmp_path / "per_head", "r", prompt_len=6, rope=spec)
+    assert _stage_ropes(tmp_path / "per_head") == {"prefill": spec, "decode": None}
+    dump_cache(_Cache(full), tmp_path / "none", "r", prompt_len=6)
+    assert _stage_ropes(tmp_path / "none") == {"prefill": None, "decode": None}
+
+
+# --- load_many ---------------------------------------------------------------------------------------
+
+
+def test_load_many_is_the_concatenation_of_the_entries(tmp_path):
+    parts = [_kv(shape=(n, 2, 5), seed=n) for n in (9, 4, 1)]
+    entries = [read_meta(write_dump(tmp_path, run_id="r", stage="s", layer_id=0, seq_start=i * 10, k=k, v=v))
+               for i, (k, v) in enumerate(parts)]
+    k, v = load_many(entries)
+    assert words_of(k).tobytes() == b"".join(words_of(p[0]).tobytes() for p in parts)
+    assert words_of(v).tobytes() == b"".join(words_of(p[1]).tobytes() for p in parts)
+    assert load_many(entries[:1])[0].tobytes() == entries[0].load()[0].tobytes()
+    wide = read_meta(write_dump(tmp_path, run_id="r", stage="s", layer_id=1, seq_start=0,
+                                k=parts[0][0].astype(np.float32), v=parts[0][1].astype(np.float32)))
+    k_mixed, _ = load_many([entries[0], wide])  # fp16 then fp32: numpy's concatenation, fp32
+    assert k_mixed.dtype == np.float32 and np.array_equal(k_mixed[9:], parts[0][0].astype(np.float32))
+
+
+@pytest.mark.parametrize("delta", [-2, 2])
+def test_load_many_names_a_file_of_the_wrong_size(meta_path, delta):
+    entry = read_meta(meta_path)
+    entry.v_path.write_bytes(entry.v_path.read_bytes()[:delta] if delta < 0 else entry.v_path.read_bytes() + b"xx")
+    with pytest.raises(DumpError, match=rf"{entry.v_path.name}: \d+ bytes, expected \d+ for shape"):
+        load_many([entry])
+    entry.v_path.unlink()
+    with pytest.raises(DumpError, match=f"cannot read {entry.v_path}"):
+        load_many([entry])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,12 @@ from h2o_test_helpers import (
 )
 
 from h2o_kernels.codec import fp16 as codec_module
+from h2o_kernels.codec import profiles
 from h2o_kernels.codec.fp16 import CODEC_NAME, FORMAT_VERSION, FP16Codec, inspect
 from h2o_kernels.codec.predictors import K_DEFAULT, V_DEFAULT
+from h2o_kernels.codec.rope import RopeSpec
 from h2o_kernels.lossless import offline_eval
-from h2o_kernels.lossless.kvdump import iter_dump_files, read_meta
+from h2o_kernels.lossless.kvdump import iter_dump_files, read_meta, write_dump
 from h2o_kernels.lossless.offline_eval import ENTRY_MODES, EvalOptions, SelectionError, evaluate
 
 STAGES = ("prefill", "decode")
@@ -598,3 +601,182 @@ def test_progress_callback(std_dir):
     assert all(c[1] == 4 for c in calls)
     assert calls[-1][2]["raw_bytes"] == result["raw_bytes"]
     assert calls[-1][2]["lossless_ratio"] == pytest.approx(result["weighted_lossless_ratio"])
+
+
+# --- worker threads -----------------------------------------------------------------------------------
+
+TIMING_KEYS = ("encode_mb_s", "decode_mb_s", "elapsed_s", "throughput_mb_s", "timing")
+
+
+def untimed(result: dict) -> dict:
+    return {key: value for key, value in result.items() if key not in TIMING_KEYS}
+
+
+@pytest.fixture
+def small_waves(monkeypatch):
+    """Waves of about one entry, so that a small dump is spread over several waves (and threads)."""
+    monkeypatch.setattr(offline_eval, "_WAVE_BYTES", 1)
+
+
+@pytest.mark.parametrize("mode", ["per_meta", "chunked_grouped"])
+def test_any_number_of_jobs_gives_the_same_report(std_dir, small_waves, mode):
+    base = dict(entry_mode=mode, online_chunk_seq=16, scope="layer_range", layer_start=0, plain_baseline=True)
+    one = evaluate(std_dir, EvalOptions(jobs=1, **base))
+    assert one["timing"]["jobs"] == 1 and set(one["timing"]) == {"jobs", "load_s", "encode_s", "decode_s", "compare_s"}
+    for jobs in (2, 3):
+        many = evaluate(std_dir, EvalOptions(jobs=jobs, **base))
+        assert untimed(many) == untimed(one)
+        assert many["timing"]["jobs"] == jobs
+
+
+def test_failures_in_workers_are_skipped_in_order(std_dir, small_waves, monkeypatch):
+    _patch_encode_to_fail(monkeypatch)
+    _patch_decode_to_lie(monkeypatch, seq=prefill_seq(3))
+    options = dict(scope="layer_range", layer_start=0)
+    one = evaluate(std_dir, EvalOptions(jobs=1, **options))
+    assert [item["cause"] for item in one["skipped"]] == ["codec_error", "roundtrip_mismatch"]
+    assert untimed(evaluate(std_dir, EvalOptions(jobs=2, **options))) == untimed(one)
+
+
+def test_an_unexpected_error_in_a_worker_propagates(std_dir, small_waves, monkeypatch):
+    def broken(self, tensors, *args, **kwargs):
+        raise RuntimeError("a bug, not a codec failure")
+
+    monkeypatch.setattr(FP16Codec, "encode_many", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        evaluate(std_dir, EvalOptions(jobs=2, scope="layer_range", layer_start=0))
+
+
+def test_an_interrupt_stops_the_workers(std_dir, small_waves, monkeypatch):
+    loaded = []
+    original = offline_eval._load
+    monkeypatch.setattr(offline_eval, "_load", lambda entries: loaded.append(entries) or original(entries))
+
+    def interrupt(done, total, totals):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(std_dir, EvalOptions(jobs=2, scope="layer_range", layer_start=0), progress=interrupt)
+    for thread in threading.enumerate():
+        if thread.name.startswith("h2o-offline"):
+            thread.join(timeout=10)
+    assert len(loaded) < 2 * LAYERS  # the waves after the interrupt were never loaded
+
+
+def test_jobs_must_be_positive(std_dir):
+    for jobs in (0, -1, True):
+        with pytest.raises(ValueError, match="--jobs must be an integer >= 1"):
+            evaluate(std_dir, EvalOptions(jobs=jobs))
+    assert 1 <= EvalOptions().jobs <= offline_eval.MAX_DEFAULT_JOBS
+
+
+# --- codec profiles and RoPE ----------------------------------------------------------------------------
+
+THETA = 10000.0
+
+
+def write_rope_dump(out_dir: Path, rope: RopeSpec | None, layers=(0, 1)) -> Path:
+    """The standard tensors with a K that repeats rotated rows (so RoPE matching has something to find)."""
+    for layer_id in layers:
+        for stage in STAGES:
+            k, v = standard_tensors(layer_id, stage)
+            seq_start = 0 if stage == "prefill" else prefill_seq(layer_id)
+            write_dump(out_dir, run_id="run1", stage=stage, layer_id=layer_id, seq_start=seq_start, k=k, v=v,
+                       rope=rope)
+    return out_dir
+
+
+def ratio_expected(dump_dir: Path, rope: RopeSpec | None, chunk: int) -> dict[str, int]:
+    """Blob bytes of chunked_grouped + the ratio profile, from make_codec and decode_with_info directly."""
+    out = {"k": 0, "v": 0, "v1": 0}
+    for layer_id in (0, 1):
+        entries = [read_meta(meta_of(dump_dir, layer_id, stage)) for stage in STAGES]
+        k, v = (np.concatenate(arrays) for arrays in zip(*(entry.load() for entry in entries)))
+        positions = np.concatenate([e.seq_start + np.arange(e.seq_len) for e in entries])
+        for kind, tensor in (("k", k), ("v", v)):
+            codec = profiles.make_codec("ratio", kind, rope=rope if kind == "k" else None)
+            chunks = [tensor[s:s + chunk] for s in range(0, len(tensor), chunk)]
+            if kind == "k" and rope is not None:
+                blobs = codec.encode_many(chunks, [positions[s:s + chunk] for s in range(0, len(tensor), chunk)])
+            else:
+                blobs = codec.encode_many(chunks)
+            out["v1"] += sum(info.version == 1 for _, info in profiles.decode_with_info(blobs))
+            out[kind] += sum(len(blob) + 8 for blob in blobs)
+    return out
+
+
+@pytest.mark.parametrize("rope", [None, RopeSpec(THETA)])
+def test_ratio_profile_counts_its_own_blobs(tmp_path, rope):
+    dump = write_rope_dump(tmp_path / "dump", rope)
+    options = EvalOptions(codec="ratio", entry_mode="chunked_grouped", online_chunk_seq=16, online_framing_bytes=8)
+    result = evaluate(dump, options)
+    exp = ratio_expected(dump, rope, 16)
+    assert result["codec_profile"] == "ratio" and result["codec_version"] == profiles.VERSIONS["ratio"] == 2
+    assert (result["k_compressed_bytes"], result["v_compressed_bytes"]) == (exp["k"], exp["v"])
+    assert result["rope_groups"] == (2 if rope else 0) and result["rope_theta"] is None
+    assert result["roundtrip_verified"] is True and result["skip_reasons"] == {}
+    versions = [result[f"{kind}_blob_versions"] for kind in ("k", "v")]
+    assert sum(sum(counts.values()) for counts in versions) == result["online_chunks"]
+    assert sum(counts.get("1", 0) for counts in versions) == exp["v1"]
+    v1_blocks = sum(result[f"{kind}_hi_mode_counts"][name] for kind in ("k", "v") for name in K_DEFAULT
+                    if name in result[f"{kind}_hi_mode_counts"])
+    assert (v1_blocks > 0) == (exp["v1"] > 0)  # predictor counts come from version-1 blobs only
+    assert "ratio profile" in result["codec_scheme"]
+
+
+def test_fast_profile_reports_version_1_blobs(std_dir):
+    result = evaluate(std_dir, EvalOptions(entry_mode="chunked", online_chunk_seq=10))
+    assert result["codec_profile"] == "fast" and result["codec_version"] == 1
+    assert result["k_blob_versions"] == result["v_blob_versions"] == {"1": result["online_chunks"] // 2}
+    assert result["rope_groups"] == 0 and result["warnings"] == []
+
+
+def test_rope_theta_overrides_the_dumps(tmp_path):
+    dump = write_rope_dump(tmp_path / "dump", None)
+    options = dict(codec="ratio", entry_mode="chunked_grouped", online_chunk_seq=16, online_framing_bytes=8)
+    result = evaluate(dump, EvalOptions(rope_theta=THETA, **options))
+    assert result["rope_groups"] == 2 and result["rope_theta"] == THETA
+    assert result["k_compressed_bytes"] == ratio_expected(dump, RopeSpec(THETA), 16)["k"]
+    assert evaluate(dump, EvalOptions(**options))["rope_groups"] == 0
+    with pytest.raises(ValueError, match="--rope-theta: RoPE theta must be a finite number > 1"):
+        evaluate(dump, EvalOptions(rope_theta=0.5, **options))
+
+
+@pytest.mark.parametrize("theta", ["1e4", None, -3, float("nan"), [1]])
+def test_a_malformed_rope_theta_is_a_warning_not_an_error(tmp_path, theta):
+    dump = write_rope_dump(tmp_path / "dump", RopeSpec(THETA), layers=(0,))
+    bad = meta_of(dump, 0, "prefill")
+    meta = json.loads(bad.read_text())
+    meta["rope_theta"] = theta
+    bad.write_text(json.dumps(meta))
+    result = evaluate(dump, EvalOptions(codec="ratio", front_n=1))
+    assert result["skip_reasons"] == {} and result["selected_entries"] == 2
+    if theta is None:  # JSON null: no RoPE recorded, nothing to warn about
+        assert result["warnings"] == []
+    else:
+        assert len(result["warnings"]) == 1 and str(bad) in result["warnings"][0]
+    assert result["rope_groups"] == 1  # the decode entry alone still has its RoPE (per_meta)
+
+
+def test_overlapping_positions_mean_no_rope(tmp_path):
+    k, v = standard_tensors(0, "prefill")
+    for stage, start in (("prefill", 0), ("decode", 4)):  # the decode entry overlaps the prefill one
+        write_dump(tmp_path, run_id="r", stage=stage, layer_id=0, seq_start=start, k=k, v=v, rope=RopeSpec(THETA))
+    result = evaluate(tmp_path, EvalOptions(codec="ratio", entry_mode="aggregate", front_n=1))
+    assert result["rope_groups"] == 0 and result["skip_reasons"] == {} and result["roundtrip_verified"]
+
+
+@pytest.mark.parametrize("option, value", [
+    ("codec_mode", "legacy"), ("k_hi_predictors", "raw"), ("v_lo_predictors", "raw,delta_seq"),
+    ("predictor_choice", "exhaustive"), ("adaptive_block_seq", 32)])
+def test_fast_only_options_are_refused_with_ratio(std_dir, option, value):
+    name = "--" + option.replace("_", "-")
+    with pytest.raises(ValueError, match=f"--codec ratio: {name}.* applies to the fast profile only"):
+        evaluate(std_dir, EvalOptions(codec="ratio", **{option: value}))
+    # the same values with their defaults pass
+    EvalOptions(codec="ratio", codec_mode="adaptive_v22", k_hi_predictors=",".join(K_DEFAULT)).validate()
+
+
+def test_an_unknown_profile_is_refused(std_dir):
+    with pytest.raises(ValueError, match="--codec: 'best' is not one of"):
+        evaluate(std_dir, EvalOptions(codec="best"))

@@ -26,3 +26,12 @@ class RopeSpec:
             raise ValueError(f"RoPE theta must be a finite number > 1, got {self.theta!r}")
         if self.layout not in ("half", "interleaved"):
             raise ValueError(f"RoPE layout must be 'half' or 'interleaved', got {self.layout!r}")
+
+
+def model_rope(theta: float | None) -> RopeSpec | None:
+    """The rotate-half RoPE of a model whose config gives ``theta`` (our loader's LlamaConfig and transformers'
+    LLaMA-family models use rotate-half), or None where there is no usable theta (then no RoPE matching)."""
+    try:
+        return RopeSpec(float(theta)) if theta is not None else None
+    except (TypeError, ValueError):
+        return None

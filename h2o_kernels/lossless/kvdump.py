@@ -5,6 +5,11 @@ A dump entry is one layer's K and V for a run of tokens, each shaped
 
     run_id, stage, layer_id, seq_start, seq_len, kv_heads, head_dim, bytes_per_elem, k_file, v_file
 
+and, where the writer knows the model's RoPE and the rows sit at consecutive positions ``seq_start + i``,
+``rope_theta`` (the model config's frequency base) and ``rope_layout`` (``"half"``: rotate-half, or
+``"interleaved"``); the ratio codec profile uses them to match K rows through RoPE (see
+:class:`~h2o_kernels.codec.rope.RopeSpec`). Readers treat an absent or malformed RoPE as "no RoPE".
+
 ``.npz`` files hold arrays ``k`` and ``v`` (and optionally scalar ``layer_id``, ``stage``,
 ``run_id``, ``seq_start``); a missing ``layer_id`` is read from a ``layer<N>`` in the file name.
 
@@ -26,6 +31,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import xxhash
+
+from h2o_kernels.codec.rope import RopeSpec
 
 META_FIELDS = ("run_id", "stage", "layer_id", "seq_start", "seq_len", "kv_heads", "head_dim",
                "bytes_per_elem", "k_file", "v_file")
@@ -52,6 +59,7 @@ class DumpEntry:
     bytes_per_elem: int
     k_path: Path | None = None
     v_path: Path | None = None
+    rope: RopeSpec | None = None
     _arrays: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
@@ -85,23 +93,67 @@ class DumpEntry:
         return out[0], out[1]
 
 
-def dump_cache(cache: Any, out_dir: Path, run_id: str, prompt_len: int) -> None:
+def load_many(entries: list[DumpEntry]) -> tuple[np.ndarray, np.ndarray]:
+    """``(k, v)`` of ``entries`` (one ``kv_heads`` x ``head_dim`` shape) concatenated along seq, in the stored
+    dtype (fp32 where the entries mix fp16 and fp32). Meta entries of one dtype are read straight into one array
+    each (no per-entry copies). Raises :class:`DumpError` as :meth:`DumpEntry.load`."""
+    dtypes = {_DTYPES.get(entry.bytes_per_elem) for entry in entries}
+    if len(dtypes) != 1 or None in dtypes or any(e._arrays is not None or e.k_path is None for e in entries):
+        ks, vs = zip(*(entry.load() for entry in entries))
+        return (np.concatenate(ks), np.concatenate(vs)) if len(ks) > 1 else (ks[0], vs[0])
+    dtype = dtypes.pop()
+    shape = (sum(entry.seq_len for entry in entries), entries[0].kv_heads, entries[0].head_dim)
+    k, v = np.empty(shape, dtype), np.empty(shape, dtype)
+    row = 0
+    for entry in entries:
+        for path, out in ((entry.k_path, k), (entry.v_path, v)):
+            assert path is not None
+            _read_into(path, out[row:row + entry.seq_len], entry)
+        row += entry.seq_len
+    return k, v
+
+
+def _read_into(path: Path, out: np.ndarray, entry: DumpEntry) -> None:
+    """Fill the contiguous array ``out`` with the bytes of ``path``, which must be exactly as long."""
+    buffer = memoryview(out).cast("B")
+    try:
+        with path.open("rb", buffering=0) as data:
+            size = os.fstat(data.fileno()).st_size
+            got = 0
+            while size == len(buffer) and got < size and (n := data.readinto(buffer[got:])):
+                got += n
+    except OSError as exc:
+        raise DumpError(f"{entry.source}: cannot read {path}: {exc.strerror or exc}") from None
+    if size != len(buffer) or got != size:
+        raise DumpError(f"{path}: {size if size != len(buffer) else got} bytes, expected {len(buffer)} for shape "
+                        f"{list(out.shape)} at {out.dtype.itemsize} bytes/elem (from {entry.source.name})")
+
+
+def dump_cache(cache: Any, out_dir: Path, run_id: str, prompt_len: int, rope: RopeSpec | None = None) -> None:
     """Write a runtime's held KV: each layer's held prompt tokens as its ``prefill`` entry, its held later
     tokens as ``decode``. ``cache`` has ``num_layers`` and per layer ``k``/``v`` (fp16 ``[seq, kv_heads,
     head_dim]`` rows) and ``positions`` (``[seq, kv_heads]``). Per-head eviction: ``prefill`` is the rows
-    where every KV head holds a prompt token."""
+    where every KV head holds a prompt token. ``rope`` (the model's) is recorded in an entry's meta only when
+    its rows hold consecutive positions ``seq_start + i`` in every head (nothing evicted from that stage):
+    the meta has no per-row positions to give otherwise."""
     for layer in range(cache.num_layers):
         k, v = cache.k(layer), cache.v(layer)
-        split = int(np.count_nonzero(cache.positions(layer) < prompt_len, axis=0).min(initial=len(k)))
+        positions = np.asarray(cache.positions(layer))
+        split = int(np.count_nonzero(positions < prompt_len, axis=0).min(initial=len(k)))
         for stage, rows, start in (("prefill", slice(0, split), 0), ("decode", slice(split, None), prompt_len)):
             if len(k[rows]):
+                held = positions[rows].reshape(len(k[rows]), -1)
+                consecutive = bool(np.all(held == start + np.arange(len(held))[:, None]))
                 write_dump(out_dir, run_id=run_id, stage=stage, layer_id=layer, seq_start=start,
-                           k=np.asarray(k[rows]), v=np.asarray(v[rows]))
+                           k=np.asarray(k[rows]), v=np.asarray(v[rows]), rope=rope if consecutive else None)
 
 
 def write_dump(out_dir: Path, *, run_id: str, stage: str, layer_id: int, seq_start: int,
-               k: np.ndarray, v: np.ndarray) -> Path:
-    """Write one entry as ``meta_*.json`` + ``k_*.bin`` + ``v_*.bin``; return the meta path."""
+               k: np.ndarray, v: np.ndarray, rope: RopeSpec | None = None) -> Path:
+    """Write one entry as ``meta_*.json`` + ``k_*.bin`` + ``v_*.bin``; return the meta path.
+
+    ``rope``: the model's RoPE, recorded as ``rope_theta`` / ``rope_layout``; give it only when K's rows are at
+    positions ``seq_start, seq_start + 1, ...`` (K after RoPE of the model that made it)."""
     if k.shape != v.shape or k.ndim != 3:
         raise ValueError(f"k and v must share a [seq, kv_heads, head_dim] shape, got {k.shape} and {v.shape}")
     if k.dtype.itemsize not in _DTYPES or k.dtype.kind != "f" or k.dtype != v.dtype:
@@ -115,6 +167,8 @@ def write_dump(out_dir: Path, *, run_id: str, stage: str, layer_id: int, seq_sta
     meta = {"run_id": run_id, "stage": stage, "layer_id": int(layer_id), "seq_start": int(seq_start),
             "seq_len": int(k.shape[0]), "kv_heads": int(k.shape[1]), "head_dim": int(k.shape[2]),
             "bytes_per_elem": int(k.dtype.itemsize), "k_file": f"k_{stem}.bin", "v_file": f"v_{stem}.bin"}
+    if rope is not None:
+        meta.update(rope_theta=float(rope.theta), rope_layout=rope.layout)
     meta_path = out_dir / f"meta_{stem}.json"
     _atomic_write(meta_path, json.dumps(meta, indent=2).encode())
     return meta_path
@@ -146,7 +200,23 @@ def read_meta(meta_path: Path) -> DumpEntry:
     run_id = meta.get("run_id", "")
     return DumpEntry(source=meta_path, run_id=run_id if isinstance(run_id, str) else "",
                      stage=str(meta.get("stage", "unknown")), k_path=files["k_file"],
-                     v_path=files["v_file"], **ints)
+                     v_path=files["v_file"], rope=meta_rope(meta, meta_path)[0], **ints)
+
+
+def meta_rope(meta: dict[str, Any], meta_path: Path) -> tuple[RopeSpec | None, str | None]:
+    """``(RoPE, problem)`` of a parsed meta: ``(None, None)`` when it records no ``rope_theta``; ``(None, text
+    naming the file)`` when ``rope_theta`` is not a finite number > 1 or ``rope_layout`` is neither ``"half"`` nor
+    ``"interleaved"``; else the spec (layout ``"half"`` when absent, the transformers/LLaMA convention)."""
+    theta = meta.get("rope_theta")
+    if theta is None:
+        return None, None
+    layout = meta.get("rope_layout", "half")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        return None, f"{meta_path}: rope_theta {theta!r} is not a number; K rows are not matched through RoPE"
+    try:
+        return RopeSpec(float(theta), layout), None
+    except ValueError as exc:
+        return None, f"{meta_path}: {exc}; K rows are not matched through RoPE"
 
 
 def read_npz(path: Path) -> DumpEntry:

@@ -1,9 +1,22 @@
 """Offline lossless evaluation of KV dumps with the runtime's own codec.
 
 Selects dump entries (stage, layer scope, sequence length), groups them into coding units by the
-entry mode, encodes each unit's K and V with :class:`~h2o_kernels.codec.fp16.FP16Codec`, decodes every
-blob back and compares it bit for bit, and reports the original evaluator's JSON keys plus the codec
-version, ``roundtrip_verified`` and encode/decode throughput.
+entry mode, encodes each unit's K and V with the chosen codec profile (``fast``:
+:class:`~h2o_kernels.codec.fp16.FP16Codec`, blob version 1; ``ratio``: :mod:`h2o_kernels.codec.ratio`,
+blob version 2, built by :func:`h2o_kernels.codec.profiles.make_codec`), decodes every blob back
+(:func:`h2o_kernels.codec.profiles.decode_with_info`) and compares it bit for bit, and reports the
+original evaluator's JSON keys plus the codec profile and version, ``roundtrip_verified`` and
+encode/decode throughput.
+
+Work is spread over ``jobs`` threads: consecutive groups are cut into waves of about 8 MB, each wave
+is loaded, encoded, decoded and compared by one thread (each thread has its own encoders), and the
+waves' tallies and skipped entries are merged in wave order, so the report is the same for any
+``jobs`` (only the timings differ). zstd, xxhash, numpy and the C kernels release the GIL.
+
+RoPE (ratio profile only): a group's K rows are given their positions (each entry's ``seq_start + i``,
+so consecutive across the entries of a ``chunked_grouped`` stream) and the model's RoPE from the dump's
+meta (``rope_theta`` / ``rope_layout``, see :mod:`h2o_kernels.lossless.kvdump`) or ``rope_theta``; a
+meta without RoPE means no RoPE matching, a malformed one also adds a warning naming the file.
 
 Entry modes: ``per_meta`` (one unit per entry), ``aggregate`` (entries of one run x layer (x stage)
 concatenated along seq: the upper bound), ``chunked`` (each entry cut into ``online_chunk_seq``
@@ -22,25 +35,42 @@ for ``compression_failed``).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
+import zstandard
 
-from h2o_kernels.codec.fp16 import CODEC_NAME, FORMAT_VERSION, CodecError, FP16Codec, decode_with_info, inspect
+from h2o_kernels.codec import profiles
+from h2o_kernels.codec.blob import blob_version
+from h2o_kernels.codec.fp16 import CODEC_NAME, FORMAT_VERSION, CodecError, FP16Codec
 from h2o_kernels.codec.predictors import K_DEFAULT, V_DEFAULT, parse_predictors
-from h2o_kernels.lossless.kvdump import DumpEntry, DumpError, iter_dump_files, read_npz
+from h2o_kernels.codec.rope import RopeSpec
+from h2o_kernels.lossless.kvdump import DumpEntry, DumpError, iter_dump_files, load_many, meta_rope, read_npz
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 EntryMode = Literal["per_meta", "aggregate", "chunked", "chunked_grouped"]
 ENTRY_MODES: tuple[str, ...] = ("per_meta", "aggregate", "chunked", "chunked_grouped")
 CODEC_MODES: tuple[str, ...] = ("adaptive_v22", "legacy")
 LEGACY_PREDICTORS: tuple[tuple[str, ...], tuple[str, ...]] = (("delta_seq",), ("raw",))  # (hi, lo), K and V
+_MAX_POSITION = 1 << 31  # RoPE positions given to the ratio encoder: strictly increasing, in [0, 2**31)
 _WHOLE_TENSOR = 1 << 30  # block_seq of the legacy mode: one block per plane
+MAX_DEFAULT_JOBS = 4
+# The options that steer the fast profile only, with their defaults: (field, option name, default).
+_FAST_ONLY: tuple[tuple[str, str, Any], ...] = (
+    ("codec_mode", "--codec-mode", "adaptive_v22"), ("k_hi_predictors", "--k-hi-predictors", K_DEFAULT),
+    ("k_lo_predictors", "--k-lo-predictors", K_DEFAULT), ("v_hi_predictors", "--v-hi-predictors", V_DEFAULT),
+    ("v_lo_predictors", "--v-lo-predictors", V_DEFAULT), ("predictor_choice", "--predictor-choice", "estimate"),
+    ("adaptive_block_seq", "--adaptive-block-seq", 64))
 BITSHUFFLE_REFUSAL = ("--bitshuffle: not supported: our codec's blob format ({name} v{version}) has no bit-shuffle "
                       "stage, so a bit-shuffled size would not be the size of a blob that decodes; drop --bitshuffle")
 
@@ -49,9 +79,16 @@ class SelectionError(ValueError):
     """No dump entry survived the filters; the message says which filter removed them."""
 
 
+def default_jobs() -> int:
+    """Worker threads by default: the machine's CPUs, at most ``MAX_DEFAULT_JOBS``."""
+    return min(os.cpu_count() or 1, MAX_DEFAULT_JOBS)
+
+
 @dataclass
 class EvalOptions:
-    """The original evaluator's options, same names and defaults."""
+    """The original evaluator's options, same names and defaults; then ours: ``codec`` (the profile, ``fast`` or
+    ``ratio``; the predictor options and ``codec_mode`` steer ``fast`` only), ``rope_theta`` (the RoPE base for the
+    ratio profile's K matching, over the dumps' own; None: the dumps') and ``jobs`` (worker threads, >= 1)."""
 
     stage: Literal["prefill", "decode", "both"] = "both"
     scope: Literal["front_n", "layer_range", "layer_ids"] = "front_n"
@@ -77,6 +114,9 @@ class EvalOptions:
     plain_baseline: bool = False
     codec_mode: Literal["adaptive_v22", "legacy"] = "adaptive_v22"
     bitshuffle: bool = False
+    codec: Literal["fast", "ratio"] = "fast"
+    rope_theta: float | None = None
+    jobs: int = field(default_factory=default_jobs)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first inconsistent option."""
@@ -93,12 +133,27 @@ class EvalOptions:
             (self.min_seq_len >= 0 and self.max_seq_len >= 0, "--min-seq-len/--max-seq-len must be >= 0"),
             (self.codec_mode in CODEC_MODES, f"--codec-mode: {self.codec_mode!r} is not one of {CODEC_MODES}"),
             (not self.bitshuffle, BITSHUFFLE_REFUSAL.format(name=CODEC_NAME, version=FORMAT_VERSION)),
+            (self.codec in profiles.PROFILES, f"--codec: {self.codec!r} is not one of {profiles.PROFILES}"),
+            (isinstance(self.jobs, int) and not isinstance(self.jobs, bool) and self.jobs >= 1,
+             f"--jobs must be an integer >= 1, got {self.jobs!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.rope_theta is not None:
+            try:
+                RopeSpec(self.rope_theta)
+            except ValueError as exc:
+                raise ValueError(f"--rope-theta: {exc}") from None
         for name in ("k_hi_predictors", "k_lo_predictors", "v_hi_predictors", "v_lo_predictors"):
             setattr(self, name, parse_predictors(getattr(self, name), "--" + name.replace("_", "-")))
+        if self.codec == "ratio":
+            given = [option + (f" {getattr(self, name)}" if name == "codec_mode" else "")
+                     for name, option, default in _FAST_ONLY if getattr(self, name) != default]
+            if given:
+                verb, them = ("apply", "them") if len(given) > 1 else ("applies", "it")
+                raise ValueError(f"--codec ratio: {', '.join(given)} {verb} to the fast profile only (the ratio "
+                                 f"profile models the hi byte itself); drop {them} or use --codec fast")
 
     def plane_predictors(self, kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The (hi, lo) predictor sets that run for ``kind`` ("k" or "v"): the options', or legacy's fixed pair."""
@@ -107,8 +162,15 @@ class EvalOptions:
         return (self.k_hi_predictors, self.k_lo_predictors) if kind == "k" else (self.v_hi_predictors,
                                                                                   self.v_lo_predictors)
 
-    def codec(self, kind: str) -> FP16Codec:
-        """The encoder of ``kind`` ("k" or "v") for these options."""
+    def encoder(self, kind: str, rope: RopeSpec | None = None) -> profiles.Encoder:
+        """The encoder of ``kind`` ("k" or "v") for these options (not thread-safe: one per thread).
+
+        ``fast``: the :class:`FP16Codec` that ``profiles.make_codec("fast", ...)`` builds, with these options'
+        predictor sets, block length, zstd level and choice (``make_codec`` takes the predictor sets only);
+        ``ratio``: ``profiles.make_codec("ratio", kind, rope=rope)``.
+        """
+        if self.codec == "ratio":
+            return profiles.make_codec("ratio", kind, rope=rope)  # type: ignore[arg-type]
         hi, lo = self.plane_predictors(kind)
         if self.codec_mode == "legacy":
             return FP16Codec(hi, lo, block_seq=_WHOLE_TENSOR, level=self.zstd_level, center=False)
@@ -117,6 +179,10 @@ class EvalOptions:
 
     def codec_scheme(self) -> str:
         """What the codec does under these options, in words (the JSON's ``codec_scheme``)."""
+        if self.codec == "ratio":
+            return ("ratio profile: per-channel context model of the hi byte with a range coder, raw lo byte, row "
+                    "matching (K through RoPE where the dumps or --rope-theta give it); a fast-profile blob where that "
+                    "is smaller")
         if self.codec_mode == "legacy":
             return "fixed predictors (hi delta_seq, lo raw) over the whole tensor, no channel centering"
         return f"a predictor per {self.adaptive_block_seq}-token block, chosen by {self.predictor_choice}"
@@ -141,7 +207,7 @@ class EvalOptions:
 
 @dataclass
 class _Tally:
-    """Raw and compressed bytes of one tensor kind (K or V) plus its predictor usage."""
+    """Raw and compressed bytes of one tensor kind (K or V), its blob versions and (v1 blobs) predictor usage."""
 
     raw: int = 0
     compressed: int = 0
@@ -149,33 +215,53 @@ class _Tally:
     plain: int = 0
     hi_modes: Counter = field(default_factory=Counter)
     lo_modes: Counter = field(default_factory=Counter)
+    versions: Counter = field(default_factory=Counter)
 
 
 @dataclass
 class _Unit:
-    """One coding unit: the K and V to encode and the framing bytes charged per tensor."""
+    """One coding unit: the K and V to encode, the framing bytes charged per tensor, and the rows' RoPE
+    positions (ratio profile with RoPE only)."""
 
     layer_id: int
     k: np.ndarray
     v: np.ndarray
     framing: int
+    positions: np.ndarray | None = None
 
 
 @dataclass
 class _Group:
-    """Entries evaluated together: all their units count, or none of them do."""
+    """Entries evaluated together: all their units count, or none of them do. ``rope``: the RoPE their K is
+    matched through (ratio profile only)."""
 
     entries: list[DumpEntry]
     units: Callable[[], list[_Unit]]
+    rope: RopeSpec | None = None
 
 
+@dataclass
+class _Failed:
+    """A group that failed: the original's reason, our cause, the file named and the message."""
+
+    reason: str
+    cause: str
+    source: Path
+    detail: str
+
+
+# per unit and kind: (raw bytes, blob bytes, framing bytes, blob info, plain-baseline bytes)
+_Part = tuple[int, int, int, Any, int]
+_Outcome = list[tuple[int, dict[str, _Part]]] | _Failed
 Progress = Callable[[int, int, dict], None]
+_STAGES = ("load", "encode", "decode", "compare")
 
 
 def evaluate(dump_dir: Path, options: EvalOptions, progress: Progress | None = None) -> dict:
     """Evaluate the dumps under ``dump_dir``; return the result dictionary (the JSON report).
 
-    Raises :class:`SelectionError` when no entry is selected and ``ValueError`` for bad options.
+    Raises :class:`SelectionError` when no entry is selected and ``ValueError`` for bad options. An exception
+    other than a codec or dump failure (which skips its group) stops every worker and propagates.
     """
     options.validate()
     dump_dir = Path(dump_dir)
@@ -184,34 +270,47 @@ def evaluate(dump_dir: Path, options: EvalOptions, progress: Progress | None = N
     started = time.perf_counter()
     selection = _select(dump_dir, options)
     groups = list(_groups(selection.entries, options))
-    codecs = {kind: options.codec(kind) for kind in ("k", "v")}
+    waves = list(_waves(groups))
     tallies = {"k": _Tally(), "v": _Tally()}
     per_layer: dict[int, list[int]] = {}
-    timing = {"encode": 0.0, "decode": 0.0}
+    timing = dict.fromkeys(_STAGES, 0.0)
     coded_units = 0
     done = 0
-    for wave in _waves(groups):
-        for outcome in _code_wave(wave, codecs, options, timing, selection):
-            done += 1
-            if outcome is None:
-                continue
-            coded_units += len(outcome)
-            for layer_id, parts in outcome:
-                for kind, (raw, comp, framing, info, plain) in parts.items():
-                    tally = tallies[kind]
-                    tally.plain += plain + framing
-                    tally.raw += raw
-                    tally.compressed += comp + framing
-                    tally.meta += framing
-                    tally.hi_modes.update(info.hi.predictors)
-                    tally.lo_modes.update(info.lo.predictors)
-                    layer = per_layer.setdefault(layer_id, [0, 0])
-                    layer[0] += raw
-                    layer[1] += comp + framing
-        if progress is not None:
-            progress(done, len(groups), _ratios(tallies))
+    coders = _Coders(options, threading.Event())
+    with contextlib.closing(_in_order(waves, coders, options.jobs)) as results:
+        for outcomes, wave_timing in results:
+            for stage, seconds in wave_timing.items():
+                timing[stage] += seconds
+            for outcome in outcomes:
+                done += 1
+                if isinstance(outcome, _Failed):
+                    selection.skip(outcome.reason, outcome.source, outcome.detail, outcome.cause)
+                    continue
+                coded_units += len(outcome)
+                _add(outcome, tallies, per_layer)
+            if progress is not None:
+                progress(done, len(groups), _ratios(tallies))
     elapsed = time.perf_counter() - started
     return _report(dump_dir, options, selection, groups, tallies, per_layer, timing, coded_units, elapsed)
+
+
+def _add(outcome: list[tuple[int, dict[str, _Part]]], tallies: dict[str, _Tally],
+         per_layer: dict[int, list[int]]) -> None:
+    """Count a coded group's units into the tallies and the per-layer bytes."""
+    for layer_id, parts in outcome:
+        for kind, (raw, comp, framing, info, plain) in parts.items():
+            tally = tallies[kind]
+            tally.plain += plain + framing
+            tally.raw += raw
+            tally.compressed += comp + framing
+            tally.meta += framing
+            tally.versions[info.version] += 1
+            if info.version == profiles.VERSIONS["fast"]:
+                tally.hi_modes.update(info.hi.predictors)
+                tally.lo_modes.update(info.lo.predictors)
+            layer = per_layer.setdefault(layer_id, [0, 0])
+            layer[0] += raw
+            layer[1] += comp + framing
 
 
 @dataclass
@@ -222,6 +321,7 @@ class _Selection:
     skip_reasons: Counter = field(default_factory=Counter)
     skipped: list[dict] = field(default_factory=list)
     filtered: Counter = field(default_factory=Counter)
+    warnings: list[str] = field(default_factory=list)
 
     def skip(self, reason: str, source: Path, detail: str, cause: str | None = None) -> None:
         """Count a skipped entry under the original's ``reason``; ``cause`` is our finer name (default: reason)."""
@@ -272,8 +372,11 @@ def _meta_entry(path: Path, options: EvalOptions, sel: _Selection) -> DumpEntry 
     if missing:
         return sel.skip("missing_k_or_v_binary", path, f"{path}: missing K/V file(s) {missing}")
     run_id = meta.get("run_id", "")
+    rope, problem = meta_rope(meta, path)
+    if problem is not None:
+        sel.warnings.append(problem)
     return DumpEntry(source=path, run_id=run_id if isinstance(run_id, str) else "", stage=stage,
-                     k_path=k_path, v_path=v_path, **ints)
+                     k_path=k_path, v_path=v_path, rope=rope, **ints)
 
 
 def _npz_entry(path: Path, options: EvalOptions, sel: _Selection) -> DumpEntry | None:
@@ -344,7 +447,8 @@ def _groups(entries: list[DumpEntry], options: EvalOptions) -> Iterator[_Group]:
         chunk = options.online_chunk_seq if options.entry_mode == "chunked" else 0
         framing = options.online_framing_bytes if options.entry_mode == "chunked" else 0
         for entry in entries:
-            yield _Group([entry], lambda e=entry: _chunks([e], chunk, framing))
+            rope = _group_rope([entry], options)
+            yield _Group([entry], lambda e=entry, r=rope: _chunks([e], chunk, framing, r), rope)
         return
     grouped: dict[tuple, list[DumpEntry]] = {}
     for entry in entries:
@@ -354,11 +458,27 @@ def _groups(entries: list[DumpEntry], options: EvalOptions) -> Iterator[_Group]:
         grouped.setdefault(key, []).append(entry)
     for members in grouped.values():
         members.sort(key=lambda e: e.seq_start)
+        rope = _group_rope(members, options)
         if options.entry_mode == "aggregate":
-            yield _Group(members, lambda m=members: _aggregate(m))
+            yield _Group(members, lambda m=members, r=rope: _aggregate(m, r), rope)
         else:
-            yield _Group(members, lambda m=members: _chunks(m, options.online_chunk_seq,
-                                                           options.online_framing_bytes))
+            yield _Group(members, lambda m=members, r=rope: _chunks(m, options.online_chunk_seq,
+                                                                     options.online_framing_bytes, r), rope)
+
+
+def _group_rope(entries: list[DumpEntry], options: EvalOptions) -> RopeSpec | None:
+    """The RoPE a group's K is matched through: ratio profile only; ``rope_theta`` over the entries' own (their
+    layout, else ``"half"``); None unless every entry of the group has the same one and the entries' positions
+    (``seq_start + i``, sorted by ``seq_start``) are strictly increasing within ``[0, 2**31)``."""
+    if options.codec != "ratio":
+        return None
+    if options.rope_theta is not None:
+        specs = {RopeSpec(options.rope_theta, e.rope.layout if e.rope else "half") for e in entries}
+    else:
+        specs = {e.rope for e in entries}
+    ends = [0] + [e.seq_start + e.seq_len for e in entries]
+    increasing = all(e.seq_start >= end for e, end in zip(entries, ends)) and ends[-1] <= _MAX_POSITION
+    return specs.pop() if len(specs) == 1 and increasing else None
 
 
 class _SizeMismatch(ValueError):
@@ -388,24 +508,31 @@ def _check_sizes(entry: DumpEntry) -> None:
 def _load(entries: list[DumpEntry]) -> tuple[np.ndarray, np.ndarray]:
     for entry in entries:
         _check_sizes(entry)
-    ks, vs = zip(*(entry.load() for entry in entries))
-    k = np.concatenate(ks) if len(ks) > 1 else ks[0]
-    v = np.concatenate(vs) if len(vs) > 1 else vs[0]
+    k, v = load_many(entries)
     if k.dtype != np.float16:  # fp32 dumps are converted, as the original did
         k, v = k.astype(np.float16), v.astype(np.float16)
     return k, v
 
 
-def _aggregate(entries: list[DumpEntry]) -> list[_Unit]:
-    k, v = _load(entries)
-    return [_Unit(entries[0].layer_id, k, v, 4 + 4 * len(entries))]
+def _positions(entries: list[DumpEntry], rope: RopeSpec | None) -> np.ndarray | None:
+    """The rows' RoPE positions (each entry's ``seq_start + i``, in order), or None without RoPE."""
+    if rope is None:
+        return None
+    return np.concatenate([entry.seq_start + np.arange(entry.seq_len, dtype=np.int64) for entry in entries])
 
 
-def _chunks(entries: list[DumpEntry], chunk_seq: int, framing: int) -> list[_Unit]:
+def _aggregate(entries: list[DumpEntry], rope: RopeSpec | None) -> list[_Unit]:
     k, v = _load(entries)
+    return [_Unit(entries[0].layer_id, k, v, 4 + 4 * len(entries), _positions(entries, rope))]
+
+
+def _chunks(entries: list[DumpEntry], chunk_seq: int, framing: int, rope: RopeSpec | None) -> list[_Unit]:
+    k, v = _load(entries)
+    positions = _positions(entries, rope)
     seq = k.shape[0]
     step = chunk_seq if 0 < chunk_seq < seq else seq
-    return [_Unit(entries[0].layer_id, k[s:s + step], v[s:s + step], framing) for s in range(0, seq, step)]
+    return [_Unit(entries[0].layer_id, k[s:s + step], v[s:s + step], framing,
+                  None if positions is None else positions[s:s + step]) for s in range(0, seq, step)]
 
 
 def _waves(groups: list[_Group]) -> Iterator[list[_Group]]:
@@ -422,63 +549,161 @@ def _waves(groups: list[_Group]) -> Iterator[list[_Group]]:
         yield wave
 
 
-def _code_wave(wave: list[_Group], codecs: dict[str, FP16Codec], options: EvalOptions,
-               timing: dict[str, float], selection: _Selection) -> list[list[tuple[int, dict]] | None]:
-    """Each group's coded units, or None for a group that failed (and was counted as skipped).
+class _Stopped(Exception):
+    """Another wave failed or the run was interrupted: this worker stops (not a codec failure)."""
+
+
+class _Coders(threading.local):
+    """Each worker thread's encoders (codec objects are not thread-safe) and plain-baseline compressor; ``stop``
+    is shared (``threading.local`` runs ``__init__`` once per thread with the same arguments)."""
+
+    def __init__(self, options: EvalOptions, stop: threading.Event) -> None:
+        self.options = options
+        self.stop = stop
+        self.encoders: dict[tuple[str, RopeSpec | None], profiles.Encoder] = {}
+        self.plain = zstandard.ZstdCompressor(level=options.zstd_level)
+
+    def encoder(self, kind: str, rope: RopeSpec | None) -> profiles.Encoder:
+        """This thread's encoder of ``kind`` with ``rope`` (built on first use)."""
+        key = (kind, rope)
+        if key not in self.encoders:
+            self.encoders[key] = self.options.encoder(kind, rope)
+        return self.encoders[key]
+
+
+def _in_order(waves: list[list[_Group]], coders: _Coders,
+              jobs: int) -> Iterator[tuple[list[_Outcome], dict[str, float]]]:
+    """Each wave's outcomes and timings, in wave order, coded by up to ``jobs`` threads (at most two waves per
+    thread in flight). Closing the iterator (an exception, Ctrl-C) stops the workers at their next group."""
+    if jobs == 1 or len(waves) < 2:
+        for wave in waves:
+            yield _code_wave(wave, coders)
+        return
+    pool = ThreadPoolExecutor(max_workers=min(jobs, len(waves)), thread_name_prefix="h2o-offline")
+    todo = iter(waves)
+    pending: deque[Future] = deque(pool.submit(_code_wave, wave, coders) for wave in islice(todo, 2 * jobs))
+    try:
+        while pending:
+            result = pending.popleft().result()
+            for wave in todo:
+                pending.append(pool.submit(_code_wave, wave, coders))
+                break
+            yield result
+    finally:
+        coders.stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _code_wave(wave: list[_Group], coders: _Coders) -> tuple[list[_Outcome], dict[str, float]]:
+    """Each group's coded units, or a :class:`_Failed` for a group that failed; and the seconds spent per stage.
 
     The whole wave is coded at once; if anything in it fails, its groups are retried one by one so
     that only the failing ones are skipped.
     """
+    timing = dict.fromkeys(_STAGES, 0.0)
+    return _code_or_split(wave, coders, timing), timing
+
+
+def _code_or_split(wave: list[_Group], coders: _Coders, timing: dict[str, float]) -> list[_Outcome]:
     try:
-        return _code_groups(wave, codecs, options, timing)
+        return list(_code_groups(wave, coders, timing))
     except _FAILURES as exc:
         if len(wave) == 1:
             reason, cause = _reason(exc)
-            selection.skip(reason, wave[0].entries[0].source, str(exc), cause)
-            return [None]
-    return [outcome for group in wave for outcome in _code_wave([group], codecs, options, timing, selection)]
+            return [_Failed(reason, cause, wave[0].entries[0].source, str(exc))]
+    return [outcome for group in wave for outcome in _code_or_split([group], coders, timing)]
 
 
 _FAILURES = (CodecError, DumpError, ValueError, TypeError, MemoryError)
 _WAVE_BYTES = 8 << 20
+# The fast profile decodes with one module-level zstd decompressor (fp16._DCTX), and a python-zstandard
+# decompressor must not be used by two threads at once (measured here: "corrupt zstd payload" under --jobs 2):
+# one decode at a time until it has one per thread.
+_DECODE_LOCK = threading.Lock()
 
 
-def _code_groups(groups: list[_Group], codecs: dict[str, FP16Codec], options: EvalOptions,
-                 timing: dict[str, float]) -> list[list[tuple[int, dict]]]:
+def _code_groups(groups: list[_Group], coders: _Coders, timing: dict[str, float]) -> list[_Outcome]:
     """Encode (and verify) every unit of the groups together; raise on the first failure."""
-    per_group = [group.units() for group in groups]
-    units = [unit for group_units in per_group for unit in group_units]
-    results: list[tuple[int, dict]] = [(unit.layer_id, {}) for unit in units]
-    for kind in ("k", "v"):
-        tensors = [unit.k if kind == "k" else unit.v for unit in units]
+    options = coders.options
+    per_group = []
+    for group in groups:
+        if coders.stop.is_set():
+            raise _Stopped
         t0 = time.perf_counter()
-        blobs = codecs[kind].encode_many(tensors)
+        per_group.append([(unit, group.rope) for unit in group.units()])
+        timing["load"] += time.perf_counter() - t0
+    units = [item for group_units in per_group for item in group_units]
+    results: list[tuple[int, dict[str, _Part]]] = [(unit.layer_id, {}) for unit, _ in units]
+    for kind in ("k", "v"):
+        if coders.stop.is_set():
+            raise _Stopped
+        tensors = [unit.k if kind == "k" else unit.v for unit, _ in units]
+        t0 = time.perf_counter()
+        blobs = _encode(kind, units, tensors, coders)
         t1 = time.perf_counter()
         timing["encode"] += t1 - t0
         if options.verify:
-            restored = decode_with_info(blobs)
-            timing["decode"] += time.perf_counter() - t1
-            for unit, tensor, (back, _) in zip(units, tensors, restored):
+            restored = _decode(blobs)
+            t2 = time.perf_counter()
+            timing["decode"] += t2 - t1
+            for (unit, _), tensor, (back, _) in zip(units, tensors, restored):
                 if not np.array_equal(back.view(np.uint16), tensor.view(np.uint16)):
                     raise _RoundTripError(f"{kind.upper()} of layer {unit.layer_id} did not round-trip bit-exactly")
+            timing["compare"] += time.perf_counter() - t2
             infos = [info for _, info in restored]
         else:
-            infos = [inspect(blob) for blob in blobs]
-        for (_, parts), unit, tensor, blob, info in zip(results, units, tensors, blobs, infos):
-            plain = _plain_zstd_bytes(tensor, codecs[kind]) if options.plain_baseline else 0
+            infos = [profiles.inspect(blob) for blob in blobs]
+        for (_, parts), (unit, _), tensor, blob, info in zip(results, units, tensors, blobs, infos):
+            plain = _plain_zstd_bytes(tensor, coders.plain) if options.plain_baseline else 0
             parts[kind] = (tensor.nbytes, len(blob), unit.framing, info, plain)
-    out, start = [], 0
+    out: list[_Outcome] = []
+    start = 0
     for group_units in per_group:
         out.append(results[start:start + len(group_units)])
         start += len(group_units)
     return out
 
 
-def _plain_zstd_bytes(tensor: np.ndarray, codec: FP16Codec) -> int:
+def _encode(kind: str, units: list[tuple[_Unit, RopeSpec | None]], tensors: list[np.ndarray],
+            coders: _Coders) -> list[bytes]:
+    """One blob per tensor; units that share a RoPE (K of the ratio profile; else all) share an encoder call,
+    with the rows' positions where the encoder has a RoPE."""
+    by_rope: dict[RopeSpec | None, list[int]] = {}
+    for i, (_, rope) in enumerate(units):
+        by_rope.setdefault(rope if kind == "k" else None, []).append(i)
+    blobs: list[bytes] = [b""] * len(tensors)
+    for rope, indices in by_rope.items():
+        encoder = coders.encoder(kind, rope)
+        part = [tensors[i] for i in indices]
+        coded = (encoder.encode_many(part) if rope is None
+                 else encoder.encode_many(part, [units[i][0].positions for i in indices]))
+        for i, blob in zip(indices, coded):
+            blobs[i] = blob
+    return blobs
+
+
+def _decode(blobs: list[bytes]) -> list[tuple[np.ndarray, Any]]:
+    """``profiles.decode_with_info(blobs)``, the fast profile's (version 1) blobs one thread at a time (see
+    ``_DECODE_LOCK``), the others in parallel."""
+    fast = [blob_version(blob) == profiles.VERSIONS["fast"] for blob in blobs]
+    if all(fast):
+        with _DECODE_LOCK:
+            return profiles.decode_with_info(blobs)
+    out: list[tuple[np.ndarray, Any]] = [(np.empty(0), None)] * len(blobs)
+    for version_1 in (False, True):
+        indices = [i for i, is_fast in enumerate(fast) if is_fast == version_1]
+        if indices:
+            with _DECODE_LOCK if version_1 else contextlib.nullcontext():
+                for i, item in zip(indices, profiles.decode_with_info([blobs[i] for i in indices])):
+                    out[i] = item
+    return out
+
+
+def _plain_zstd_bytes(tensor: np.ndarray, zstd: zstandard.ZstdCompressor) -> int:
     """Bytes of the plain baseline: hi and lo byte planes, each in its own zstd frame."""
     words = np.ascontiguousarray(tensor).view(np.uint16)
     planes = ((words >> 8).astype(np.uint8), words.astype(np.uint8))
-    return sum(len(codec.zstd.compress(plane)) for plane in planes)
+    return sum(len(zstd.compress(plane)) for plane in planes)
 
 
 def _reason(exc: Exception) -> tuple[str, str]:
@@ -528,7 +753,12 @@ def _report(dump_dir: Path, options: EvalOptions, sel: _Selection, groups: list[
         "aggregate_groups": len(groups) if aggregated else 0,
         "online_chunks": 2 * coded_units if options.entry_mode in ("chunked", "chunked_grouped") else 0,
         "codec": CODEC_NAME,
-        "codec_version": FORMAT_VERSION,
+        "codec_profile": options.codec,
+        "codec_version": profiles.VERSIONS[options.codec],
+        **{f"{kind}_blob_versions": {str(version): count for version, count in sorted(tally.versions.items())}
+           for kind, tally in (("k", k), ("v", v))},
+        "rope_theta": options.rope_theta,
+        "rope_groups": sum(group.rope is not None for group in groups),
         "codec_mode": options.codec_mode,
         "codec_scheme": options.codec_scheme(),
         "predictor_choice": options.predictor_choice,
@@ -556,6 +786,7 @@ def _report(dump_dir: Path, options: EvalOptions, sel: _Selection, groups: list[
         "skip_reasons": dict(sel.skip_reasons),
         "skipped": sel.skipped,
         "filtered": dict(sel.filtered),
+        "warnings": sel.warnings,
         **({"plain_zstd_compressed_bytes": k.plain + v.plain,
             "plain_zstd_ratio": _ratio(k.raw + v.raw, k.plain + v.plain)} if options.plain_baseline else {}),
         "roundtrip_verified": options.verify and coded_units > 0,
@@ -563,4 +794,5 @@ def _report(dump_dir: Path, options: EvalOptions, sel: _Selection, groups: list[
         "decode_mb_s": mb / timing["decode"] if timing["decode"] > 0 else 0.0,
         "elapsed_s": elapsed,
         "throughput_mb_s": mb / elapsed if elapsed > 0 else 0.0,
+        "timing": {"jobs": options.jobs, **{f"{stage}_s": seconds for stage, seconds in timing.items()}},
     }

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 from tokenizers import Tokenizer
 
+from h2o_kernels.codec.rope import model_rope
 from h2o_kernels.fidelity import log_softmax, suite_text
 from h2o_kernels.lossless.kvdump import write_dump
 from h2o_kernels.model.llama import LlamaModel
@@ -73,12 +74,14 @@ def capture_kv(model: LlamaModel, ids: np.ndarray, gen_tokens: int, out_dir: Pat
     decode_s = time.perf_counter() - t0
     cache = model.cache
     prompt = len(ids)
+    rope = model_rope(model.config.rope_theta)  # K is stored after rotate-half RoPE (llama._rope)
     for layer in range(cache.num_layers):
         k, v = cache.k(layer), cache.v(layer)
-        write_dump(out_dir, run_id=run_id, stage="prefill", layer_id=layer, seq_start=0, k=k[:prompt], v=v[:prompt])
+        write_dump(out_dir, run_id=run_id, stage="prefill", layer_id=layer, seq_start=0, k=k[:prompt], v=v[:prompt],
+                   rope=rope)
         if gen_tokens:
             write_dump(out_dir, run_id=run_id, stage="decode", layer_id=layer, seq_start=prompt,
-                       k=k[prompt:], v=v[prompt:])
+                       k=k[prompt:], v=v[prompt:], rope=rope)
     return Capture(run_id, prompt, gen_tokens, perplexity(logits, ids), prompt / prefill_s,
                    gen_tokens / decode_s if gen_tokens else 0.0, generated,
                    cache.num_layers * (2 if gen_tokens else 1))

@@ -39,6 +39,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.utils import logging as hf_logging
 
+from h2o_kernels.codec.rope import model_rope
 from h2o_kernels.eviction.press_config import PressConfig
 from h2o_kernels.lossless.kvdump import dump_cache
 from h2o_kernels.model.kv_capture import prompt_ids
@@ -310,7 +311,7 @@ class HFRun:
             metrics.update(self.press.metrics())
             self.press.reset()  # its hidden-state buffers
         if dump_dir is not None:
-            dump_cache(cache, dump_dir, run_id, n)
+            dump_cache(cache, dump_dir, run_id, n, rope=model_rope(c.rope_theta))
         held = [cache.nbytes(layer) for layer in range(c.num_layers)]
         if not self.keep_cache:
             self.cache = None

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from h2o_kernels.codec.rope import RopeSpec
+from h2o_kernels.codec.rope import model_rope
 from h2o_kernels.eviction.h2o import H2OConfig, H2OPolicy
 from h2o_kernels.lossless.manager import LosslessConfig, LosslessRuntime
 from h2o_kernels.runtimes.base import NEUTRAL_METRICS
@@ -32,7 +32,7 @@ class KVPolicies:
 
     def __init__(self, config: dict[str, Any], source: str, num_layers: int, num_kv_heads: int, head_dim: int,
                  log: Callable[[str], None] | None = None, rope_theta: float | None = None) -> None:
-        self.rope = RopeSpec(rope_theta) if rope_theta is not None and rope_theta > 1 else None
+        self.rope = model_rope(rope_theta)
         self.h2o_config = H2OConfig.from_config(config, source)
         self.lossless_config = LosslessConfig.from_config(config, source)
         self.num_layers = num_layers

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from h2o_kernels.codec.rope import model_rope
 from h2o_kernels.lossless.kvdump import dump_cache
 from h2o_kernels.model.kv_capture import prompt_ids
 from h2o_kernels.model.llama import LlamaModel
@@ -70,7 +71,7 @@ class ReferenceRun:
         metrics = policies.finish()
         cache = model.cache
         if dump_dir is not None:
-            dump_cache(cache, dump_dir, run_id, len(prompt))
+            dump_cache(cache, dump_dir, run_id, len(prompt), rope=model_rope(model.config.rope_theta))
         return RunResult(len(prompt) / prefill_s, len(continuation) / decode_s if len(continuation) else 0.0,
                          metrics, np.stack(logits) if keep_logits and logits else None,
                          [cache.nbytes(layer) for layer in range(cache.num_layers)])

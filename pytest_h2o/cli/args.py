@@ -1,16 +1,18 @@
 """Argument helpers shared by the ``h2o-gate`` subcommands: bounded integer types, a help formatter that
-shows defaults, and input-file checks done before any model is loaded."""
+shows defaults, and input-file checks done before any model is loaded.
+
+Light to import (``h2o-gate`` builds its parser from it): the model and runtime modules are imported by the
+helpers that need them."""
 
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
-from h2o_kernels.model.fetch import ModelFetchError
-from h2o_kernels.model.loading import LoadedModel, ModelSpecError, load_model
-from h2o_kernels.runtimes.base import Runtime, check_config
-from h2o_kernels.runtimes.registry import DEVICES, IN_PROCESS, RuntimeUnavailableError, check_press_config, open_runtime
+if TYPE_CHECKING:
+    from h2o_kernels.model.loading import LoadedModel
+    from h2o_kernels.runtimes.base import Runtime
 
 
 def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -55,6 +57,9 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def load_command_model(spec: str, threads: int, parser: argparse.ArgumentParser) -> LoadedModel:
     """:func:`load_model` for a subcommand: a bad model spec is its usage error (exit 2); a download that
     fails (no package index, say) exits 1 with the manual-fetch hint."""
+    from h2o_kernels.model.fetch import ModelFetchError
+    from h2o_kernels.model.loading import ModelSpecError, load_model
+
     try:
         return load_model(spec, threads=threads)
     except ModelSpecError as exc:
@@ -65,6 +70,8 @@ def load_command_model(spec: str, threads: int, parser: argparse.ArgumentParser)
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     """``--runtime`` and ``--device`` (defaults from ``$H2O_RUNTIME`` / ``$H2O_DEVICE``, as the plugin reads them)."""
+    from h2o_kernels.runtimes.registry import DEVICES, IN_PROCESS
+
     p.add_argument("--runtime", choices=IN_PROCESS, default=os.environ.get("H2O_RUNTIME") or "reference",
                    help="reference (numpy) or hf (transformers: the hf extra); $H2O_RUNTIME")
     p.add_argument("--device", choices=DEVICES, default=os.environ.get("H2O_DEVICE") or "cpu",
@@ -75,6 +82,9 @@ def check_command_config(config: dict[str, Any], source: str, runtime: str, pars
                          extra_kv_keys: tuple[str, ...] = ()) -> None:
     """A usage error (exit 2), before any model is loaded, for a ``kv_*`` key ``runtime`` cannot take or a press
     that does not resolve."""
+    from h2o_kernels.runtimes.base import check_config
+    from h2o_kernels.runtimes.registry import RuntimeUnavailableError, check_press_config
+
     try:
         check_config(config, source, extra_kv_keys, runtime=runtime)
         if runtime == "hf":
@@ -86,6 +96,10 @@ def check_command_config(config: dict[str, Any], source: str, runtime: str, pars
 def load_command_runtime(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Runtime:
     """``args.model`` on ``args.runtime`` (``args.device``, ``args.threads``): a bad model spec, a missing extra or
     device is a usage error (exit 2); a download that fails exits 1 with the manual-fetch hint."""
+    from h2o_kernels.model.fetch import ModelFetchError
+    from h2o_kernels.model.loading import ModelSpecError
+    from h2o_kernels.runtimes.registry import IN_PROCESS, RuntimeUnavailableError, open_runtime
+
     if args.runtime not in IN_PROCESS:
         parser.error(f"--runtime {args.runtime}: expected one of {', '.join(IN_PROCESS)} (from $H2O_RUNTIME?)")
     try:
