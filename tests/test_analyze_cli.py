@@ -425,6 +425,20 @@ def test_full_eval_names_the_online_json_by_entry_mode_as_run_full_eval(tmp_path
     assert (tmp_path / "offline_lossless_online.md").is_file()
 
 
+def test_full_eval_runs_both_offline_evaluations_with_the_chosen_codec_profile(tmp_path, kv_dir, capsys):
+    write_log(tmp_path / "logs" / "run_0001.log", bench_row(3.2, 1.1, 6.5))
+    ratios = {}
+    for codec in ("fast", "ratio"):
+        assert full_eval(tmp_path, kv_dir, "--codec", codec, "--lossless-target", "1.0") == 0
+        for name in ("offline_lossless_upper.json", "offline_lossless_online_grouped.json"):
+            result = json.loads((tmp_path / name).read_text())
+            assert result["codec_profile"] == codec and result["roundtrip_verified"] is True
+            ratios[codec, name] = result["weighted_lossless_ratio"]
+    # the ratio profile's safety net: never a blob larger than the fast profile's
+    assert all(ratios["ratio", name] >= ratios["fast", name]
+               for name in ("offline_lossless_upper.json", "offline_lossless_online_grouped.json"))
+
+
 def test_full_eval_without_logs_or_dumps_is_a_usage_error(tmp_path, kv_dir, capsys):
     with pytest.raises(SystemExit, match="2"):
         full_eval(tmp_path, kv_dir)

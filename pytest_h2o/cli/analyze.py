@@ -36,6 +36,7 @@ from h2o_gates.log_parse import (
 )
 from h2o_gates.reports import write_offline_markdown
 from h2o_gates.rules import RULES, Thresholds
+from h2o_kernels.codec.profiles import PROFILES
 from h2o_kernels.lossless.offline_eval import ENTRY_MODES, EvalOptions, SelectionError, evaluate
 from pytest_h2o.cli.out_paths import OutPathError, check_out_file
 
@@ -467,6 +468,9 @@ def add_full_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--online-framing-bytes", type=int, default=16, help="online-sim bytes charged per tensor chunk")
     p.add_argument("--adaptive-block-seq", type=int, default=64, help="tokens per predictor block (both runs)")
     p.add_argument("--entry-mode", choices=ENTRY_MODES, default="chunked_grouped", help="online-sim entry mode")
+    p.add_argument("--codec", choices=PROFILES, default="fast",
+                   help="codec profile of both runs: fast (byte planes, predictors, zstd) or ratio (context model, "
+                        "higher ratio, tens of MB/s; K rows matched through RoPE where the dumps record rope_theta)")
     add_recursive_argument(p)
     add_gate_arguments(p, require_decomp=True)
     p.set_defaults(run=run_full_eval)
@@ -475,7 +479,7 @@ def add_full_eval_arguments(p: argparse.ArgumentParser) -> None:
 def offline_options(args: argparse.Namespace) -> tuple[EvalOptions, EvalOptions]:
     """(upper bound, online simulation): both front_n 2, stage both, zstd 3, as run_full_eval.sh."""
     common = {"stage": "both", "scope": "front_n", "front_n": 2, "zstd_level": 3,
-              "adaptive_block_seq": args.adaptive_block_seq}
+              "adaptive_block_seq": args.adaptive_block_seq, "codec": args.codec}
     upper = EvalOptions(entry_mode="aggregate", aggregate_by_stage=True, **common)
     online = EvalOptions(entry_mode=args.entry_mode, online_chunk_seq=args.online_chunk_seq,
                          online_framing_bytes=args.online_framing_bytes, **common)
