@@ -4,5 +4,5 @@ The codec's name and blob format versions live here, importable without numpy (t
 header names them in every pytest run)."""
 
 CODEC_NAME = "h2o-fp16-predictive"
-FORMAT_VERSION = 1  # the fast profile's blob version
-PROFILE_VERSIONS = {"fast": 1, "ratio": 2}  # the blob version each codec profile writes
+FORMAT_VERSION = 3  # the fast profile's blob version (it still reads version 1)
+PROFILE_VERSIONS = {"fast": 3, "ratio": 2}  # the blob version each codec profile writes

@@ -26,8 +26,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Name the plugin and codec versions (and the preset, when gating) in the session header."""
-    versions = ", ".join(f"v{version} ({profile})" for profile, version in PROFILE_VERSIONS.items())
-    lines = [f"pytest-h2o {__version__}, codec {CODEC_NAME} {versions}"]
+    profiles = ", ".join(f"{profile} v{version}" for profile, version in PROFILE_VERSIONS.items())
+    lines = [f"pytest-h2o {__version__}, codec {CODEC_NAME} ({profiles})"]
     plugin = config.stash.get(gate_key, None)
     if plugin is not None:
         g = plugin.gate

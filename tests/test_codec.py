@@ -1,7 +1,8 @@
 """The fp16 predictive codec and its predictors, through their public API.
 
-The blob layout used by the forging tests is the one documented in ``h2o_kernels.codec.fp16``'s
-module docstring (fixed header at 0..28, plane table at 28..38, predictor ids, header CRC).
+The blob layouts used by the forging tests are the ones documented in ``h2o_kernels.codec.fp16``'s
+module docstring: version 1 (fixed header at 0..28, plane table at 28..38, predictor ids, header CRC;
+written with ``FP16Codec(version=1)``) and version 3 (varint header, no blob check; the default).
 """
 
 from __future__ import annotations
@@ -139,9 +140,9 @@ def word_tensors(draw, max_seq: int = 80, max_heads: int = 4, max_dim: int = 9) 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(words=word_tensors(), hi=predictor_sets, lo=predictor_sets, block_seq=st.integers(1, 70),
-       choose=st.sampled_from(["estimate", "exhaustive"]), level=st.integers(1, 5))
-def test_round_trip_is_bit_exact(words, hi, lo, block_seq, choose, level):
-    codec = FP16Codec(tuple(hi), ",".join(lo), block_seq=block_seq, level=level, choose=choose)
+       choose=st.sampled_from(["estimate", "exhaustive"]), level=st.integers(1, 5), version=st.sampled_from([1, 3]))
+def test_round_trip_is_bit_exact(words, hi, lo, block_seq, choose, level, version):
+    codec = FP16Codec(tuple(hi), ",".join(lo), block_seq=block_seq, level=level, choose=choose, version=version)
     tensor = words.view(np.float16)
     before = words.copy()
     blob = codec.encode(tensor)
@@ -151,12 +152,16 @@ def test_round_trip_is_bit_exact(words, hi, lo, block_seq, choose, level):
 
     info = inspect(blob)
     seq, heads, dim = words.shape
-    blocks = blocks_of(seq, block_seq)
-    assert info.version == FORMAT_VERSION
+    blocks = blocks_of(seq, info.block_seq)
+    assert info.version == version
     assert info.shape == words.shape
-    assert info.block_seq == block_seq
-    assert info.check == tensor_check(words)
-    assert info.header_bytes == IDS_AT + 2 * blocks + 4
+    assert info.block_seq == block_seq or version == 3
+    if version == 1:
+        assert info.check == tensor_check(words)
+        assert info.header_bytes == IDS_AT + 2 * blocks + 4
+    else:  # magic, version, flags, 3 varints, block_seq varint, packed ids, check
+        assert info.check == v3_check(blob[:info.header_bytes - 4], blob[info.header_bytes:], words)
+        assert info.header_bytes <= 6 + 3 * 5 + 5 + (2 * blocks + 1) // 2 + 4
     assert info.blob_bytes == len(blob)
     assert info.raw_bytes == words.nbytes
     assert len(info.hi.predictors) == len(info.lo.predictors) == blocks
@@ -252,9 +257,9 @@ def test_batch_api_matches_single_blob_api():
 
 def test_blob_layout_matches_the_documented_header():
     words = np.random.default_rng(8).integers(0, 0x10000, size=(70, 3, 5), dtype=np.uint16)
-    blob = FP16Codec(block_seq=32).encode(words.view(np.float16))
+    blob = FP16Codec(block_seq=32, version=1).encode(words.view(np.float16))
     magic, version, dtype, planes, reserved, seq, heads, dim, block_seq, crc = FIXED.unpack_from(blob)
-    assert (magic, version, dtype, planes, reserved) == (b"H2KV", FORMAT_VERSION, 1, 2, 0)
+    assert (magic, version, dtype, planes, reserved) == (b"H2KV", 1, 1, 2, 0)
     assert (seq, heads, dim, block_seq) == (70, 3, 5, 32)
     assert crc == tensor_check(words)
     blocks = 3
@@ -402,7 +407,9 @@ def test_inspect_reports_the_predictor_of_each_block():
         assert len(info.hi.predictors) == 4
     for p in PREDICTORS:
         info = inspect(FP16Codec(p, p, block_seq=50).encode(words.view(np.float16)))
-        assert len(info.hi.predictors) == len(info.lo.predictors) == 3
+        # version 3 keeps block_seq only where decoding depends on it (else the blob says 64)
+        assert info.block_seq == (50 if {*info.hi.predictors, *info.lo.predictors} - {"raw", "pair_delta"} else 64)
+        assert len(info.hi.predictors) == len(info.lo.predictors) == blocks_of(128, info.block_seq)
         assert set(info.hi.predictors) | set(info.lo.predictors) <= {p, "raw"}
 
 
@@ -420,20 +427,20 @@ def test_planes_only_use_their_own_predictors(choose):
 # --- corrupted blobs -------------------------------------------------------------------------------
 
 
-def _small_blobs() -> dict[str, tuple[np.ndarray, bytes]]:
+def _small_blobs(version: int) -> dict[str, tuple[np.ndarray, bytes]]:
     rng = np.random.default_rng(16)
     cases = {
-        "random-stored": (rng.integers(0, 0x10000, size=(7, 2, 3), dtype=np.uint16), FP16Codec(block_seq=3)),
-        "smooth-zstd": (words_of(smooth_kv(40, 2, 5)), FP16Codec(block_seq=16)),
-        "realistic": (words_of(realistic_kv(rng, 16, 2, 8)), FP16Codec(block_seq=5)),
-        "zeros-zstd": (np.zeros((40, 2, 5), dtype=np.uint16), FP16Codec("raw", "raw")),
-        "seq0": (np.zeros((0, 2, 3), dtype=np.uint16), FP16Codec()),
-        "seq1": (np.array([[[0x7E01]]], dtype=np.uint16), FP16Codec()),
+        "random-stored": (rng.integers(0, 0x10000, size=(7, 2, 3), dtype=np.uint16), {"block_seq": 3}),
+        "smooth-zstd": (words_of(smooth_kv(40, 2, 5)), {"block_seq": 16}),
+        "realistic": (words_of(realistic_kv(rng, 16, 2, 8)), {"block_seq": 5}),
+        "zeros-zstd": (np.zeros((40, 2, 5), dtype=np.uint16), {"hi_predictors": "raw", "lo_predictors": "raw"}),
+        "seq0": (np.zeros((0, 2, 3), dtype=np.uint16), {}),
+        "seq1": (np.array([[[0x7E01]]], dtype=np.uint16), {}),
     }
-    return {name: (w, c.encode(w.view(np.float16))) for name, (w, c) in cases.items()}
+    return {name: (w, FP16Codec(**kw, version=version).encode(w.view(np.float16))) for name, (w, kw) in cases.items()}
 
 
-SMALL = _small_blobs()
+SMALL = _small_blobs(1)  # version 1: the forging tests below use its fixed layout
 
 
 def test_small_blobs_cover_stored_and_zstd_planes():
@@ -454,7 +461,7 @@ def test_every_truncation_raises(name):
 
 
 _LARGE_WORDS = words_of(realistic_kv(np.random.default_rng(17), 300, 3, 16))
-_LARGE_BLOB = FP16Codec(block_seq=32).encode(_LARGE_WORDS.view(np.float16))
+_LARGE_BLOB = FP16Codec(block_seq=32, version=1).encode(_LARGE_WORDS.view(np.float16))
 
 
 @settings(max_examples=100)
@@ -546,7 +553,7 @@ def test_forged_header_fields_raise(fields, reseal):
         decode(blob)
 
 
-_ONE_BLOCK_BLOB = FP16Codec(block_seq=64).encode(smooth_kv(40, 2, 5))  # seq 40 < block_seq: one block
+_ONE_BLOCK_BLOB = FP16Codec(block_seq=64, version=1).encode(smooth_kv(40, 2, 5))  # seq 40 < block_seq: one block
 
 
 @pytest.mark.parametrize("fields", [
@@ -640,7 +647,7 @@ def test_forged_tensor_crc_raises_even_with_valid_header_crc():
 def test_swapping_payload_contents_is_detected():
     words, blob = SMALL["random-stored"]
     other_words = np.random.default_rng(99).integers(0, 0x10000, size=words.shape, dtype=np.uint16)
-    other = FP16Codec(block_seq=3).encode(other_words.view(np.float16))
+    other = FP16Codec(block_seq=3, version=1).encode(other_words.view(np.float16))
     h = inspect(blob).header_bytes
     assert len(other) == len(blob) and inspect(other).hi.entropy == "stored"
     with pytest.raises(CodecError):
@@ -838,7 +845,7 @@ def test_zero_width_tensor_round_trips_with_any_predictor(shape):
 
 def test_zero_width_blob_with_a_sequence_predictor_decodes_or_raises_codec_error():
     words = np.zeros((5, 0, 3), dtype=np.uint16)
-    blob = forge(FP16Codec().encode(words.view(np.float16)), reseal=True, id0=1, id1=1)  # delta_seq
+    blob = forge(FP16Codec(version=1).encode(words.view(np.float16)), reseal=True, id0=1, id1=1)  # delta_seq
     assert inspect(blob).hi.predictors == ("delta_seq",)
     raises_or_exact(blob, words)
 
@@ -849,7 +856,7 @@ def test_zero_width_blob_with_a_sequence_predictor_decodes_or_raises_codec_error
 def kernel_planes(words: np.ndarray, hi: tuple[str, ...], lo: tuple[str, ...], block_seq: int, center: int) -> tuple:
     seq, heads, dim = words.shape
     return _fastcore.encode_planes(words, seq, heads, dim, block_seq, bytes(PREDICTOR_IDS[p] for p in hi),
-                                   bytes(PREDICTOR_IDS[p] for p in lo), center, 0.02, 0.10, 0.02)
+                                   bytes(PREDICTOR_IDS[p] for p in lo), center, 0.02, 0.10, 0.02, 0.015)
 
 
 def offset_channels(seq: int, heads: int, dim: int, seed: int) -> np.ndarray:
@@ -865,7 +872,7 @@ def offset_channels(seq: int, heads: int, dim: int, seed: int) -> np.ndarray:
 def test_kernel_planes_are_the_documented_transforms(words, hi, lo, block_seq, center):
     """Every predictor, centering on and off: the kernel's planes are FORWARD of its own decisions."""
     seq, heads, dim = words.shape
-    coded_hi, plain_hi, coded_lo, plain_lo, ids, centered, _, lo_bits, repeats = kernel_planes(
+    coded_hi, plain_hi, coded_lo, plain_lo, ids, centered, _, lo_bits, repeats, hi_repeats, uncentered = kernel_planes(
         words, tuple(hi), tuple(lo), block_seq, center)
     blocks = blocks_of(seq, block_seq)
     assert len(ids) == 2 * blocks
@@ -886,6 +893,8 @@ def test_kernel_planes_are_the_documented_transforms(words, hi, lo, block_seq, c
         else:
             assert plain is None
     assert repeats == sum(any(np.array_equal(words[r] & 0xFF, words[j] & 0xFF) for j in range(r)) for r in range(seq))
+    assert hi_repeats == sum(any(np.array_equal(words[r] >> 8, words[j] >> 8) for j in range(r)) for r in range(seq))
+    assert uncentered is None or (centered and uncentered == (words >> 8).astype(np.uint8).tobytes())
     assert 0 <= lo_bits <= 8.5
 
 
@@ -915,7 +924,7 @@ def test_kernel_handles_odd_shapes(shape, center):
 
 def test_kernel_rejects_bad_arguments():
     words = np.zeros((4, 2, 3), dtype=np.uint16)
-    good = (words, 4, 2, 3, 2, b"\0", b"\0", 1, 0.02, 0.1, 0.02)
+    good = (words, 4, 2, 3, 2, b"\0", b"\0", 1, 0.02, 0.1, 0.02, 0.015)
     for index, value, fragment in [(5, b"", "hi_cands"), (6, b"\5", "lo_cands"), (5, bytes(6), "hi_cands"),
                                    (1, 5, "words"), (4, 0, "block_seq")]:
         args = list(good)
@@ -949,3 +958,291 @@ def test_positions_are_accepted_and_ignored():
     assert codec.encode_many([words.view(np.float16)] * 2, positions=[None, np.arange(40)]) == [blob, blob]
     with pytest.raises(ValueError, match="positions"):
         codec.encode_many([words.view(np.float16)], positions=[None, None])
+
+
+# --- blob version 3 (the default): layout, fuzzing and forgery twins of the version-1 tests ----------
+
+V3_FLAGS = {"hi_zstd": 1, "hi_centered": 2, "lo_zstd": 4, "block_seq": 8, "ids": 16, "hi_mixed": 32, "lo_mixed": 64}
+
+
+def leb128(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def read_leb128(blob: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        value |= (blob[at] & 0x7F) << shift
+        shift += 7
+        at += 1
+        if not blob[at - 1] & 0x80:
+            return value, at
+
+
+def v3_header(blob: bytes) -> dict:
+    """The documented version-3 header fields of a blob, and where its payloads start."""
+    assert blob[:5] == b"H2KV\x03"
+    flags, at = blob[5], 6
+    shape = []
+    for _ in range(3):
+        value, at = read_leb128(blob, at)
+        shape.append(value)
+    block_seq = 64
+    if flags & V3_FLAGS["block_seq"]:
+        block_seq, at = read_leb128(blob, at)
+    blocks = blocks_of(shape[0], block_seq)
+    nibbles: list[int] = []
+    if flags & V3_FLAGS["ids"]:
+        count = (blocks if flags & V3_FLAGS["hi_mixed"] else 1) + (blocks if flags & V3_FLAGS["lo_mixed"] else 1)
+        nibbles = [n for byte in blob[at:at + (count + 1) // 2] for n in (byte & 15, byte >> 4)][:count]
+        at += (count + 1) // 2
+    return {"flags": flags, "shape": tuple(shape), "block_seq": block_seq, "nibbles": nibbles,
+            "check": struct.unpack_from("<I", blob, at)[0], "payload_at": at + 4}
+
+
+def v3_check(head: bytes, payload: bytes, words: np.ndarray) -> int:
+    """The documented version-3 check: XXH3-64 (low 32 bits) of the header before it, the payloads, the shape
+    (3 x u32) and the words."""
+    data = head + payload + struct.pack("<III", *words.shape) + words.astype("<u2").tobytes()
+    return xxhash.xxh3_64_intdigest(data) & U32_MAX
+
+
+def build_v3(flags: int, shape: tuple[int, int, int], words: np.ndarray | int, payload: bytes, block_seq: bytes = b"",
+             ids: bytes = b"", head: bytes | None = None) -> bytes:
+    """A version-3 blob from raw field bytes (forgeries included); its check computed over ``words``, or
+    ``words`` itself where that is an int."""
+    if head is None:
+        head = b"H2KV\x03" + bytes([flags]) + b"".join(leb128(n) for n in shape) + block_seq + ids
+    check = words if isinstance(words, int) else v3_check(head, payload, words)
+    return head + struct.pack("<I", check) + payload
+
+
+def strip_frame(data: bytes) -> bytes:
+    """A reference version-3 zstd payload: a level-3 frame without magic, less its rebuilt header."""
+    params = zstandard.ZstdCompressionParameters.from_level(
+        3, source_size=len(data), window_log=max(10, (len(data) - 1).bit_length()),
+        format=zstandard.FORMAT_ZSTD1_MAGICLESS, write_content_size=1, write_checksum=0, write_dict_id=0)
+    frame = zstandard.ZstdCompressor(compression_params=params).compress(data)
+    header = 2 if len(data) < 256 else 3 if len(data) < 65792 else 5
+    assert frame[0] == (0x20 | (0 if header == 2 else 0x40 if header == 3 else 0x80))
+    return frame[header:]
+
+
+def test_v3_blob_layout_matches_the_documented_header():
+    words = np.empty((100, 3, 5), dtype=np.uint16)
+    words[:50] = (np.arange(50)[:, None, None] * 3 + 15000).astype(np.uint16)  # delta_seq pays
+    words[50:] = np.random.default_rng(30).integers(0, 0x10000, size=(50, 3, 5), dtype=np.uint16)
+    blob = FP16Codec(("raw", "delta_seq"), ("raw", "delta_seq"), block_seq=25, center=False).encode(
+        words.view(np.float16))
+    head = v3_header(blob)
+    info = inspect(blob)
+    assert info.version == FORMAT_VERSION == 3 and head["shape"] == info.shape == (100, 3, 5)
+    assert head["check"] == info.check == v3_check(blob[:info.header_bytes - 4], blob[info.header_bytes:], words)
+    assert head["block_seq"] == info.block_seq == 25 and head["flags"] & V3_FLAGS["block_seq"]
+    assert head["payload_at"] == info.header_bytes <= 20
+    assert info.header_bytes + info.hi.payload_bytes + info.lo.payload_bytes == len(blob)
+    blocks, nibbles = 4, list(head["nibbles"])
+    for plane, mixed in ((info.hi, V3_FLAGS["hi_mixed"]), (info.lo, V3_FLAGS["lo_mixed"])):
+        ids = [nibbles.pop(0) for _ in range(blocks)] if head["flags"] & mixed else [nibbles.pop(0)] * blocks
+        assert plane.predictor_ids == bytes(ids)
+    assert "delta_seq" in info.hi.predictors + info.lo.predictors
+    assert bool(head["flags"] & V3_FLAGS["hi_zstd"]) == (info.hi.entropy == "zstd")
+    assert_decodes_to(blob, words)
+    # a real 192-token KV chunk: the whole header is 14 bytes against version 1's 48
+    kv = words_of(realistic_kv(np.random.default_rng(31), 192, 3, 64))
+    assert inspect(FP16Codec().encode(kv.view(np.float16))).header_bytes == 14
+    assert inspect(FP16Codec(version=1).encode(kv.view(np.float16))).header_bytes == 48
+
+
+@pytest.mark.parametrize("predictor", PREDICTORS)
+@pytest.mark.parametrize("zstd", [False, True], ids=["stored", "zstd"])
+def test_v3_decodes_a_blob_built_from_the_documented_layout(predictor, zstd):
+    rng = np.random.default_rng(9)
+    words = (rng.integers(15000, 15100, size=(37, 2, 5)) + np.arange(37)[:, None, None]).astype(np.uint16)
+    payloads = []
+    for plane in ((words >> 8).astype(np.uint8), (words & 0xFF).astype(np.uint8)):
+        coded = np.concatenate([ref_forward(predictor, plane[s:s + 10]) for s in range(0, 37, 10)]).tobytes()
+        payloads.append(strip_frame(coded) if zstd else coded)
+    pid = PREDICTORS.index(predictor)
+    flags = (V3_FLAGS["hi_zstd"] | V3_FLAGS["lo_zstd"] if zstd else 0) | (V3_FLAGS["ids"] if pid else 0)
+    sequence = predictor in ("delta_seq", "xor_seq", "pair_delta_delta_seq")
+    blob = build_v3(flags | (V3_FLAGS["block_seq"] if sequence else 0), words.shape, words,
+                    b"".join(payloads), leb128(10) if sequence else b"", bytes([pid | pid << 4]) if pid else b"")
+    assert_decodes_to(blob, words)
+    assert inspect(blob).hi.predictors == inspect(blob).lo.predictors == (predictor,) * (4 if sequence else 1)
+
+
+def test_v3_reads_what_version_1_wrote_and_both_decode_alike():
+    for words, blob in SMALL.values():
+        assert inspect(blob).version == 1
+        assert_decodes_to(blob, words)
+    for (_, blob1), (_, blob3) in zip(SMALL.values(), SMALL3.values()):
+        assert inspect(blob3).version == 3 and len(blob3) < len(blob1)
+        assert np.array_equal(decode(blob1).view(np.uint16), decode(blob3).view(np.uint16))
+    with pytest.raises(ValueError, match="version"):
+        FP16Codec(version=2)
+
+
+SMALL3 = _small_blobs(3)
+_LARGE_BLOB3 = FP16Codec(block_seq=32).encode(_LARGE_WORDS.view(np.float16))
+
+
+def test_v3_small_blobs_cover_stored_zstd_ids_and_block_seq():
+    heads = [v3_header(blob) for _, blob in SMALL3.values()]
+    assert {h["flags"] & V3_FLAGS["hi_zstd"] for h in heads} == {0, 1}
+    assert any(h["nibbles"] for h in heads) and any(h["flags"] & V3_FLAGS["block_seq"] for h in heads)
+
+
+@pytest.mark.parametrize("name", list(SMALL3))
+def test_v3_every_truncation_and_extension_raises(name):
+    _, blob = SMALL3[name]
+    for n in range(len(blob)):
+        for call in (decode, inspect):
+            with pytest.raises(CodecError):
+                call(blob[:n])
+    for extra in (b"\0", b"\x01", b"\0\0\0\0", bytes(range(40))):
+        with pytest.raises(CodecError):
+            decode(blob + extra)
+        with pytest.raises(CodecError):
+            decode(extra + blob)
+
+
+@pytest.mark.parametrize("name", list(SMALL3))
+def test_v3_every_single_bit_flip_raises(name):
+    words, blob = SMALL3[name]
+    accepted = [bit for bit in range(8 * len(blob)) if not raises_or_exact(_flip(blob, bit), words)]
+    assert not accepted, f"flipping bits {accepted[:10]} of a {len(blob)}-byte blob was not detected"
+
+
+@settings(max_examples=200)
+@given(data=st.data())
+def test_v3_random_bit_flips_and_truncations_of_a_large_blob_raise(data):
+    bits = data.draw(st.lists(st.integers(0, 8 * len(_LARGE_BLOB3) - 1), min_size=1, max_size=3, unique=True))
+    blob = _LARGE_BLOB3
+    for bit in bits:
+        blob = _flip(blob, bit)
+    assert raises_or_exact(blob, _LARGE_WORDS), f"flipping bits {bits} was not detected"
+    with pytest.raises(CodecError):
+        decode(_LARGE_BLOB3[:data.draw(st.integers(0, len(_LARGE_BLOB3) - 1))])
+
+
+_V3_WORDS = W = words_of(smooth_kv(40, 2, 5))
+
+
+def _v3_parts(**kw) -> tuple:
+    blob = FP16Codec(**kw).encode(_V3_WORDS.view(np.float16))
+    head = v3_header(blob)
+    return head, blob[head["payload_at"]:]
+
+
+@pytest.mark.parametrize("name,make", [
+    ("reserved flag bit", lambda h, p: build_v3(h["flags"] | 0x80, h["shape"], W, p)),
+    ("non-minimal varint", lambda h, p: build_v3(0, (), W, p, head=b"H2KV\x03" + bytes([h["flags"]])
+                                                 + b"\xa8\x00\x02\x05")),
+    ("6-byte varint", lambda h, p: build_v3(0, (), W, p, head=b"H2KV\x03" + bytes([h["flags"]])
+                                            + b"\xa8\x80\x80\x80\x80\x00\x02\x05")),
+    ("seq over 2**32", lambda h, p: build_v3(h["flags"], (1 << 32, 2, 5), W, p)),
+    ("block_seq without ids", lambda h, p: build_v3(h["flags"] | 8, h["shape"], W, p, leb128(16))),
+    ("mixed without ids", lambda h, p: build_v3(h["flags"] | 32, h["shape"], W, p)),
+    ("all-raw ids", lambda h, p: build_v3(h["flags"] | 16, h["shape"], W, p, ids=b"\0")),
+    ("unknown id", lambda h, p: build_v3(h["flags"] | 16, h["shape"], W, p, ids=b"\x05")),
+    ("padding nibble", lambda h, p: build_v3(h["flags"] | 16 | 32, h["shape"], W, p, ids=b"\x21\x30")),
+    ("per-block ids all one", lambda h, p: build_v3(h["flags"] | 16 | 32, h["shape"], W, p,
+                                                    ids=b"\x11\x00")),
+    ("stored block_seq 64", lambda h, p: build_v3(h["flags"] | 16 | 8, h["shape"], W, p, leb128(64),
+                                                  b"\x01")),
+    ("block_seq 0", lambda h, p: build_v3(h["flags"] | 16 | 8, h["shape"], W, p, leb128(0), b"\x01")),
+    ("block_seq over seq", lambda h, p: build_v3(h["flags"] | 16 | 8, h["shape"], W, p, leb128(41),
+                                                 b"\x01")),
+    ("block_seq for row predictors", lambda h, p: build_v3(h["flags"] | 16 | 8, h["shape"], W, p,
+                                                           leb128(16), b"\x03")),
+    ("centered one row", lambda h, p: build_v3(h["flags"] | 2, (1, 2, 5), W, p)),
+    ("stale check", lambda h, p: build_v3(h["flags"], h["shape"], h["check"] ^ 1, p)),
+    ("shape", lambda h, p: build_v3(h["flags"], (40, 5, 2), W, p)),
+    ("zstd empty plane", lambda h, p: build_v3(5, (0, 2, 5), W, bytes([1, 0, 0, 1, 0, 0]))),
+    ("stored as zstd", lambda h, p: build_v3(h["flags"] ^ 1, h["shape"], W, p)),
+    ("no payload", lambda h, p: build_v3(h["flags"], h["shape"], W, b"")),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_v3_forged_headers_raise(name, make):
+    head, payload = _v3_parts(hi_predictors="raw", lo_predictors="raw", center=False)
+    assert build_v3(head["flags"], head["shape"], head["check"], payload) == \
+        FP16Codec("raw", "raw", center=False).encode(_V3_WORDS.view(np.float16))
+    with pytest.raises(CodecError):
+        decode(make(head, payload))
+
+
+@pytest.mark.parametrize("shape", [(U32_MAX, 1, 1), (1, U32_MAX, 1), (U32_MAX, U32_MAX, U32_MAX), (1 << 20, 1, 512),
+                                   (1 << 20, 1, 256)])
+@pytest.mark.parametrize("zstd", [0, 5])
+def test_v3_enormous_forged_shapes_raise_without_allocating(shape, zstd):
+    head, payload = _v3_parts(hi_predictors="raw", lo_predictors="raw", center=False)
+    blob = build_v3(zstd, shape, head["check"], payload)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError):
+            decode(blob)
+        with pytest.raises(CodecError):
+            decode(blob, max_output_bytes=1 << 20)
+        with pytest.raises(CodecError):
+            inspect(blob)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"decoding a forged header allocated {peak} bytes"
+
+
+def test_v3_swapping_payload_contents_is_detected():
+    words, blob = SMALL3["random-stored"]
+    other_words = np.random.default_rng(99).integers(0, 0x10000, size=words.shape, dtype=np.uint16)
+    other = FP16Codec(block_seq=3).encode(other_words.view(np.float16))
+    h = inspect(blob).header_bytes
+    assert len(other) == len(blob) and inspect(other).header_bytes == h
+    with pytest.raises(CodecError):
+        decode(blob[:h] + other[h:])
+
+
+def test_v3_max_output_bytes_is_respected():
+    words, blob = SMALL3["smooth-zstd"]
+    assert_decodes_to(blob, words, max_output_bytes=words.nbytes)
+    with pytest.raises(CodecError):
+        decode(blob, max_output_bytes=words.nbytes - 1)
+
+
+def test_zstd_frame_size_walks_block_headers():
+    frame = strip_frame(bytes(range(256)) * 700)  # 179200 bytes: two blocks
+    assert _fastcore.zstd_frame_size(b"xx" + frame + b"yy", 2) == len(frame)
+    assert _fastcore.zstd_frame_size(bytes([1, 0, 0]), 0) == 3  # an empty last raw block
+    assert _fastcore.zstd_frame_size(bytes([3 | 8, 0, 0, 7]), 0) == 4  # an RLE block: one byte
+    for buf, fragment in [(frame[:-1], "past the end"), (bytes([7, 0, 0]), "reserved"),
+                          (bytes([1 | (1 << 3), 0, 0x20]), "128 KiB"), (b"", "past the end")]:
+        with pytest.raises(ValueError, match=fragment):
+            _fastcore.zstd_frame_size(buf, 0)
+    with pytest.raises(ValueError, match="start"):
+        _fastcore.zstd_frame_size(frame, len(frame) + 1)
+
+
+def test_repeated_rows_also_try_the_repeat_level(monkeypatch):
+    rng = np.random.default_rng(32)
+    words = words_of(realistic_kv(rng, 192, 3, 64))
+    words[96:] = words[rng.integers(0, 96, size=96)]  # layer-0 V: repeated tokens repeat their rows
+    with_repeat = FP16Codec("raw", "raw").encode(words.view(np.float16))
+    from h2o_kernels.codec import fp16
+
+    monkeypatch.setattr(fp16, "REPEAT_LEVEL", 3)
+    assert len(with_repeat) < len(FP16Codec("raw", "raw").encode(words.view(np.float16)))
+    assert_decodes_to(with_repeat, words)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seq", [64, 128, 192])
+def test_v_like_blobs_are_never_larger_than_plain_zstd3_planes(seed, seq):
+    words = words_of(realistic_kv(np.random.default_rng(40 + seed), seq, 3, 64))
+    plain = sum(len(zstandard.ZstdCompressor(level=3).compress(p.astype(np.uint8).tobytes()))
+                for p in (words >> 8, words & 0xFF))
+    blob = FP16Codec(V_DEFAULT, V_DEFAULT).encode(words.view(np.float16))
+    assert len(blob) <= plain, (len(blob), plain)

@@ -272,7 +272,8 @@ def test_the_ratio_profile_reads_the_kv_bit_exactly_and_is_counted_as_coded(mode
         rt.close()
     m = rt.metrics()
     assert m["lossless_updates"] > 0 and m["h2o_lossless_fallback"] == 0 and m["h2o_lossless"] > 1.0
-    assert versions == {PROFILE_VERSIONS["ratio"]}
+    # ratio blobs, and the fast profile's where the safety net found them smaller
+    assert PROFILE_VERSIONS["ratio"] in versions and versions <= set(PROFILE_VERSIONS.values())
     rt.restore_all()
     assert all(same(cache, plain, layer) for layer in range(LAYERS))
 

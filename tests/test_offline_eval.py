@@ -688,7 +688,7 @@ def write_rope_dump(out_dir: Path, rope: RopeSpec | None, layers=(0, 1)) -> Path
 
 def ratio_expected(dump_dir: Path, rope: RopeSpec | None, chunk: int) -> dict[str, int]:
     """Blob bytes of chunked_grouped + the ratio profile, from make_codec and decode_with_info directly."""
-    out = {"k": 0, "v": 0, "v1": 0}
+    out = {"k": 0, "v": 0, "fast": 0}
     for layer_id in (0, 1):
         entries = [read_meta(meta_of(dump_dir, layer_id, stage)) for stage in STAGES]
         k, v = (np.concatenate(arrays) for arrays in zip(*(entry.load() for entry in entries)))
@@ -700,7 +700,8 @@ def ratio_expected(dump_dir: Path, rope: RopeSpec | None, chunk: int) -> dict[st
                 blobs = codec.encode_many(chunks, [positions[s:s + chunk] for s in range(0, len(tensor), chunk)])
             else:
                 blobs = codec.encode_many(chunks)
-            out["v1"] += sum(info.version == 1 for _, info in profiles.decode_with_info(blobs))
+            decoded = profiles.decode_with_info(blobs)
+            out["fast"] += sum(info.version == profiles.VERSIONS["fast"] for _, info in decoded)
             out[kind] += sum(len(blob) + 8 for blob in blobs)
     return out
 
@@ -717,17 +718,18 @@ def test_ratio_profile_counts_its_own_blobs(tmp_path, rope):
     assert result["roundtrip_verified"] is True and result["skip_reasons"] == {}
     versions = [result[f"{kind}_blob_versions"] for kind in ("k", "v")]
     assert sum(sum(counts.values()) for counts in versions) == result["online_chunks"]
-    assert sum(counts.get("1", 0) for counts in versions) == exp["v1"]
-    v1_blocks = sum(result[f"{kind}_hi_mode_counts"][name] for kind in ("k", "v") for name in K_DEFAULT
-                    if name in result[f"{kind}_hi_mode_counts"])
-    assert (v1_blocks > 0) == (exp["v1"] > 0)  # predictor counts come from version-1 blobs only
+    assert sum(counts.get(str(profiles.VERSIONS["fast"]), 0) for counts in versions) == exp["fast"]
+    fast_blocks = sum(result[f"{kind}_hi_mode_counts"][name] for kind in ("k", "v") for name in K_DEFAULT
+                      if name in result[f"{kind}_hi_mode_counts"])
+    assert (fast_blocks > 0) == (exp["fast"] > 0)  # predictor counts come from the fast profile's blobs only
     assert "ratio profile" in result["codec_scheme"]
 
 
-def test_fast_profile_reports_version_1_blobs(std_dir):
+def test_fast_profile_reports_its_blob_version(std_dir):
     result = evaluate(std_dir, EvalOptions(entry_mode="chunked", online_chunk_seq=10))
-    assert result["codec_profile"] == "fast" and result["codec_version"] == 1
-    assert result["k_blob_versions"] == result["v_blob_versions"] == {"1": result["online_chunks"] // 2}
+    fast = profiles.VERSIONS["fast"]
+    assert result["codec_profile"] == "fast" and result["codec_version"] == fast == 3
+    assert result["k_blob_versions"] == result["v_blob_versions"] == {str(fast): result["online_chunks"] // 2}
     assert result["rope_groups"] == 0 and result["warnings"] == []
 
 

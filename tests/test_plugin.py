@@ -11,7 +11,7 @@ from h2o_kernels import PROFILE_VERSIONS
 from h2o_kernels.codec.fp16 import CODEC_NAME
 
 HEADER = (f"pytest-h2o {pytest_h2o.__version__}, codec {CODEC_NAME} "
-          + ", ".join(f"v{v} ({p})" for p, v in PROFILE_VERSIONS.items()))
+          f"({', '.join(f'{p} v{v}' for p, v in PROFILE_VERSIONS.items())})")
 
 
 def test_entry_point_is_registered():

@@ -63,7 +63,7 @@ def test_a_user_project_with_its_own_gates_and_presets_passes_and_keeps_its_tree
     result.assert_outcomes(passed=2)
     ours = [line for line in result.outlines + result.errlines if "h2o" in line.lower()
             and not line.startswith("plugins:")]
-    assert ours == ["pytest-h2o 0.1.0, codec h2o-fp16-predictive v1 (fast), v2 (ratio)"]
+    assert ours == ["pytest-h2o 0.1.0, codec h2o-fp16-predictive (fast v3, ratio v2)"]
     assert _tree(user_project) == before  # no report folder, no history, no lock file
     help_run = pytester.runpytest_subprocess("--help", *NOT_OURS)
     assert help_run.ret == 0 and _tree(user_project) == before

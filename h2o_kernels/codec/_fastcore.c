@@ -1,10 +1,11 @@
-/* h2o_kernels.codec._fastcore: the fast profile's (blob version 1) per-tensor kernels.
+/* h2o_kernels.codec._fastcore: the fast profile's (blob versions 1 and 3) per-tensor kernels.
  *
  * encode_planes: one pass over a uint16 [seq, heads, dim] tensor: split into hi/lo byte planes, find
  *   rows repeating an earlier row, decide hi-plane channel centering (rotate left by one bit, subtract a
  *   per-channel reference: the median of sampled rows), choose a predictor per block of each plane from
  *   byte histograms of sampled rows (order-0 entropy with the Miller-Madow correction), and apply them.
  * decode_planes: inverse predictors, un-centering and hi/lo interleave straight into a uint16 buffer.
+ * zstd_frame_size: where a zstd frame stored without its frame header ends (blob version 3's payloads).
  *
  * Plain CPython C API and the buffer protocol; the heavy loops run with the GIL released. Predictor
  * ids and their transforms are those of h2o_kernels/codec/predictors.py (mod-256 byte arithmetic).
@@ -375,24 +376,29 @@ static int check_shape(Py_ssize_t seq, Py_ssize_t heads, Py_ssize_t dim, Py_ssiz
 
 PyDoc_STRVAR(encode_planes_doc,
 "encode_planes(words, seq, heads, dim, block_seq, hi_cands, lo_cands, center, hi_margin, lo_margin,\n"
-"              center_margin) -> (hi, hi_plain, lo, lo_plain, ids, centered, center_gain, lo_bits, lo_repeats)\n\n"
+"              center_margin, center_check) -> (hi, hi_plain, lo, lo_plain, ids, centered, center_gain, lo_bits,\n"
+"              lo_repeats, hi_repeats, hi_uncentered)\n\n"
 "words: little-endian uint16 [seq, heads, dim] (C-contiguous buffer). hi_cands/lo_cands: predictor ids\n"
 "(bytes) each plane may use. center: 0 never, 1 where the estimate says it pays, 2 always (seq >= 2).\n"
 "hi: the coded hi plane (bytes; led by the reference row when centered); hi_plain: the hi plane before\n"
 "predictors (None when every block is raw); lo / lo_plain likewise; ids: predictor id per hi block, then per\n"
 "lo block; center_gain: the estimated bits saved by centering (0.0 when not estimated); lo_bits: estimated\n"
-"bits per byte of the coded lo plane; lo_repeats: rows of the lo plane repeating an earlier row.");
+"bits per byte of the coded lo plane; lo_repeats / hi_repeats: rows of the lo / hi plane repeating an earlier row\n"
+"(the hi plane as split, before centering); hi_uncentered: the hi plane as split (bytes) where centering was\n"
+"estimated to save under center_check * 8 * seq * heads * dim bits (a close call for the caller to check), else\n"
+"None.");
 
 static PyObject *encode_planes(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer words, hi_cands, lo_cands;
     Py_ssize_t seq, heads, dim, block_seq;
     int center;
-    double margins[2], center_margin;
-    if (!PyArg_ParseTuple(args, "y*nnnny*y*iddd", &words, &seq, &heads, &dim, &block_seq, &hi_cands, &lo_cands,
-                          &center, &margins[0], &margins[1], &center_margin))
+    double margins[2], center_margin, center_check;
+    if (!PyArg_ParseTuple(args, "y*nnnny*y*idddd", &words, &seq, &heads, &dim, &block_seq, &hi_cands, &lo_cands,
+                          &center, &margins[0], &margins[1], &center_margin, &center_check))
         return NULL;
     PyObject *result = NULL, *planes[2] = {NULL, NULL}, *plain[2] = {NULL, NULL}, *ids_obj = NULL;
+    PyObject *uncentered = NULL;
     uint8_t *work = NULL;
     if (check_shape(seq, heads, dim, block_seq) < 0 || read_cands(&hi_cands, "hi_cands") < 0 ||
         read_cands(&lo_cands, "lo_cands") < 0)
@@ -417,14 +423,14 @@ static PyObject *encode_planes(PyObject *self, PyObject *args) {
     uint8_t *ids = (uint8_t *)PyBytes_AS_STRING(ids_obj);
     const uint8_t *src = words.buf;
     int centered = 0, failed = 0;
-    long lo_repeats = 0;
+    long lo_repeats = 0, hi_repeats = 0;
     double gain = 0.0, lo_bits = 8.0;
     Py_BEGIN_ALLOW_THREADS
     for (size_t i = 0; i < n; i++) {
         split[1][i] = src[2 * i];
         split[0][i] = src[2 * i + 1];
     }
-    long hi_repeats = mark_repeats(split[0], (size_t)seq, c, repeated[0]);
+    hi_repeats = mark_repeats(split[0], (size_t)seq, c, repeated[0]);
     lo_repeats = mark_repeats(split[1], (size_t)seq, c, repeated[1]);
     failed = hi_repeats < 0 || lo_repeats < 0;
     if (!failed && do_center) {
@@ -479,9 +485,18 @@ static PyObject *encode_planes(PyObject *self, PyObject *args) {
             plain[p] = Py_NewRef(Py_None);
         }
     }
-    result = Py_BuildValue("OOOOOOddl", planes[0], plain[0], planes[1], plain[1], ids_obj,
-                           centered ? Py_True : Py_False, gain, lo_bits, lo_repeats);
+    if (centered && gain < center_check * 8.0 * (double)n) {
+        uncentered = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+        if (!uncentered) goto done;
+        uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(uncentered);
+        for (size_t i = 0; i < n; i++) dst[i] = src[2 * i + 1];
+    } else {
+        uncentered = Py_NewRef(Py_None);
+    }
+    result = Py_BuildValue("OOOOOOddllO", planes[0], plain[0], planes[1], plain[1], ids_obj,
+                           centered ? Py_True : Py_False, gain, lo_bits, lo_repeats, hi_repeats, uncentered);
 done:
+    Py_XDECREF(uncentered);
     Py_XDECREF(planes[0]); Py_XDECREF(planes[1]); Py_XDECREF(plain[0]); Py_XDECREF(plain[1]); Py_XDECREF(ids_obj);
     free(work);
     PyBuffer_Release(&words);
@@ -559,9 +574,73 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(zstd_frame_size_doc,
+"zstd_frame_size(buf, start) -> int\n\n"
+"Bytes from `start` to the end of the zstd frame whose blocks begin there (a frame without its frame header and\n"
+"with no checksum, as the fast profile's version-3 payloads): walks the 3-byte block headers (RFC 8878, 3.1.1.2:\n"
+"bit 0 last block, bits 1-2 type, bits 3-23 size) to the last block. Raises ValueError for a reserved block type,\n"
+"a block over 128 KiB, or a frame running past the buffer's end.");
+
+#define ZSTD_BLOCK_MAX (128 * 1024)
+
+static PyObject *zstd_frame_size(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer buf;
+    Py_ssize_t start;
+    if (!PyArg_ParseTuple(args, "y*n", &buf, &start))
+        return NULL;
+    PyObject *result = NULL;
+    if (start < 0 || start > buf.len) {
+        PyErr_SetString(PyExc_ValueError, "zstd_frame_size: start outside the buffer");
+        goto done;
+    }
+    const uint8_t *p = buf.buf;
+    size_t at = (size_t)start, end = (size_t)buf.len;
+    int error = 0; /* 1 truncated, 2 reserved block type, 3 block too large */
+    Py_BEGIN_ALLOW_THREADS
+    for (;;) {
+        if (end - at < 3) {
+            error = 1;
+            break;
+        }
+        uint32_t h = (uint32_t)p[at] | ((uint32_t)p[at + 1] << 8) | ((uint32_t)p[at + 2] << 16);
+        uint32_t last = h & 1u, type = (h >> 1) & 3u, size = h >> 3;
+        at += 3;
+        if (type == 3) {
+            error = 2;
+            break;
+        }
+        if (size > ZSTD_BLOCK_MAX) {
+            error = 3;
+            break;
+        }
+        size_t content = type == 1 ? 1 : (size_t)size;
+        if (end - at < content) {
+            error = 1;
+            break;
+        }
+        at += content;
+        if (last)
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    if (error == 1)
+        PyErr_SetString(PyExc_ValueError, "zstd frame runs past the end of its payload");
+    else if (error == 2)
+        PyErr_SetString(PyExc_ValueError, "zstd block of the reserved type 3");
+    else if (error == 3)
+        PyErr_SetString(PyExc_ValueError, "zstd block larger than 128 KiB");
+    else
+        result = PyLong_FromSize_t(at - (size_t)start);
+done:
+    PyBuffer_Release(&buf);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"encode_planes", encode_planes, METH_VARARGS, encode_planes_doc},
     {"decode_planes", decode_planes, METH_VARARGS, decode_planes_doc},
+    {"zstd_frame_size", zstd_frame_size, METH_VARARGS, zstd_frame_size_doc},
     {NULL, NULL, 0, NULL},
 };
 

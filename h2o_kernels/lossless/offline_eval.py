@@ -2,7 +2,7 @@
 
 Selects dump entries (stage, layer scope, sequence length), groups them into coding units by the
 entry mode, encodes each unit's K and V with the chosen codec profile (``fast``:
-:class:`~h2o_kernels.codec.fp16.FP16Codec`, blob version 1; ``ratio``: :mod:`h2o_kernels.codec.ratio`,
+:class:`~h2o_kernels.codec.fp16.FP16Codec`, blob version 3; ``ratio``: :mod:`h2o_kernels.codec.ratio`,
 blob version 2, built by :func:`h2o_kernels.codec.profiles.make_codec`), decodes every blob back
 (:func:`h2o_kernels.codec.profiles.decode_with_info`) and compares it bit for bit, and reports the
 original evaluator's JSON keys plus the codec profile and version, ``roundtrip_verified`` and
@@ -51,7 +51,6 @@ import numpy as np
 import zstandard
 
 from h2o_kernels.codec import profiles
-from h2o_kernels.codec.blob import blob_version
 from h2o_kernels.codec.fp16 import CODEC_NAME, FORMAT_VERSION, CodecError, FP16Codec
 from h2o_kernels.codec.predictors import K_DEFAULT, V_DEFAULT, parse_predictors
 from h2o_kernels.codec.rope import RopeSpec
@@ -207,7 +206,7 @@ class EvalOptions:
 
 @dataclass
 class _Tally:
-    """Raw and compressed bytes of one tensor kind (K or V), its blob versions and (v1 blobs) predictor usage."""
+    """Raw and compressed bytes of one tensor kind (K or V), its blob versions, predictor usage (fast-profile blobs)."""
 
     raw: int = 0
     compressed: int = 0
@@ -305,7 +304,7 @@ def _add(outcome: list[tuple[int, dict[str, _Part]]], tallies: dict[str, _Tally]
             tally.compressed += comp + framing
             tally.meta += framing
             tally.versions[info.version] += 1
-            if info.version == profiles.VERSIONS["fast"]:
+            if info.version in (1, profiles.VERSIONS["fast"]):  # the fast profile's blobs, either format
                 tally.hi_modes.update(info.hi.predictors)
                 tally.lo_modes.update(info.lo.predictors)
             layer = per_layer.setdefault(layer_id, [0, 0])
@@ -619,7 +618,6 @@ _WAVE_BYTES = 8 << 20
 # The fast profile decodes with one module-level zstd decompressor (fp16._DCTX), and a python-zstandard
 # decompressor must not be used by two threads at once (measured here: "corrupt zstd payload" under --jobs 2):
 # one decode at a time until it has one per thread.
-_DECODE_LOCK = threading.Lock()
 
 
 def _code_groups(groups: list[_Group], coders: _Coders, timing: dict[str, float]) -> list[_Outcome]:
@@ -643,7 +641,7 @@ def _code_groups(groups: list[_Group], coders: _Coders, timing: dict[str, float]
         t1 = time.perf_counter()
         timing["encode"] += t1 - t0
         if options.verify:
-            restored = _decode(blobs)
+            restored = profiles.decode_with_info(blobs)
             t2 = time.perf_counter()
             timing["decode"] += t2 - t1
             for (unit, _), tensor, (back, _) in zip(units, tensors, restored):
@@ -680,23 +678,6 @@ def _encode(kind: str, units: list[tuple[_Unit, RopeSpec | None]], tensors: list
         for i, blob in zip(indices, coded):
             blobs[i] = blob
     return blobs
-
-
-def _decode(blobs: list[bytes]) -> list[tuple[np.ndarray, Any]]:
-    """``profiles.decode_with_info(blobs)``, the fast profile's (version 1) blobs one thread at a time (see
-    ``_DECODE_LOCK``), the others in parallel."""
-    fast = [blob_version(blob) == profiles.VERSIONS["fast"] for blob in blobs]
-    if all(fast):
-        with _DECODE_LOCK:
-            return profiles.decode_with_info(blobs)
-    out: list[tuple[np.ndarray, Any]] = [(np.empty(0), None)] * len(blobs)
-    for version_1 in (False, True):
-        indices = [i for i, is_fast in enumerate(fast) if is_fast == version_1]
-        if indices:
-            with _DECODE_LOCK if version_1 else contextlib.nullcontext():
-                for i, item in zip(indices, profiles.decode_with_info([blobs[i] for i in indices])):
-                    out[i] = item
-    return out
 
 
 def _plain_zstd_bytes(tensor: np.ndarray, zstd: zstandard.ZstdCompressor) -> int:

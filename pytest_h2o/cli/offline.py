@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chunked modes: bytes charged per tensor chunk")
     p.add_argument("--aggregate-by-stage", action="store_true", help="aggregate modes: keep stages apart")
     p.add_argument("--codec", choices=PROFILES, default="fast",
-                   help="codec profile: fast (blob v1: byte planes, predictors, zstd) or ratio (blob v2: context "
+                   help="codec profile: fast (blob v3: byte planes, predictors, zstd) or ratio (blob v2: context "
                         "model + range coder, row matching; slower, smaller)")
     p.add_argument("--codec-mode", choices=CODEC_MODES, default="adaptive_v22",
                    help="the original's codec modes, both run by our codec: adaptive_v22 = a predictor per block; "
