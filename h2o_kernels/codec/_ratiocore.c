@@ -35,14 +35,33 @@
 #define ROPE_CANDIDATES 2  /* encoder: rows verified per RoPE search (nearest sketches) */
 #define RES_LEN_MAX 17     /* residual magnitude bit length: 1..17 */
 
+#if defined(__GNUC__) || defined(__clang__)
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+#define ALWAYS_INLINE static inline
+#endif
+
 /* ---------------------------------------------------------------- well-defined integer helpers */
 /* floor(x / 2^s), 1 <= s <= 62, branch-free: shift the magnitude-complement of a negative x, complement back */
 static inline int64_t asr64(int64_t x, int s) {
     uint64_t neg = (uint64_t)x >> 63, m = 0 - neg;
     return (int64_t)((((uint64_t)x) ^ m) >> s) ^ -(int64_t)neg;
 }
+/* floor(x / 2^s), 1 <= s <= 30 */
+static inline int32_t asr32(int32_t x, int s) {
+    uint32_t neg = (uint32_t)x >> 31, m = 0u - neg;
+    return (int32_t)((((uint32_t)x) ^ m) >> s) ^ -(int32_t)neg;
+}
 static inline int32_t clamp32(int64_t x, int32_t lo, int32_t hi) { return x < lo ? lo : (x > hi ? hi : (int32_t)x); }
-static inline int bit_length(uint32_t x) { int n = 0; while (x) { n++; x >>= 1; } return n; }
+static inline int bit_length(uint32_t x) {
+#if defined(__GNUC__) || defined(__clang__)
+    return x ? 32 - __builtin_clz(x) : 0;
+#else
+    int n = 0;
+    while (x) { n++; x >>= 1; }
+    return n;
+#endif
+}
 
 /* ---------------------------------------------------------------- squash / stretch (lpaq's tables) */
 static const int32_t SQ[33] = {1, 2, 3, 6, 10, 16, 27, 45, 73, 120, 194, 310, 488, 747, 1101, 1546, 2047, 2549,
@@ -55,12 +74,8 @@ static inline int32_t squash(int32_t d) { /* 4096 / (1 + e^(-d/256)) by interpol
     return (SQ[i] * (128 - w) + SQ[i + 1] * w + 64) >> 7;
 }
 static int16_t ST[4096];
-static int16_t SQT[4097]; /* squash(d - 2048), d in 0..4096 */
-static inline int32_t squash_t(int32_t d) { /* squash by table; equal to squash() for every d */
-    d = d < -2048 ? -2048 : d;
-    d = d > 2048 ? 2048 : d;
-    return SQT[d + 2048];
-}
+static int32_t STP[4096];  /* ST[p12(s)] indexed by s >> 12, for a counter state s */
+static int32_t SQI[4097];  /* squash(d - 2048), d in 0..4096 */
 static int32_t RATE[256];
 static double F16[65536];
 
@@ -72,7 +87,8 @@ static void init_tables(void) {
         pi = v + 1;
     }
     for (int32_t i = pi; i < 4096; i++) ST[i] = 2047;
-    for (int32_t d = -2048; d <= 2048; d++) SQT[d + 2048] = (int16_t)squash(d);
+    for (int32_t d = 0; d <= 4096; d++) SQI[d] = squash(d - 2048);
+    for (int32_t i = 0; i < 4096; i++) STP[i] = ST[i < 1 ? 1 : i];
     for (int32_t n = 0; n < 256; n++) RATE[n] = (65536 * 2) / (2 * n + 3);
     for (uint32_t w = 0; w < 65536; w++) { /* exact fp16 -> double from the bits */
         uint32_t e = (w >> 10) & 31, m = w & 1023;
@@ -161,6 +177,45 @@ static inline uint32_t rc_index(rc_t *r, int enc, int nbits, uint32_t j) { /* eq
     return out;
 }
 
+/* rc_bit over C channels with the probabilities pr: the encoder codes bit sh of each sym and stores it in
+ * bits, the decoder decodes into bits. The coder's state stays in registers through the loop. */
+static void rc_encode_pass(rc_t *r, const int32_t *pr, const int32_t *sym, int32_t *bits, size_t C, int sh) {
+    uint64_t low = r->low;
+    uint32_t range = r->range;
+    for (size_t c = 0; c < C; c++) {
+        int32_t bit = (sym[c] >> sh) & 1;
+        uint32_t bound = (range >> 12) * (uint32_t)pr[c], mask = (uint32_t)bit - 1u;
+        bits[c] = bit;
+        low += bound & mask;
+        range = (bound & ~mask) | ((range - bound) & mask);
+        while (range < (1u << 24)) {
+            range <<= 8;
+            r->low = low;
+            shift_low(r);
+            low = r->low;
+        }
+    }
+    r->low = low;
+    r->range = range;
+}
+static void rc_decode_pass(rc_t *r, const int32_t *pr, int32_t *bits, size_t C) {
+    uint32_t range = r->range, code = r->code;
+    for (size_t c = 0; c < C; c++) {
+        uint32_t bound = (range >> 12) * (uint32_t)pr[c];
+        int32_t bit = code < bound;
+        uint32_t mask = (uint32_t)bit - 1u;
+        bits[c] = bit;
+        code -= bound & mask;
+        range = (bound & ~mask) | ((range - bound) & mask);
+        while (range < (1u << 24)) {
+            range <<= 8;
+            code = (code << 8) | rc_byte(r);
+        }
+    }
+    r->range = range;
+    r->code = code;
+}
+
 /* ---------------------------------------------------------------- deterministic RoPE arithmetic */
 /* cos and sin of x (|x| < 2^31) from +,-,*,/ only: Cody-Waite reduction by pi/2 (fdlibm's split), then
  * Taylor polynomials on [-pi/4, pi/4]. Accuracy ~1e-16 for small x; it only shapes predictions. */
@@ -230,28 +285,40 @@ static uint16_t f64_to_f16(double x) {
 static inline int32_t ordinal(uint16_t w) { return w < 0x8000 ? (int32_t)w : -1 - (int32_t)(w & 0x7FFF); }
 static inline uint16_t from_ordinal(int32_t o) { return (uint16_t)(o >= 0 ? o : 0x8000 | (-1 - o)); }
 
+#define ROPE_MEMO_BYTES (1 << 20) /* angles kept for the position differences 0..memo_len-1 */
 typedef struct {
     int on, interleaved, heads, dim, half;
     double *inv_freq; /* [half] */
-    double *cs, *sn;  /* [half] scratch */
+    double *cs;       /* [2 * half] scratch: cos then sin */
+    double *memo;     /* [memo_len][2 * half] cos and sin of small position differences, filled on first use */
+    uint8_t *memo_ok; /* [memo_len] */
+    size_t memo_len;
 } rope_t;
 
 /* pair p of a head: the two dims and the frequency index */
 static inline void pair_dims(const rope_t *rp, int i, int *a, int *b) {
     if (rp->interleaved) { *a = 2 * i; *b = 2 * i + 1; } else { *a = i; *b = i + rp->half; }
 }
-static void rope_angles(rope_t *rp, int64_t delta) {
-    for (int i = 0; i < rp->half; i++) det_cossin((double)delta * rp->inv_freq[i], &rp->cs[i], &rp->sn[i]);
+/* cos (cs[0..half)) and sin (cs[half..2 half)) of delta * inv_freq: from the memo for small delta */
+static const double *rope_angles(rope_t *rp, int64_t delta) {
+    double *cs = rp->cs;
+    if (delta >= 0 && (uint64_t)delta < rp->memo_len) {
+        cs = rp->memo + (size_t)delta * 2 * (size_t)rp->half;
+        if (rp->memo_ok[delta]) return cs;
+        rp->memo_ok[delta] = 1;
+    }
+    for (int i = 0; i < rp->half; i++) det_cossin((double)delta * rp->inv_freq[i], &cs[i], &cs[rp->half + i]);
+    return cs;
 }
-/* pred[C] = row rotated by the angles in rp->cs/sn (computed for the position difference) */
-static void rope_predict(const rope_t *rp, const uint16_t *row, uint16_t *pred) {
+/* pred[C] = row rotated by the angles cs (rope_angles of the position difference) */
+static void rope_predict(const rope_t *rp, const double *cs, const uint16_t *row, uint16_t *pred) {
     for (int h = 0; h < rp->heads; h++) {
         const uint16_t *x = row + (size_t)h * rp->dim;
         uint16_t *y = pred + (size_t)h * rp->dim;
         for (int i = 0; i < rp->half; i++) {
             int da, db;
             pair_dims(rp, i, &da, &db);
-            double a = F16[x[da]], b = F16[x[db]], c = rp->cs[i], s = rp->sn[i];
+            double a = F16[x[da]], b = F16[x[db]], c = cs[i], s = cs[rp->half + i];
             double pa = a * c - b * s, pb = a * s + b * c;
             y[da] = f64_to_f16(pa);
             y[db] = f64_to_f16(pb);
@@ -268,15 +335,17 @@ typedef struct {
     uint32_t t_match[2], t_rope[2], t_ref[2], t_rz[2], t_rs[1], t_ru[RES_LEN_MAX + 1], t_rl[RES_LEN_MAX + 2];
     int32_t w[16][NIN];
     int64_t *csum;     /* [C] sum of the centred magnitudes of earlier rows */
-    int32_t *ctr, *sym, *prv, *node, *eq, *pr; /* [C] per-row scratch */
-    int16_t *st;       /* [C * NIN] */
-    uint8_t *bits;     /* [C] */
+    /* [C] per-row scratch: centre, centred symbol, centred reference byte, bit-tree node, prefix equals the
+     * reference, context of t_prev, stretched channel-tree and channel-reference predictions, P(1), bit */
+    int32_t *ctr, *sym, *prv, *node, *eq, *cx, *s0, *s1, *pr, *bits;
+    uint32_t *ua, *ub; /* [C] updated channel counters */
     uint16_t *pred;    /* [C] RoPE prediction */
 } model_t;
 
 static void model_free(model_t *m) {
     free(m->t_chan); free(m->t_prev); free(m->csum); free(m->ctr); free(m->sym); free(m->prv); free(m->node);
-    free(m->eq); free(m->pr); free(m->st); free(m->bits); free(m->pred);
+    free(m->eq); free(m->cx); free(m->s0); free(m->s1); free(m->pr); free(m->bits); free(m->pred); free(m->ua);
+    free(m->ub);
 }
 static int model_init(model_t *m, size_t C) {
     memset(m, 0, sizeof *m);
@@ -284,14 +353,16 @@ static int model_init(model_t *m, size_t C) {
     m->t_chan = (uint32_t *)malloc(C * 256 * sizeof(uint32_t));
     m->t_prev = (uint32_t *)malloc(C * 32 * sizeof(uint32_t));
     m->csum = (int64_t *)calloc(C, sizeof(int64_t));
-    m->ctr = (int32_t *)malloc(C * sizeof(int32_t)); m->sym = (int32_t *)malloc(C * sizeof(int32_t));
-    m->prv = (int32_t *)malloc(C * sizeof(int32_t)); m->node = (int32_t *)malloc(C * sizeof(int32_t));
-    m->eq = (int32_t *)malloc(C * sizeof(int32_t)); m->pr = (int32_t *)malloc(C * sizeof(int32_t));
-    m->st = (int16_t *)malloc(C * NIN * sizeof(int16_t));
-    m->bits = (uint8_t *)malloc(C);
+    int32_t **scratch[] = {&m->ctr, &m->sym, &m->prv, &m->node, &m->eq, &m->cx, &m->s0, &m->s1, &m->pr, &m->bits};
+    int ok = m->t_chan && m->t_prev && m->csum;
+    for (size_t k = 0; k < sizeof scratch / sizeof *scratch; k++) {
+        *scratch[k] = (int32_t *)malloc(C * sizeof(int32_t));
+        ok = ok && *scratch[k];
+    }
     m->pred = (uint16_t *)malloc(C * sizeof(uint16_t));
-    if (!m->t_chan || !m->t_prev || !m->csum || !m->ctr || !m->sym || !m->prv || !m->node || !m->eq || !m->pr ||
-        !m->st || !m->bits || !m->pred) { model_free(m); return -1; }
+    m->ua = (uint32_t *)malloc(C * sizeof(uint32_t));
+    m->ub = (uint32_t *)malloc(C * sizeof(uint32_t));
+    if (!ok || !m->pred || !m->ua || !m->ub) { model_free(m); return -1; }
     for (size_t i = 0; i < C * 256; i++) m->t_chan[i] = CTR_INIT;
     for (size_t i = 0; i < C * 32; i++) m->t_prev[i] = CTR_INIT;
     uint32_t *small[] = {m->t_gprev, m->t_glob, m->t_match, m->t_rope, m->t_ref, m->t_rz, m->t_rs, m->t_ru, m->t_rl};
@@ -301,11 +372,8 @@ static int model_init(model_t *m, size_t C) {
     return 0;
 }
 
-/* a shared counter seen n times in one depth batch, k of them 1s (hist: 4 copies of n + k << 16) */
-#define HIST_STRIDE 288
-static inline uint32_t batch_upd(uint32_t s, const int32_t *hist, int i) {
-    int64_t n = 0, k = 0; /* each copy counts at most MAX_CHANNELS / 4 samples: no carry into the 1s */
-    for (int q = 0; q < 4; q++) { n += hist[i + q * HIST_STRIDE] & 0xFFFF; k += hist[i + q * HIST_STRIDE] >> 16; }
+/* a shared counter seen n times in one batch (a depth of a row), k of them 1s */
+static inline uint32_t batch_upd(uint32_t s, int64_t n, int64_t k) {
     if (!n) return s;
     int64_t p = s >> 8, target = (k * 65535 + n / 2) / n;
     uint32_t cnt = s & 255;
@@ -321,58 +389,149 @@ static inline int code_flag(rc_t *r, int enc, uint32_t *ctr, int bit) {
     return bit;
 }
 
-/* The hi bytes of literal row t (hi[t*C..]), reference row hi bytes ref (NULL for t == 0). */
-static void code_literal_hi(model_t *m, rc_t *r, int enc, uint8_t *hi_row, const uint8_t *ref, size_t t) {
+/* ---------------------------------------------------------------- literal hi bytes: the depth passes
+ * The passes over the channels are written for the vectoriser: 32-bit lanes, table lookups as gathers, no
+ * branches. Each 64-bit product of the model is split exactly into 32-bit ones (the splits below), so the
+ * passes give the bits of the straightforward int64 formulas. They are compiled twice, plain and for AVX2
+ * (x86-64 with GCC or Clang); the AVX2 copy runs where the CPU has it (see literal_hi_impl). */
+
+/* The channel counter update ctr_upd(s, bit, RATE_LIMIT_CH) in 32-bit arithmetic: with d = target - p
+ * (|d| < 2^16) and RATE[n] = 256 rh + rl, floor(d RATE[n] / 2^16) = floor((d rh + floor(d rl / 2^8)) / 2^8). */
+static inline uint32_t ctr_upd_ch(uint32_t s, int32_t bit) {
+    int32_t p = (int32_t)(s >> 8), n = (int32_t)(s & 255), rate = RATE[n];
+    int32_t d = (int32_t)((0u - (uint32_t)bit) & 65535u) - p;
+    p += asr32(d * (rate >> 8) + asr32(d * (rate & 255), 8), 8);
+    n += n < RATE_LIMIT_CH;
+    return ((uint32_t)p << 8) | (uint32_t)n;
+}
+
+/* The mixer weights of one depth split for 32-bit dot products: w = 2^16 wh + wl, 0 <= wl < 2^16, so
+ * floor(sum w_k s_k / 2^16) = sum wh_k s_k + floor(sum wl_k s_k / 2^16) (|s_k| <= 2047: no overflow). */
+typedef struct { int32_t h[2][NIN], l[2][NIN]; } wsplit_t;
+
+/* depth pass 1: P(1) of every channel's decision (independent across channels) */
+ALWAYS_INLINE void predict_pass(int32_t n, int32_t depth, int32_t has_prev, const uint32_t *restrict tc,
+                                const uint32_t *restrict tp, const int32_t *restrict node,
+                                const int32_t *restrict prv, const int32_t *restrict eq, const int32_t *restrict sg,
+                                const int32_t *restrict sgl, const wsplit_t *restrict ws, int32_t *restrict cx,
+                                int32_t *restrict s0, int32_t *restrict s1, int32_t *restrict pr,
+                                uint32_t *restrict ua, uint32_t *restrict ub) {
+    const int32_t sh = 7 - depth, base = depth * 4;
+    const int32_t h00 = ws->h[0][0], h01 = ws->h[0][1], h02 = ws->h[0][2], h03 = ws->h[0][3], h04 = ws->h[0][4] * 256;
+    const int32_t h10 = ws->h[1][0], h11 = ws->h[1][1], h12 = ws->h[1][2], h13 = ws->h[1][3], h14 = ws->h[1][4] * 256;
+    const int32_t l00 = ws->l[0][0], l01 = ws->l[0][1], l02 = ws->l[0][2], l03 = ws->l[0][3], l04 = ws->l[0][4] * 256;
+    const int32_t l10 = ws->l[1][0], l11 = ws->l[1][1], l12 = ws->l[1][2], l13 = ws->l[1][3], l14 = ws->l[1][4] * 256;
+    for (int32_t c = 0; c < n; c++) {
+        int32_t e = eq[c], nd = node[c], x = (base + e * 2 + ((prv[c] >> sh) & 1)) * has_prev;
+        uint32_t ta = tc[c * 256 + nd], tb = tp[c * 32 + x];
+        int32_t a = STP[ta >> 12], b = STP[tb >> 12], g = sg[x], h = sgl[nd];
+        int32_t hi = (e ? h10 : h00) * a + (e ? h11 : h01) * b + (e ? h12 : h02) * g + (e ? h13 : h03) * h +
+                     (e ? h14 : h04);
+        int32_t lo = (e ? l10 : l00) * a + (e ? l11 : l01) * b + (e ? l12 : l02) * g + (e ? l13 : l03) * h +
+                     (e ? l14 : l04);
+        int32_t d = hi + asr32(lo, 16);
+        d = d < -2048 ? -2048 : d;
+        d = d > 2048 ? 2048 : d;
+        ua[c] = ta;
+        ub[c] = tb;
+        cx[c] = x;
+        s0[c] = a;
+        s1[c] = b;
+        pr[c] = SQI[d + 2048];
+    }
+}
+
+/* mixer gradient of one depth: grad[e][k] = sum over the channels with eq == e of s_k * err, exact: int32
+ * sums over blocks of 32 channels (|s_k err| <= 2047 * 24570, 32 of them < 2^31), added up in int64 */
+ALWAYS_INLINE void grad_pass(int32_t n, const int32_t *restrict eq, const int32_t *restrict node,
+                             const int32_t *restrict cx, const int32_t *restrict s0, const int32_t *restrict s1,
+                             const int32_t *restrict pr, const int32_t *restrict bits, const int32_t *restrict sg,
+                             const int32_t *restrict sgl, int64_t grad[2][NIN]) {
+    int64_t t[2][NIN] = {{0}};
+    for (int32_t c0 = 0; c0 < n; c0 += 32) {
+        const int32_t end = n - c0 < 32 ? n : c0 + 32;
+        int32_t g00 = 0, g01 = 0, g02 = 0, g03 = 0, g04 = 0, g10 = 0, g11 = 0, g12 = 0, g13 = 0, g14 = 0;
+        for (int32_t c = c0; c < end; c++) {
+            int32_t err = ((bits[c] << 12) - pr[c]) * 6, e1 = eq[c] ? err : 0, e0 = err - e1;
+            int32_t a = s0[c], b = s1[c], g = sg[cx[c]], h = sgl[node[c]];
+            g00 += a * e0; g01 += b * e0; g02 += g * e0; g03 += h * e0; g04 += e0;
+            g10 += a * e1; g11 += b * e1; g12 += g * e1; g13 += h * e1; g14 += e1;
+        }
+        t[0][0] += g00; t[0][1] += g01; t[0][2] += g02; t[0][3] += g03; t[0][4] += g04;
+        t[1][0] += g10; t[1][1] += g11; t[1][2] += g12; t[1][3] += g13; t[1][4] += g14;
+    }
+    for (int e = 0; e < 2; e++) {
+        for (int k = 0; k < NIN - 1; k++) grad[e][k] = t[e][k];
+        grad[e][NIN - 1] = t[e][NIN - 1] * 256;
+    }
+}
+
+/* depth pass 3a: update the channel counter states read by the predictions (ua, ub), the next bit-tree node,
+ * prefix-equals-reference, and the sums that give the shared reference counters' batch */
+ALWAYS_INLINE void update_pass(int32_t n, int32_t depth, const int32_t *restrict prv, const int32_t *restrict bits,
+                               int32_t *restrict node, int32_t *restrict eq, uint32_t *restrict ua,
+                               uint32_t *restrict ub, int32_t sums[7]) {
+    const int32_t sh = 7 - depth;
+    int32_t se = 0, sp = 0, sep = 0, sb = 0, seb = 0, spb = 0, sepb = 0;
+    for (int32_t c = 0; c < n; c++) {
+        int32_t bit = bits[c], nd = node[c], e = eq[c], pb = (prv[c] >> sh) & 1;
+        ua[c] = ctr_upd_ch(ua[c], bit);
+        ub[c] = ctr_upd_ch(ub[c], bit);
+        se += e; sp += pb; sep += e & pb; sb += bit; seb += e & bit; spb += pb & bit; sepb += e & pb & bit;
+        eq[c] = e & (bit == pb);
+        node[c] = nd * 2 + bit;
+    }
+    sums[0] = se; sums[1] = sp; sums[2] = sep; sums[3] = sb; sums[4] = seb; sums[5] = spb; sums[6] = sepb;
+}
+/* depth pass 3b: store them (the nodes are the next depth's: the updated counter sits at node >> 1) */
+ALWAYS_INLINE void store_pass(int32_t n, uint32_t *restrict tc, uint32_t *restrict tp, const int32_t *restrict node,
+                              const int32_t *restrict cx, const uint32_t *restrict ua, const uint32_t *restrict ub) {
+    for (int32_t c = 0; c < n; c++) {
+        tc[c * 256 + (node[c] >> 1)] = ua[c];
+        tp[c * 32 + cx[c]] = ub[c];
+    }
+}
+
+/* The hi bytes of a literal row (hi_row; the encoder reads them, the decoder writes them) given the
+ * reference row's hi bytes ref (NULL for row 0) and the row's centres in m->ctr. */
+ALWAYS_INLINE void literal_hi_body(model_t *m, rc_t *r, int enc, uint8_t *hi_row, const uint8_t *ref) {
     const size_t C = m->C;
-    const int has_prev = ref != NULL;
+    const int32_t has_prev = ref != NULL, n = (int32_t)C;
     for (size_t c = 0; c < C; c++) {
-        int32_t ctr = t ? (int32_t)((m->csum[c] + (int64_t)(t / 2)) / (int64_t)t) : 56;
-        int32_t s0 = enc ? hi_row[c] : 0, p0 = has_prev ? ref[c] : 0;
-        m->ctr[c] = ctr;
+        int32_t s0 = enc ? hi_row[c] : 0, p0 = has_prev ? ref[c] : 0, ctr = m->ctr[c];
         m->sym[c] = (s0 & 128) | ((s0 - ctr + 64) & 127);
         m->prv[c] = (p0 & 128) | ((p0 - ctr + 64) & 127);
         m->node[c] = 1;
         m->eq[c] = 1;
     }
-    for (int depth = 0; depth < 8; depth++) {
-        const int sh = 7 - depth;
-        for (size_t c = 0; c < C; c++) { /* predict: independent across channels */
-            int32_t pbit = (m->prv[c] >> sh) & 1, eq = m->eq[c];
-            int32_t ctxp = ((depth * 2 + eq) * 2 + pbit) * has_prev;
-            int16_t *st = m->st + c * NIN;
-            st[0] = ST[p12(m->t_chan[c * 256 + (size_t)m->node[c]])];
-            st[1] = ST[p12(m->t_prev[c * 32 + (size_t)ctxp])];
-            st[2] = ST[p12(m->t_gprev[ctxp])];
-            st[3] = ST[p12(m->t_glob[m->node[c]])];
-            st[4] = 256;
-            const int32_t *ws = m->w[depth * 2 + eq];
-            int64_t dot = 0;
-            for (int k = 0; k < NIN; k++) dot += (int64_t)ws[k] * st[k];
-            m->pr[c] = squash_t(clamp32(asr64(dot, 16), -4096, 4096)); /* 1..4095 */
+    for (int32_t depth = 0; depth < 8; depth++) {
+        int32_t sg[32], sgl[256], s[7];
+        int64_t grad[2][NIN];
+        wsplit_t ws;
+        for (int i = 0; i < 32; i++) sg[i] = ST[p12(m->t_gprev[i])];
+        for (int i = 1 << depth; i < 2 << depth; i++) sgl[i] = ST[p12(m->t_glob[i])];
+        for (int e = 0; e < 2; e++)
+            for (int k = 0; k < NIN; k++) {
+                int32_t w = m->w[depth * 2 + e][k];
+                ws.l[e][k] = (int32_t)((uint32_t)w & 0xFFFFu);
+                ws.h[e][k] = asr32(w, 16);
+            }
+        predict_pass(n, depth, has_prev, m->t_chan, m->t_prev, m->node, m->prv, m->eq, sg, sgl, &ws, m->cx, m->s0,
+                     m->s1, m->pr, m->ua, m->ub);
+        if (enc) rc_encode_pass(r, m->pr, m->sym, m->bits, C, 7 - depth);
+        else rc_decode_pass(r, m->pr, m->bits, C);
+        grad_pass(n, m->eq, m->node, m->cx, m->s0, m->s1, m->pr, m->bits, sg, sgl, grad);
+        update_pass(n, depth, m->prv, m->bits, m->node, m->eq, m->ua, m->ub, s);
+        store_pass(n, m->t_chan, m->t_prev, m->node, m->cx, m->ua, m->ub);
+        /* the shared reference counters of this depth: one update per context toward the batch's frequency of 1s
+         * (contexts (e, pbit) from the sums of e, pbit, e pbit and the same times the bit; row 0: context 0) */
+        if (has_prev) {
+            const int64_t nb[4] = {n - s[0] - s[1] + s[2], s[1] - s[2], s[0] - s[2], s[2]};
+            const int64_t kb[4] = {s[3] - s[4] - s[5] + s[6], s[5] - s[6], s[4] - s[6], s[6]};
+            for (int i = 0; i < 4; i++) m->t_gprev[depth * 4 + i] = batch_upd(m->t_gprev[depth * 4 + i], nb[i], kb[i]);
+        } else {
+            m->t_gprev[0] = batch_upd(m->t_gprev[0], n, s[3]);
         }
-        for (size_t c = 0; c < C; c++) m->bits[c] = (uint8_t)rc_bit(r, enc, m->pr[c], (m->sym[c] >> sh) & 1);
-        int64_t grad[2][NIN] = {{0}};
-        int32_t hist[4 * HIST_STRIDE];
-        memset(hist, 0, sizeof hist);
-        for (size_t c = 0; c < C; c++) { /* update, in channel order */
-            int bit = m->bits[c];
-            int32_t pbit = (m->prv[c] >> sh) & 1, eq = m->eq[c];
-            int32_t ctxp = ((depth * 2 + eq) * 2 + pbit) * has_prev;
-            int64_t err = (int64_t)(((int32_t)bit << 12) - m->pr[c]) * 6;
-            const int16_t *st = m->st + c * NIN;
-            for (int k = 0; k < NIN; k++) grad[eq][k] += st[k] * err;
-            uint32_t *a = &m->t_chan[c * 256 + (size_t)m->node[c]], *b = &m->t_prev[c * 32 + (size_t)ctxp];
-            *a = ctr_upd(*a, bit, RATE_LIMIT_CH);
-            *b = ctr_upd(*b, bit, RATE_LIMIT_CH);
-            int32_t *hg = hist + (c & 3) * HIST_STRIDE; /* 4 interleaved copies: no store-to-load chains */
-            hg[ctxp] += 1 + (bit << 16);
-            hg[32 + m->node[c]] += 1 + (bit << 16);
-            m->eq[c] = eq & (bit == pbit);
-            m->node[c] = m->node[c] * 2 + bit;
-        }
-        /* shared counters: one update per depth and context toward the batch's frequency of 1s */
-        for (int i = 0; i < 32; i++) m->t_gprev[i] = batch_upd(m->t_gprev[i], hist, i);
-        for (int i = 1 << depth; i < 2 << depth; i++) m->t_glob[i] = batch_upd(m->t_glob[i], hist, 32 + i);
         for (int e = 0; e < 2; e++)
             for (int k = 0; k < NIN; k++) {
                 int32_t *w = &m->w[depth * 2 + e][k];
@@ -380,9 +539,47 @@ static void code_literal_hi(model_t *m, rc_t *r, int enc, uint8_t *hi_row, const
                              -(1 << 24), 1 << 24);
             }
     }
+    /* the shared bit-tree: each node is read at its own depth only, so its batch update (all the channels
+     * that passed it, the 1s those that went right) can wait for the end of the row: subtree counts */
+    int32_t cnt[512] = {0}, cnt2[256] = {0};
+    for (size_t c = 0; c + 1 < C; c += 2) { cnt[m->node[c]]++; cnt2[m->node[c + 1] - 256]++; }
+    if (C & 1) cnt[m->node[C - 1]]++;
+    for (int i = 0; i < 256; i++) cnt[256 + i] += cnt2[i];
+    for (int i = 255; i >= 1; i--) cnt[i] = cnt[2 * i] + cnt[2 * i + 1];
+    for (int i = 1; i < 256; i++) m->t_glob[i] = batch_upd(m->t_glob[i], cnt[i], cnt[2 * i + 1]);
     if (!enc)
         for (size_t c = 0; c < C; c++)
             hi_row[c] = (uint8_t)((m->node[c] & 128) | (((m->node[c] & 127) + m->ctr[c] - 64) & 127));
+}
+
+typedef void (*literal_hi_fn)(model_t *, rc_t *, int, uint8_t *, const uint8_t *);
+static void literal_hi_plain(model_t *m, rc_t *r, int enc, uint8_t *hi_row, const uint8_t *ref) {
+    literal_hi_body(m, r, enc, hi_row, ref);
+}
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_AVX2_COPY 1
+__attribute__((target("avx2"))) static void literal_hi_avx2(model_t *m, rc_t *r, int enc, uint8_t *hi_row,
+                                                            const uint8_t *ref) {
+    literal_hi_body(m, r, enc, hi_row, ref);
+}
+#else
+#define HAVE_AVX2_COPY 0
+#endif
+static literal_hi_fn literal_hi_impl = literal_hi_plain; /* the AVX2 copy where the CPU has it: PyInit, _use_avx2 */
+
+/* The centres of row t: the rounded mean floor((csum + t/2) / t) of each channel's earlier centred bytes
+ * (0..127), 56 for row 0. The quotient comes from a double estimate corrected to the exact integer. */
+static void row_centres(model_t *m, size_t t) {
+    const size_t C = m->C;
+    if (!t) { for (size_t c = 0; c < C; c++) m->ctr[c] = 56; return; }
+    const double inv = 1.0 / (double)t;
+    const int64_t tt = (int64_t)t;
+    for (size_t c = 0; c < C; c++) {
+        int64_t num = m->csum[c] + tt / 2, q = (int64_t)((double)num * inv);
+        q -= q * tt > num;
+        q += (q + 1) * tt <= num;
+        m->ctr[c] = (int32_t)q;
+    }
 }
 
 /* Residuals of a RoPE-matched row against m->pred: per channel a zero flag (context: the previous
@@ -433,17 +630,30 @@ static uint64_t row_hash(const uint16_t *row, size_t C) {
     for (size_t c = 0; c < C; c++) h = (h ^ row[c]) * 0x100000001B3ull;
     return h ^ (h >> 29);
 }
-static size_t count_equal(const uint8_t *a, const uint8_t *b, size_t C) {
-    size_t n = 0;
+static size_t count_equal(const uint8_t *restrict a, const uint8_t *restrict b, size_t C) {
+    uint32_t n = 0; /* C <= MAX_CHANNELS */
     for (size_t c = 0; c < C; c++) n += a[c] == b[c];
     return n;
 }
-/* cost estimate of coding row against pred as residuals (bits ~ 2 bit_length + 1), stopping at limit */
-static uint64_t residual_cost(const uint16_t *row, const uint16_t *pred, size_t C, uint64_t limit) {
+/* cost estimate of coding row v against its prediction w as a residual (bits ~ 2 bit_length + 1) */
+static inline uint64_t residual_bits(uint16_t v, uint16_t w) {
+    int32_t d = ordinal(v) - ordinal(w);
+    return d ? (uint64_t)(2 * bit_length((uint32_t)(d < 0 ? -d : d)) + 1) : 1;
+}
+/* the residual cost of row against src rotated by the angles cs (as rope_predict), or any value >= limit
+ * once it reaches limit (the sum only grows, so the exact cost is returned whenever it is below limit) */
+static uint64_t rope_cost(const rope_t *rp, const double *cs, const uint16_t *src, const uint16_t *row,
+                          uint64_t limit) {
     uint64_t cost = 0;
-    for (size_t c = 0; c < C && cost < limit; c++) {
-        int32_t d = ordinal(row[c]) - ordinal(pred[c]);
-        cost += d ? (uint64_t)(2 * bit_length((uint32_t)(d < 0 ? -d : d)) + 1) : 1;
+    for (int h = 0; h < rp->heads; h++) {
+        const uint16_t *x = src + (size_t)h * rp->dim, *y = row + (size_t)h * rp->dim;
+        for (int i = 0; i < rp->half; i++) {
+            int da, db;
+            pair_dims(rp, i, &da, &db);
+            double a = F16[x[da]], b = F16[x[db]], c = cs[i], s = cs[rp->half + i];
+            cost += residual_bits(y[da], f64_to_f16(a * c - b * s)) + residual_bits(y[db], f64_to_f16(a * s + b * c));
+            if (cost >= limit) return cost;
+        }
     }
     return cost;
 }
@@ -457,11 +667,11 @@ typedef struct {
 } rows_t;
 
 /* sketch: sign bits of each row de-rotated to position 0 (encoder only) */
-static int rope_search(rows_t *R, rope_t *rp, uint16_t *tmp, uint64_t *sk, size_t words_per) {
+static int rope_search(rows_t *R, rope_t *rp, uint64_t *sk, size_t words_per) {
     const size_t seq = R->seq, C = R->C;
     for (size_t t = 0; t < seq; t++) {
         for (int i = 0; i < rp->half; i++)
-            det_cossin(-(double)R->pos[t] * rp->inv_freq[i], &rp->cs[i], &rp->sn[i]);
+            det_cossin(-(double)R->pos[t] * rp->inv_freq[i], &rp->cs[i], &rp->cs[rp->half + i]);
         uint64_t *s = sk + t * words_per;
         memset(s, 0, words_per * 8);
         const uint16_t *row = R->words + t * C;
@@ -470,7 +680,7 @@ static int rope_search(rows_t *R, rope_t *rp, uint16_t *tmp, uint64_t *sk, size_
                 int da, db;
                 pair_dims(rp, i, &da, &db);
                 size_t ca = (size_t)h * rp->dim + (size_t)da, cb = (size_t)h * rp->dim + (size_t)db;
-                double a = F16[row[ca]], b = F16[row[cb]], c = rp->cs[i], sn = rp->sn[i];
+                double a = F16[row[ca]], b = F16[row[cb]], c = rp->cs[i], sn = rp->cs[rp->half + i];
                 if (a * c - b * sn < 0) s[ca >> 6] |= 1ull << (ca & 63);
                 if (a * sn + b * c < 0) s[cb >> 6] |= 1ull << (cb & 63);
             }
@@ -497,9 +707,8 @@ static int rope_search(rows_t *R, rope_t *rp, uint16_t *tmp, uint64_t *sk, size_
         for (int k = 0; k < ROPE_CANDIDATES; k++) {
             if (best[k] == SIZE_MAX || bestd[k] > C / 4) continue;
             size_t j = best[k];
-            rope_angles(rp, R->pos[t] - R->pos[j]);
-            rope_predict(rp, R->words + j * C, tmp);
-            uint64_t cost = residual_cost(R->words + t * C, tmp, C, bestc);
+            const double *cs = rope_angles(rp, R->pos[t] - R->pos[j]);
+            uint64_t cost = rope_cost(rp, cs, R->words + j * C, R->words + t * C, bestc);
             if (cost < bestc) { bestc = cost; R->rope[t] = (int32_t)j; }
         }
     }
@@ -567,8 +776,7 @@ static const char *code_rows(int enc, rows_t *R, rope_t *rp, model_t *m, rc_t *r
             if (bit) {
                 uint32_t j = rc_index(r, enc, bit_length((uint32_t)(t - 1)), enc ? (uint32_t)R->rope[t] : 0);
                 if (j >= t) return "RoPE-match row index out of range";
-                rope_angles(rp, R->pos[t] - R->pos[j]);
-                rope_predict(rp, words + (size_t)j * C, m->pred);
+                rope_predict(rp, rope_angles(rp, R->pos[t] - R->pos[j]), words + (size_t)j * C, m->pred);
                 if (code_residuals(m, r, enc, row) < 0) return "RoPE residual out of the fp16 range";
                 if (!enc) for (size_t c = 0; c < C; c++) hi[c] = (uint8_t)(row[c] >> 8);
                 done = 1;
@@ -585,7 +793,8 @@ static const char *code_rows(int enc, rows_t *R, rope_t *rp, model_t *m, rc_t *r
                     rj = j;
                 }
             }
-            code_literal_hi(m, r, enc, hi, t ? R->hi + rj * C : NULL, t);
+            row_centres(m, t);
+            literal_hi_impl(m, r, enc, hi, t ? R->hi + rj * C : NULL);
             if (lo_pos + C > lo_len) return "more literal rows than lo bytes";
             if (enc) for (size_t c = 0; c < C; c++) lo[lo_pos + c] = (uint8_t)row[c];
             else for (size_t c = 0; c < C; c++) row[c] = (uint16_t)(((uint16_t)hi[c] << 8) | lo[lo_pos + c]);
@@ -601,7 +810,7 @@ static const char *code_rows(int enc, rows_t *R, rope_t *rp, model_t *m, rc_t *r
 }
 
 /* ---------------------------------------------------------------- Python glue */
-static int parse_rope(rope_t *rp, int on, double theta, int interleaved, size_t heads, size_t dim) {
+static int parse_rope(rope_t *rp, int on, double theta, int interleaved, size_t heads, size_t dim, size_t seq) {
     memset(rp, 0, sizeof *rp);
     if (!on) return 0;
     rp->on = 1;
@@ -611,13 +820,16 @@ static int parse_rope(rope_t *rp, int on, double theta, int interleaved, size_t 
     rp->half = (int)dim / 2;
     size_t h = rp->half ? (size_t)rp->half : 1;
     rp->inv_freq = (double *)malloc(h * sizeof(double));
-    rp->cs = (double *)malloc(h * sizeof(double));
-    rp->sn = (double *)malloc(h * sizeof(double));
-    if (!rp->inv_freq || !rp->cs || !rp->sn) return -1;
+    rp->cs = (double *)malloc(2 * h * sizeof(double));
+    rp->memo_len = ROPE_MEMO_BYTES / (2 * h * sizeof(double));
+    rp->memo_len = seq < rp->memo_len ? seq : rp->memo_len;
+    rp->memo = (double *)malloc((rp->memo_len ? rp->memo_len : 1) * 2 * h * sizeof(double));
+    rp->memo_ok = (uint8_t *)calloc(rp->memo_len ? rp->memo_len : 1, 1);
+    if (!rp->inv_freq || !rp->cs || !rp->memo || !rp->memo_ok) return -1;
     rope_freqs(theta, rp->dim, rp->inv_freq);
     return 0;
 }
-static void rope_free(rope_t *rp) { free(rp->inv_freq); free(rp->cs); free(rp->sn); }
+static void rope_free(rope_t *rp) { free(rp->inv_freq); free(rp->cs); free(rp->memo); free(rp->memo_ok); }
 
 static int check_shape(Py_ssize_t seq, Py_ssize_t heads, Py_ssize_t dim, int rope_on, double theta) {
     if (seq < 0 || heads < 0 || dim < 0 || seq > 0xFFFFFFFFL || heads > 0xFFFF || dim > 0xFFFF) {
@@ -656,7 +868,6 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     int model_ok = 0;
     rc_t r = {0, 0xFFFFFFFFu, 0, 0, 1, NULL, 0, 0, 0, 0};
     uint8_t *lo = NULL;
-    uint16_t *tmp = NULL;
     uint64_t *sk = NULL;
     int64_t *pos = NULL;
     size_t literal = 0;
@@ -673,11 +884,10 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     R.ref = (int32_t *)malloc((R.seq ? R.seq : 1) * sizeof(int32_t));
     pos = (int64_t *)malloc((R.seq ? R.seq : 1) * sizeof(int64_t));
     lo = (uint8_t *)malloc(n ? n : 1);
-    tmp = (uint16_t *)malloc((C ? C : 1) * sizeof(uint16_t));
     size_t words_per = (C + 63) / 64;
     sk = (uint64_t *)malloc((R.seq * words_per > 0 ? R.seq * words_per : 1) * 8);
-    if (!R.hi || !R.match || !R.rope || !R.ref || !pos || !lo || !tmp || !sk || model_init(&m, C ? C : 1) < 0 ||
-        parse_rope(&rp, rope_on, theta, interleaved, (size_t)heads, (size_t)dim) < 0) {
+    if (!R.hi || !R.match || !R.rope || !R.ref || !pos || !lo || !sk || model_init(&m, C ? C : 1) < 0 ||
+        parse_rope(&rp, rope_on, theta, interleaved, (size_t)heads, (size_t)dim, (size_t)seq) < 0) {
         PyErr_NoMemory();
         goto done;
     }
@@ -691,7 +901,7 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (size_t i = 0; i < n; i++) R.hi[i] = (uint8_t)(R.words[i] >> 8);
     if (C && match_search(&R) < 0) err = "out of memory";
-    if (!err && C && rp.on) rope_search(&R, &rp, tmp, sk, words_per);
+    if (!err && C && rp.on) rope_search(&R, &rp, sk, words_per);
     if (!err && C) ref_search(&R);
     if (!err && C) err = code_rows(1, &R, &rp, &m, &r, lo, n, &literal);
     if (!err && C) for (int i = 0; i < 5; i++) shift_low(&r);
@@ -705,7 +915,7 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
                            (Py_ssize_t)(r.pos ? r.pos - 1 : 0),
                            (const char *)lo, (Py_ssize_t)(literal * C), (Py_ssize_t)nm, (Py_ssize_t)nr, (Py_ssize_t)nf);
 done:
-    free(R.hi); free(R.match); free(R.rope); free(R.ref); free(pos); free(lo); free(tmp); free(sk); free(r.buf);
+    free(R.hi); free(R.match); free(R.rope); free(R.ref); free(pos); free(lo); free(sk); free(r.buf);
     if (model_ok) model_free(&m);
     rope_free(&rp);
     PyBuffer_Release(&wb);
@@ -753,7 +963,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     R.ref = (int32_t *)malloc(R.seq * sizeof(int32_t));
     pos = (int64_t *)malloc(R.seq * sizeof(int64_t));
     if (!R.hi || !R.match || !R.rope || !R.ref || !pos || model_init(&m, C) < 0 ||
-        parse_rope(&rp, rope_on, theta, interleaved, (size_t)heads, (size_t)dim) < 0) {
+        parse_rope(&rp, rope_on, theta, interleaved, (size_t)heads, (size_t)dim, (size_t)seq) < 0) {
         PyErr_NoMemory();
         goto done;
     }
@@ -779,7 +989,21 @@ done:
     return result;
 }
 
+/* _use_avx2(flag) -> bool: run the AVX2 copy of the literal coder where the CPU has one (flag true, the
+ * default at import) or the plain copy (flag false; tests compare the two); returns whether AVX2 is used. */
+static PyObject *py_use_avx2(PyObject *self, PyObject *arg) {
+    (void)self;
+    int want = PyObject_IsTrue(arg);
+    if (want < 0) return NULL;
+    literal_hi_impl = literal_hi_plain;
+#if HAVE_AVX2_COPY
+    if (want && __builtin_cpu_supports("avx2")) literal_hi_impl = literal_hi_avx2;
+#endif
+    return PyBool_FromLong(literal_hi_impl != literal_hi_plain);
+}
+
 static PyMethodDef methods[] = {
+    {"_use_avx2", py_use_avx2, METH_O, "_use_avx2(flag) -> bool: use the AVX2 copy of the coder if the CPU has it"},
     {"encode", py_encode, METH_VARARGS, "encode(words, seq, heads, dim, rope_on, theta, interleaved, positions) -> "
                                         "(stream, lo, n_match, n_rope, n_ref)"},
     {"decode", py_decode, METH_VARARGS, "decode(stream, lo, seq, heads, dim, rope_on, theta, interleaved, positions, out)"
@@ -792,5 +1016,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ratiocore",
 
 PyMODINIT_FUNC PyInit__ratiocore(void) {
     init_tables();
+#if HAVE_AVX2_COPY
+    if (__builtin_cpu_supports("avx2")) literal_hi_impl = literal_hi_avx2;
+#endif
     return PyModule_Create(&module);
 }
