@@ -402,6 +402,9 @@ def _add_lossless(row: dict[str, Any], point: Point, spec: RunSpec, warnings: li
     dump_dir = spec.kv_dumps or (Path(row["kv_dir"]) if row.get("kv_dir") else None)
     lossless = LosslessConfig.from_config(point.config, point.label)
     row["codec_profile"] = lossless.profile
+    if lossless.profile != "fast" and spec.runtime in ("llm-bench", "logs"):
+        warnings.append(f"[WARN] {point.label}: kv_lossless_codec_runtime {lossless.profile!r} picks the online-sim's "
+                        f"codec only: an external runtime's own lossless stage (h2o_lossless) codes with its own codec")
     per_layer = None
     if dump_dir is not None:
         content = _dump_content(dump_dir)

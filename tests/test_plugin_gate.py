@@ -276,6 +276,14 @@ def test_an_external_llm_bench_is_run_per_configuration_and_its_log_gated(pytest
     assert json.loads((gate_dir / "again" / "summary.json").read_text())["overall"] == summary["overall"]
 
 
+def test_the_ratio_profile_with_an_external_runtime_warns_that_it_picks_the_online_sim_codec_only(
+        pytester, gate_dir, fake_llm_bench):
+    result = run_external(pytester, "ext", "--h2o-lossless-codec=ratio")
+    result.stdout.fnmatch_lines(["*[[]WARN[]] keep0.30-lr3.0: kv_lossless_codec_runtime 'ratio' picks the online-sim's "
+                                 "codec only*"])
+    assert "picks the online-sim's codec only" not in run_external(pytester, "fast").stdout.str()
+
+
 def test_history_compare_catches_an_injected_regression(pytester, gate_dir, fake_llm_bench, monkeypatch):
     run_external(pytester, "first").assert_outcomes(passed=8, xfailed=1, skipped=6)
     monkeypatch.setenv("FAKE_SPEED_SCALE", "0.5")  # a machine half as fast: not a regression
