@@ -364,7 +364,8 @@ GOLDEN = {  # name: (kind, rope, positions)
 
 @pytest.fixture(params=["avx2", "plain"])
 def coder_copy(request):
-    """Run the test with the AVX2 copy of the literal coder (skipped where the CPU has none) and the plain one."""
+    """Run the test with the AVX2 copies of the literal coder and the encoder's row searches (skipped where the
+    CPU has none) and the plain ones."""
     if _ratiocore._use_avx2(request.param == "avx2") != (request.param == "avx2"):
         _ratiocore._use_avx2(True)
         pytest.skip("this CPU has no AVX2")
@@ -385,13 +386,14 @@ def test_golden_blobs_decode_and_re_encode_identically(name, coder_copy):
 
 
 def test_avx2_and_plain_coders_give_identical_bits():
-    """The two compiled copies of the literal coder agree bit for bit (channel counts around the vector width
-    and the 32-channel gradient blocks, K with RoPE, repeated rows), and each decodes the other's blobs."""
+    """The two compiled copies of the literal coder and the encoder's searches agree bit for bit (channel counts
+    around the vector width, the 32-channel gradient blocks and the 255-channel blocks of the reference search,
+    K with RoPE, repeated rows), and each decodes the other's blobs."""
     if not _ratiocore._use_avx2(True):
         pytest.skip("this CPU has no AVX2")
     rng = np.random.default_rng(13)
     cases = [(RatioCodec("v", safety_net=False), smooth_kv(rng, 40, heads, dim))
-             for heads, dim in ((1, 1), (1, 7), (3, 10), (5, 14), (3, 64))]
+             for heads, dim in ((1, 1), (1, 7), (3, 10), (5, 14), (3, 64), (4, 80))]
     k, v = repeated_tokens(rng, 48, np.arange(48), heads=3, dim=22)
     cases += [(RatioCodec("k", rope=ROPE, safety_net=False), k), (RatioCodec("v", safety_net=False), v)]
     try:
@@ -405,3 +407,24 @@ def test_avx2_and_plain_coders_give_identical_bits():
             assert np.array_equal(words_of(decode(plain_blob)), words_of(tensor))
     finally:
         _ratiocore._use_avx2(True)
+
+
+@pytest.mark.parametrize("heads, dim", [(2, 16), (4, 80), (3, 171)])
+def test_reference_rows_follow_the_documented_rule(heads, dim, coder_copy):
+    """The encoder names a reference row j < t-1 for a literal row t (V: no RoPE) exactly when j shares, among
+    the earliest rows sharing the most hi bytes with row t, at least 8 more than row t-1 (_ratiocore.c
+    ref_search): numpy counts the same rule, across the 255-channel blocks of the byte counts."""
+    rng = np.random.default_rng(heads * dim)
+    seq, chans = 40, heads * dim
+    base = smooth_kv(rng, 6, heads, dim).reshape(6, chans)
+    rows = base[rng.integers(0, 6, seq)].view(np.uint16).copy()
+    rows ^= (rng.random(rows.shape) < 0.2) * rng.integers(1, 1 << 16, rows.shape, dtype=np.uint16)  # noisy copies
+    assert len({r.tobytes() for r in rows}) == seq  # no exact repeats: every row is literal
+    hi = (rows >> 8).astype(np.uint8)
+    expected = 0
+    for t in range(2, seq):
+        same = (hi[:t - 1] == hi[t]).sum(axis=1)
+        expected += int(same.max() >= (hi[t - 1] == hi[t]).sum() + 8)
+    assert expected > 3
+    _, _, n_match, n_rope, n_ref = _ratiocore.encode(rows.tobytes(), seq, heads, dim, False, 0.0, False, None)
+    assert (n_match, n_rope, n_ref) == (0, 0, expected)

@@ -33,6 +33,7 @@
 #define REF_MARGIN 8       /* encoder: a reference row must share 8 more hi bytes than row t-1 */
 #define ROPE_BITS_PER_CH 10 /* encoder: a RoPE match must cost less than ~10 bits a channel */
 #define ROPE_CANDIDATES 2  /* encoder: rows verified per RoPE search (nearest sketches) */
+#define ROPE_SKETCH_DIV 16 /* encoder: ... and only those whose sketch differs in at most C/16 channels */
 #define RES_LEN_MAX 17     /* residual magnitude bit length: 1..17 */
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -63,6 +64,17 @@ static inline int bit_length(uint32_t x) {
 #endif
 }
 
+static inline uint32_t popcount64(uint64_t x) {
+#if defined(__GNUC__) || defined(__clang__)
+    return (uint32_t)__builtin_popcountll(x);
+#else
+    x = x - ((x >> 1) & 0x5555555555555555ull);
+    x = (x & 0x3333333333333333ull) + ((x >> 2) & 0x3333333333333333ull);
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0Full;
+    return (uint32_t)((x * 0x0101010101010101ull) >> 56);
+#endif
+}
+
 /* ---------------------------------------------------------------- squash / stretch (lpaq's tables) */
 static const int32_t SQ[33] = {1, 2, 3, 6, 10, 16, 27, 45, 73, 120, 194, 310, 488, 747, 1101, 1546, 2047, 2549,
                                2994, 3348, 3607, 3785, 3901, 3975, 4022, 4050, 4068, 4079, 4085, 4089, 4092, 4093,
@@ -76,7 +88,26 @@ static inline int32_t squash(int32_t d) { /* 4096 / (1 + e^(-d/256)) by interpol
 static int16_t ST[4096];
 static int32_t STP[4096];  /* ST[p12(s)] indexed by s >> 12, for a counter state s */
 static int32_t SQI[4097];  /* squash(d - 2048), d in 0..4096 */
-static int32_t RATE[256];
+/* RATE[n] = 2^17 / (2n + 3): a counter seen n times moves 1/(n + 1.5) of the way (a const table: loads
+ * from it cannot alias the passes' stores, so the vectoriser keeps the counter updates) */
+static const int32_t RATE[256] = {
+    43690, 26214, 18724, 14563, 11915, 10082, 8738, 7710, 6898, 6241, 5698, 5242, 4854, 4519, 4228, 3971,
+    3744, 3542, 3360, 3196, 3048, 2912, 2788, 2674, 2570, 2473, 2383, 2299, 2221, 2148, 2080, 2016,
+    1956, 1899, 1846, 1795, 1747, 1702, 1659, 1618, 1579, 1542, 1506, 1472, 1440, 1409, 1379, 1351,
+    1323, 1297, 1272, 1248, 1224, 1202, 1180, 1159, 1139, 1120, 1101, 1083, 1065, 1048, 1032, 1016,
+    1000, 985, 970, 956, 942, 929, 916, 903, 891, 879, 868, 856, 845, 834, 824, 814,
+    804, 794, 784, 775, 766, 757, 748, 740, 732, 724, 716, 708, 700, 693, 686, 679,
+    672, 665, 658, 652, 645, 639, 633, 627, 621, 615, 609, 604, 598, 593, 587, 582,
+    577, 572, 567, 562, 557, 553, 548, 543, 539, 534, 530, 526, 522, 518, 514, 510,
+    506, 502, 498, 494, 490, 487, 483, 480, 476, 473, 469, 466, 463, 459, 456, 453,
+    450, 447, 444, 441, 438, 435, 432, 429, 426, 424, 421, 418, 416, 413, 410, 408,
+    405, 403, 400, 398, 395, 393, 391, 388, 386, 384, 382, 379, 377, 375, 373, 371,
+    369, 367, 365, 363, 361, 359, 357, 355, 353, 351, 349, 347, 345, 344, 342, 340,
+    338, 336, 335, 333, 331, 330, 328, 326, 325, 323, 322, 320, 318, 317, 315, 314,
+    312, 311, 309, 308, 306, 305, 304, 302, 301, 299, 298, 297, 295, 294, 293, 291,
+    290, 289, 288, 286, 285, 284, 283, 281, 280, 279, 278, 277, 275, 274, 273, 272,
+    271, 270, 269, 268, 266, 265, 264, 263, 262, 261, 260, 259, 258, 257, 256, 255,
+};
 static double F16[65536];
 
 static void init_tables(void) {
@@ -89,7 +120,6 @@ static void init_tables(void) {
     for (int32_t i = pi; i < 4096; i++) ST[i] = 2047;
     for (int32_t d = 0; d <= 4096; d++) SQI[d] = squash(d - 2048);
     for (int32_t i = 0; i < 4096; i++) STP[i] = ST[i < 1 ? 1 : i];
-    for (int32_t n = 0; n < 256; n++) RATE[n] = (65536 * 2) / (2 * n + 3);
     for (uint32_t w = 0; w < 65536; w++) { /* exact fp16 -> double from the bits */
         uint32_t e = (w >> 10) & 31, m = w & 1023;
         uint64_t bits;
@@ -619,20 +649,20 @@ static int code_residuals(model_t *m, rc_t *r, int enc, uint16_t *row) {
 }
 
 /* ---------------------------------------------------------------- encoder searches */
-static inline uint32_t popcount64(uint64_t x) {
-    x = x - ((x >> 1) & 0x5555555555555555ull);
-    x = (x & 0x3333333333333333ull) + ((x >> 2) & 0x3333333333333333ull);
-    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0Full;
-    return (uint32_t)((x * 0x0101010101010101ull) >> 56);
-}
 static uint64_t row_hash(const uint16_t *row, size_t C) {
     uint64_t h = 0x9E3779B97F4A7C15ull;
     for (size_t c = 0; c < C; c++) h = (h ^ row[c]) * 0x100000001B3ull;
     return h ^ (h >> 29);
 }
-static size_t count_equal(const uint8_t *restrict a, const uint8_t *restrict b, size_t C) {
-    uint32_t n = 0; /* C <= MAX_CHANNELS */
-    for (size_t c = 0; c < C; c++) n += a[c] == b[c];
+/* equal bytes of a and b: 8-bit counts over blocks of 255 (the vectoriser keeps them in byte lanes) */
+ALWAYS_INLINE uint32_t count_equal(const uint8_t *restrict a, const uint8_t *restrict b, size_t C) {
+    uint32_t n = 0;
+    for (size_t c0 = 0; c0 < C; c0 += 255) {
+        const size_t end = C - c0 < 255 ? C : c0 + 255;
+        uint8_t k = 0;
+        for (size_t c = c0; c < end; c++) k = (uint8_t)(k + (a[c] == b[c]));
+        n += k;
+    }
     return n;
 }
 /* cost estimate of coding row v against its prediction w as a residual (bits ~ 2 bit_length + 1) */
@@ -666,66 +696,106 @@ typedef struct {
     size_t seq, C;
 } rows_t;
 
-/* sketch: sign bits of each row de-rotated to position 0 (encoder only) */
-static int rope_search(rows_t *R, rope_t *rp, uint64_t *sk, size_t words_per) {
-    const size_t seq = R->seq, C = R->C;
-    for (size_t t = 0; t < seq; t++) {
-        for (int i = 0; i < rp->half; i++)
-            det_cossin(-(double)R->pos[t] * rp->inv_freq[i], &rp->cs[i], &rp->cs[rp->half + i]);
+/* sketch of each row (encoder only): the sign bits of the row de-rotated to position 0, pair p's two
+ * dims at bits p and P + p (P = C / 2 pairs; any fixed bit order gives the same Hamming distances).
+ * pa, pb, pf: [P] scratch; g: [C] scratch. */
+static void rope_sketch(const rows_t *R, rope_t *rp, uint64_t *sk, size_t words_per, int32_t *pa, int32_t *pb,
+                        int32_t *pf, uint8_t *g) {
+    const int32_t P = rp->heads * rp->half, half = rp->half;
+    for (int32_t h = 0, p = 0; h < rp->heads; h++)
+        for (int32_t i = 0; i < half; i++, p++) {
+            int da, db;
+            pair_dims(rp, i, &da, &db);
+            pa[p] = h * rp->dim + da;
+            pb[p] = h * rp->dim + db;
+            pf[p] = i;
+        }
+    for (size_t t = 0; t < R->seq; t++) {
+        const double *cs = rope_angles(rp, R->pos[t]); /* de-rotation by -pos: the same cos, minus the sin */
+        const uint16_t *row = R->words + t * R->C;
+        for (int32_t p = 0; p < P; p++) {
+            double a = F16[row[pa[p]]], b = F16[row[pb[p]]], c = cs[pf[p]], sn = cs[half + pf[p]];
+            g[p] = a * c + b * sn < 0;
+            g[P + p] = b * c - a * sn < 0;
+        }
         uint64_t *s = sk + t * words_per;
-        memset(s, 0, words_per * 8);
-        const uint16_t *row = R->words + t * C;
-        for (int h = 0; h < rp->heads; h++)
-            for (int i = 0; i < rp->half; i++) {
-                int da, db;
-                pair_dims(rp, i, &da, &db);
-                size_t ca = (size_t)h * rp->dim + (size_t)da, cb = (size_t)h * rp->dim + (size_t)db;
-                double a = F16[row[ca]], b = F16[row[cb]], c = rp->cs[i], sn = rp->cs[rp->half + i];
-                if (a * c - b * sn < 0) s[ca >> 6] |= 1ull << (ca & 63);
-                if (a * sn + b * c < 0) s[cb >> 6] |= 1ull << (cb & 63);
-            }
+        for (size_t k = 0; k < words_per; k++) {
+            const size_t lim = R->C - 64 * k < 64 ? R->C - 64 * k : 64;
+            uint64_t w = 0;
+            for (size_t b = 0; b < lim; b++) w |= (uint64_t)g[64 * k + b] << b;
+            s[k] = w;
+        }
     }
-    for (size_t t = 1; t < seq; t++) {
-        if (R->match[t] >= 0) continue;
-        size_t best[ROPE_CANDIDATES];
+}
+
+/* for each row t >= 1 that is no exact repeat: the ROPE_CANDIDATES earlier rows with the nearest sketches
+ * (Hamming distance; ties: the earliest row) whose distance is at most C / ROPE_SKETCH_DIV, into
+ * cand[t * ROPE_CANDIDATES + k] (-1: none) */
+ALWAYS_INLINE void sketch_scan_body(const rows_t *R, const uint64_t *sk, size_t words_per, int32_t *cand) {
+    const uint32_t dmax = (uint32_t)(R->C / ROPE_SKETCH_DIV);
+    for (size_t t = 0; t < R->seq; t++) {
+        int32_t *best = cand + t * ROPE_CANDIDATES;
         uint32_t bestd[ROPE_CANDIDATES];
-        for (int k = 0; k < ROPE_CANDIDATES; k++) { best[k] = SIZE_MAX; bestd[k] = UINT32_MAX; }
+        for (int k = 0; k < ROPE_CANDIDATES; k++) { best[k] = -1; bestd[k] = dmax + 1; }
+        if (R->match[t] >= 0) continue;
         const uint64_t *st = sk + t * words_per;
         for (size_t j = 0; j < t; j++) {
             const uint64_t *sj = sk + j * words_per;
             uint32_t d = 0;
             for (size_t k = 0; k < words_per; k++) d += popcount64(st[k] ^ sj[k]);
-            for (int k = 0; k < ROPE_CANDIDATES; k++)
-                if (d < bestd[k]) {
-                    for (int q = ROPE_CANDIDATES - 1; q > k; q--) { bestd[q] = bestd[q - 1]; best[q] = best[q - 1]; }
-                    bestd[k] = d;
-                    best[k] = j;
-                    break;
-                }
-        }
-        uint64_t limit = (uint64_t)ROPE_BITS_PER_CH * C, bestc = limit;
-        for (int k = 0; k < ROPE_CANDIDATES; k++) {
-            if (best[k] == SIZE_MAX || bestd[k] > C / 4) continue;
-            size_t j = best[k];
-            const double *cs = rope_angles(rp, R->pos[t] - R->pos[j]);
-            uint64_t cost = rope_cost(rp, cs, R->words + j * C, R->words + t * C, bestc);
-            if (cost < bestc) { bestc = cost; R->rope[t] = (int32_t)j; }
+            if (d >= bestd[ROPE_CANDIDATES - 1]) continue;
+            int k = ROPE_CANDIDATES - 1;
+            for (; k > 0 && d < bestd[k - 1]; k--) { bestd[k] = bestd[k - 1]; best[k] = best[k - 1]; }
+            bestd[k] = d;
+            best[k] = (int32_t)j;
         }
     }
-    return 0;
 }
 
-static void ref_search(rows_t *R) {
+/* the row t >= 2 (literal so far) takes as reference the earlier row j < t-1 sharing the most hi bytes
+ * (ties: the earliest) if it shares REF_MARGIN more than row t-1 */
+ALWAYS_INLINE void ref_search_body(rows_t *R) {
     const size_t C = R->C;
     for (size_t t = 2; t < R->seq; t++) {
         if (R->match[t] >= 0 || R->rope[t] >= 0) continue;
         const uint8_t *h = R->hi + t * C;
-        size_t prev = count_equal(h, R->hi + (t - 1) * C, C), best = 0, bj = 0;
+        uint32_t prev = count_equal(h, R->hi + (t - 1) * C, C), best = 0;
+        size_t bj = 0;
         for (size_t j = 0; j + 1 < t; j++) {
-            size_t n = count_equal(h, R->hi + j * C, C);
+            uint32_t n = count_equal(h, R->hi + j * C, C);
             if (n > best) { best = n; bj = j; }
         }
         if (best >= prev + REF_MARGIN) R->ref[t] = (int32_t)bj;
+    }
+}
+
+static void sketch_scan_plain(const rows_t *R, const uint64_t *sk, size_t words_per, int32_t *cand) {
+    sketch_scan_body(R, sk, words_per, cand);
+}
+static void ref_search_plain(rows_t *R) { ref_search_body(R); }
+#if HAVE_AVX2_COPY
+__attribute__((target("avx2,popcnt"))) static void sketch_scan_avx2(const rows_t *R, const uint64_t *sk,
+                                                                     size_t words_per, int32_t *cand) {
+    sketch_scan_body(R, sk, words_per, cand);
+}
+__attribute__((target("avx2,popcnt"))) static void ref_search_avx2(rows_t *R) { ref_search_body(R); }
+#endif
+static void (*sketch_scan_impl)(const rows_t *, const uint64_t *, size_t, int32_t *) = sketch_scan_plain;
+static void (*ref_search_impl)(rows_t *) = ref_search_plain; /* set with literal_hi_impl */
+
+/* RoPE matches: each candidate of the sketch scan verified with the exact prediction; the cheapest
+ * below ROPE_BITS_PER_CH bits a channel wins (ties: the nearer sketch) */
+static void rope_search(rows_t *R, rope_t *rp, const int32_t *cand) {
+    const size_t C = R->C;
+    for (size_t t = 1; t < R->seq; t++) {
+        uint64_t bestc = (uint64_t)ROPE_BITS_PER_CH * C;
+        for (int k = 0; k < ROPE_CANDIDATES; k++) {
+            int32_t j = cand[t * ROPE_CANDIDATES + k];
+            if (j < 0) continue;
+            const double *cs = rope_angles(rp, R->pos[t] - R->pos[j]);
+            uint64_t cost = rope_cost(rp, cs, R->words + (size_t)j * C, R->words + t * C, bestc);
+            if (cost < bestc) { bestc = cost; R->rope[t] = j; }
+        }
     }
 }
 
@@ -869,6 +939,7 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     rc_t r = {0, 0xFFFFFFFFu, 0, 0, 1, NULL, 0, 0, 0, 0};
     uint8_t *lo = NULL;
     uint64_t *sk = NULL;
+    int32_t *cand = NULL, *pidx = NULL;
     int64_t *pos = NULL;
     size_t literal = 0;
     if (check_shape(seq, heads, dim, rope_on, theta) < 0) goto done;
@@ -886,7 +957,9 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     lo = (uint8_t *)malloc(n ? n : 1);
     size_t words_per = (C + 63) / 64;
     sk = (uint64_t *)malloc((R.seq * words_per > 0 ? R.seq * words_per : 1) * 8);
-    if (!R.hi || !R.match || !R.rope || !R.ref || !pos || !lo || !sk || model_init(&m, C ? C : 1) < 0 ||
+    cand = (int32_t *)malloc((R.seq ? R.seq : 1) * ROPE_CANDIDATES * sizeof(int32_t));
+    pidx = (int32_t *)malloc((C ? C : 1) * 3 * sizeof(int32_t)); /* rope_sketch's pa, pb, pf: C / 2 each */
+    if (!R.hi || !R.match || !R.rope || !R.ref || !pos || !lo || !sk || !cand || !pidx || model_init(&m, C ? C : 1) < 0 ||
         parse_rope(&rp, rope_on, theta, interleaved, (size_t)heads, (size_t)dim, (size_t)seq) < 0) {
         PyErr_NoMemory();
         goto done;
@@ -901,8 +974,12 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (size_t i = 0; i < n; i++) R.hi[i] = (uint8_t)(R.words[i] >> 8);
     if (C && match_search(&R) < 0) err = "out of memory";
-    if (!err && C && rp.on) rope_search(&R, &rp, sk, words_per);
-    if (!err && C) ref_search(&R);
+    if (!err && C && rp.on) {
+        rope_sketch(&R, &rp, sk, words_per, pidx, pidx + C / 2, pidx + C, lo); /* lo: [C] scratch until coded */
+        sketch_scan_impl(&R, sk, words_per, cand);
+        rope_search(&R, &rp, cand);
+    }
+    if (!err && C) ref_search_impl(&R);
     if (!err && C) err = code_rows(1, &R, &rp, &m, &r, lo, n, &literal);
     if (!err && C) for (int i = 0; i < 5; i++) shift_low(&r);
     if (!err && r.oom) err = "out of memory";
@@ -915,7 +992,7 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
                            (Py_ssize_t)(r.pos ? r.pos - 1 : 0),
                            (const char *)lo, (Py_ssize_t)(literal * C), (Py_ssize_t)nm, (Py_ssize_t)nr, (Py_ssize_t)nf);
 done:
-    free(R.hi); free(R.match); free(R.rope); free(R.ref); free(pos); free(lo); free(sk); free(r.buf);
+    free(R.hi); free(R.match); free(R.rope); free(R.ref); free(pos); free(lo); free(sk); free(cand); free(pidx); free(r.buf);
     if (model_ok) model_free(&m);
     rope_free(&rp);
     PyBuffer_Release(&wb);
@@ -989,16 +1066,27 @@ done:
     return result;
 }
 
+/* the AVX2 copies of the coder and the encoder's scans where wanted and the CPU has AVX2 (and POPCNT) */
+static void select_copies(int want) {
+    literal_hi_impl = literal_hi_plain;
+    sketch_scan_impl = sketch_scan_plain;
+    ref_search_impl = ref_search_plain;
+#if HAVE_AVX2_COPY
+    if (want && __builtin_cpu_supports("avx2")) literal_hi_impl = literal_hi_avx2;
+    if (want && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) {
+        sketch_scan_impl = sketch_scan_avx2;
+        ref_search_impl = ref_search_avx2;
+    }
+#endif
+}
+
 /* _use_avx2(flag) -> bool: run the AVX2 copy of the literal coder where the CPU has one (flag true, the
  * default at import) or the plain copy (flag false; tests compare the two); returns whether AVX2 is used. */
 static PyObject *py_use_avx2(PyObject *self, PyObject *arg) {
     (void)self;
     int want = PyObject_IsTrue(arg);
     if (want < 0) return NULL;
-    literal_hi_impl = literal_hi_plain;
-#if HAVE_AVX2_COPY
-    if (want && __builtin_cpu_supports("avx2")) literal_hi_impl = literal_hi_avx2;
-#endif
+    select_copies(want);
     return PyBool_FromLong(literal_hi_impl != literal_hi_plain);
 }
 
@@ -1016,8 +1104,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ratiocore",
 
 PyMODINIT_FUNC PyInit__ratiocore(void) {
     init_tables();
-#if HAVE_AVX2_COPY
-    if (__builtin_cpu_supports("avx2")) literal_hi_impl = literal_hi_avx2;
-#endif
+    select_copies(1);
     return PyModule_Create(&module);
 }

@@ -33,8 +33,9 @@ consecutive positions (from any start) are not stored.
 
 The model is integer arithmetic; the RoPE prediction uses IEEE double +,-,*,/ only (no libm) and an
 integer rounding to fp16, so every platform codes the same bits (golden blobs in tests/data pin it). The
-coder's per-channel passes are compiled twice, plain and for AVX2 (x86-64), and the AVX2 copy runs where
-the CPU has it: the same integer operations, so the same bits (the tests compare the two copies).
+coder's per-channel passes and the encoder's row searches are compiled twice, plain and for AVX2 (x86-64),
+and the AVX2 copies run where the CPU has them: the same integer operations, so the same bits (the tests
+compare the two copies).
 Safety net: :meth:`RatioCodec.encode` returns the fast profile's version-1 blob
 (:mod:`~h2o_kernels.codec.fp16`, the kind's default predictors) whenever that is not larger than the
 version-2 blob, so the ratio profile is never worse than the fast one on any selection; decode such blobs
