@@ -1,7 +1,7 @@
 """The codec's two profiles behind one door: build an encoder by profile, decode any blob.
 
-``fast`` (blob version 1, :mod:`h2o_kernels.codec.fp16`): byte planes, per-block predictors and zstd;
-hundreds of MB/s, what the runtime uses by default. ``ratio`` (blob version 2,
+``fast`` (blob version 3; version 1 still read; :mod:`h2o_kernels.codec.fp16`): byte planes, per-block
+predictors and zstd; hundreds of MB/s, what the runtime uses by default. ``ratio`` (blob version 2,
 :mod:`h2o_kernels.codec.ratio`): a per-channel context model of the hi byte with a range coder and
 row matching (RoPE-aware for K); a higher ratio at tens of MB/s. Decoding never needs the profile:
 the blob's version byte picks the decoder.
@@ -26,6 +26,10 @@ VERSIONS: dict[str, int] = PROFILE_VERSIONS  # the blob format version each prof
 
 class Encoder(Protocol):
     """What both profiles' encoders do (one instance per thread: they are not thread-safe)."""
+
+    def encode(self, tensor: np.ndarray, positions: np.ndarray | None = None) -> bytes:
+        """One blob for one tensor (see :meth:`encode_many`)."""
+        ...
 
     def encode_many(self, tensors: list[np.ndarray],
                     positions: list[np.ndarray | None] | None = None) -> list[bytes]:

@@ -194,8 +194,7 @@ class _CodecEncoder:
             codecs = self._local.codecs = (
                 make_codec(c.profile, "k", hi_predictors=c.predictors_k, lo_predictors=c.predictors_k, rope=self._rope),
                 make_codec(c.profile, "v", hi_predictors=c.predictors_v, lo_predictors=c.predictors_v))
-        k_blobs = codecs[0].encode_many([k]) if positions is None else codecs[0].encode_many([k], [positions])
-        return k_blobs[0], codecs[1].encode_many([v])[0]
+        return codecs[0].encode(k, positions), codecs[1].encode(v)
 
 
 def _decode_pair(k_blob: bytes, v_blob: bytes) -> tuple[np.ndarray, np.ndarray]:
