@@ -7,8 +7,12 @@
  *   - literal row: optional reference row (adaptive flag + index in bit_length(t-2) bits, default t-1),
  *     the lo bytes raw (returned separately), the hi bytes centred on the channel's running mean and coded
  *     MSB first as 8 binary decisions, depth-major (all channels' depth-d decision, then depth d+1), each
- *     the integer logistic mix (lpaq-style) of 4 adaptive counters + a bias, with a binary range coder
- *     (LZMA's: 32-bit range, 12-bit probabilities, carry through a cache byte).
+ *     the integer logistic mix (lpaq-style) of 3 adaptive counters (the channel's bit tree, everyone's given
+ *     the reference row, everyone's bit tree) + a bias.
+ * Two binary range coders (LZMA's: 32-bit range, 12-bit probabilities, carry through a cache byte) share the
+ * work: channel c's hi-byte decisions go to coder c & 1 (the last channel of an odd C to coder 0), every other
+ * decision to coder 0. The stream is coder 0's bytes followed by coder 1's in reverse order (no length field:
+ * coder 1's decoder reads from the end; together they must consume the stream exactly).
  * Every constant below is part of the format. The model is integer-only; the RoPE prediction uses
  * IEEE-754 double +,-,*,/ only (correctly rounded everywhere; no libm, no contraction, FLT_EVAL_METHOD 0)
  * and an integer double -> fp16 rounding, so every platform codes and decodes the same bits.
@@ -28,7 +32,7 @@
 #define MAX_CHANNELS 65536 /* kv_heads * head_dim; bounds the per-channel tables (1 KiB a channel) */
 #define RATE_LIMIT_CH 30   /* per-channel counters: rate 1/(n+1.5) up to this count */
 #define RATE_LIMIT_SH 255  /* shared counters */
-#define NIN 5              /* mixer inputs: channel tree, channel x reference, shared reference, shared tree, bias */
+#define NIN 4              /* mixer inputs: channel tree, shared reference, shared tree, bias */
 #define BATCH_SHIFT 14     /* depth-major mixer step: the summed gradient of one depth >> 14 */
 #define REF_MARGIN 8       /* encoder: a reference row must share 8 more hi bytes than row t-1 */
 #define ROPE_BITS_PER_CH 10 /* encoder: a RoPE match must cost less than ~10 bits a channel */
@@ -157,6 +161,7 @@ typedef struct {
     size_t pos, cap; /* encoder: bytes written / allocated; decoder: bytes consumed / stream length */
     size_t over;     /* decoder: bytes read past the end */
     int oom;         /* encoder: allocation failed */
+    int rev;         /* decoder: read the stream from its end backwards (the second coder) */
 } rc_t;
 
 static void rc_put(rc_t *r, uint8_t b) {
@@ -180,7 +185,7 @@ static void shift_low(rc_t *r) {
 }
 static inline uint8_t rc_byte(rc_t *r) {
     uint8_t b = 0;
-    if (r->pos < r->cap) b = r->buf[r->pos]; else r->over++;
+    if (r->pos < r->cap) b = r->buf[r->rev ? r->cap - 1 - r->pos : r->pos]; else r->over++;
     r->pos++;
     return b;
 }
@@ -207,43 +212,65 @@ static inline uint32_t rc_index(rc_t *r, int enc, int nbits, uint32_t j) { /* eq
     return out;
 }
 
-/* rc_bit over C channels with the probabilities pr: the encoder codes bit sh of each sym and stores it in
- * bits, the decoder decodes into bits. The coder's state stays in registers through the loop. */
-static void rc_encode_pass(rc_t *r, const int32_t *pr, const int32_t *sym, int32_t *bits, size_t C, int sh) {
-    uint64_t low = r->low;
-    uint32_t range = r->range;
-    for (size_t c = 0; c < C; c++) {
-        int32_t bit = (sym[c] >> sh) & 1;
-        uint32_t bound = (range >> 12) * (uint32_t)pr[c], mask = (uint32_t)bit - 1u;
-        bits[c] = bit;
-        low += bound & mask;
-        range = (bound & ~mask) | ((range - bound) & mask);
-        while (range < (1u << 24)) {
-            range <<= 8;
-            r->low = low;
-            shift_low(r);
-            low = r->low;
-        }
+/* One rc_bit of the encoder (step_enc) or decoder (step_dec) with the coder's state in the caller's registers */
+ALWAYS_INLINE void step_enc(rc_t *r, uint64_t *low, uint32_t *range, int32_t p, int32_t bit) {
+    uint32_t bound = (*range >> 12) * (uint32_t)p, mask = (uint32_t)bit - 1u;
+    *low += bound & mask;
+    *range = (bound & ~mask) | ((*range - bound) & mask);
+    while (*range < (1u << 24)) {
+        *range <<= 8;
+        r->low = *low;
+        shift_low(r);
+        *low = r->low;
     }
-    r->low = low;
-    r->range = range;
+}
+ALWAYS_INLINE int32_t step_dec(rc_t *r, uint32_t *code, uint32_t *range, int32_t p) {
+    uint32_t bound = (*range >> 12) * (uint32_t)p;
+    int32_t bit = *code < bound;
+    uint32_t mask = (uint32_t)bit - 1u;
+    *code -= bound & mask;
+    *range = (bound & ~mask) | ((*range - bound) & mask);
+    while (*range < (1u << 24)) {
+        *range <<= 8;
+        *code = (*code << 8) | rc_byte(r);
+    }
+    return bit;
+}
+/* rc_bit over C channels with the probabilities pr, channel c with coder r[c & 1] (the last one of an odd C
+ * with r[0]): two independent coders, so the CPU overlaps their dependency chains. The encoder codes bit sh
+ * of each sym and stores it in bits, the decoder decodes into bits. */
+static void rc_encode_pass(rc_t *r, const int32_t *pr, const int32_t *sym, int32_t *bits, size_t C, int sh) {
+    uint64_t low0 = r[0].low, low1 = r[1].low;
+    uint32_t range0 = r[0].range, range1 = r[1].range;
+    size_t c = 0;
+    for (; c + 1 < C; c += 2) {
+        int32_t b0 = (sym[c] >> sh) & 1, b1 = (sym[c + 1] >> sh) & 1;
+        bits[c] = b0;
+        bits[c + 1] = b1;
+        step_enc(&r[0], &low0, &range0, pr[c], b0);
+        step_enc(&r[1], &low1, &range1, pr[c + 1], b1);
+    }
+    if (c < C) {
+        bits[c] = (sym[c] >> sh) & 1;
+        step_enc(&r[0], &low0, &range0, pr[c], bits[c]);
+    }
+    r[0].low = low0;
+    r[0].range = range0;
+    r[1].low = low1;
+    r[1].range = range1;
 }
 static void rc_decode_pass(rc_t *r, const int32_t *pr, int32_t *bits, size_t C) {
-    uint32_t range = r->range, code = r->code;
-    for (size_t c = 0; c < C; c++) {
-        uint32_t bound = (range >> 12) * (uint32_t)pr[c];
-        int32_t bit = code < bound;
-        uint32_t mask = (uint32_t)bit - 1u;
-        bits[c] = bit;
-        code -= bound & mask;
-        range = (bound & ~mask) | ((range - bound) & mask);
-        while (range < (1u << 24)) {
-            range <<= 8;
-            code = (code << 8) | rc_byte(r);
-        }
+    uint32_t range0 = r[0].range, code0 = r[0].code, range1 = r[1].range, code1 = r[1].code;
+    size_t c = 0;
+    for (; c + 1 < C; c += 2) {
+        bits[c] = step_dec(&r[0], &code0, &range0, pr[c]);
+        bits[c + 1] = step_dec(&r[1], &code1, &range1, pr[c + 1]);
     }
-    r->range = range;
-    r->code = code;
+    if (c < C) bits[c] = step_dec(&r[0], &code0, &range0, pr[c]);
+    r[0].range = range0;
+    r[0].code = code0;
+    r[1].range = range1;
+    r[1].code = code1;
 }
 
 /* ---------------------------------------------------------------- deterministic RoPE arithmetic */
@@ -360,45 +387,40 @@ static void rope_predict(const rope_t *rp, const double *cs, const uint16_t *row
 typedef struct {
     size_t C;
     uint32_t *t_chan;  /* [C * 256] channel bit-tree */
-    uint32_t *t_prev;  /* [C * 32]  channel x (depth, prefix equals reference, reference bit) */
     uint32_t t_gprev[32], t_glob[256];
     uint32_t t_match[2], t_rope[2], t_ref[2], t_rz[2], t_rs[1], t_ru[RES_LEN_MAX + 1], t_rl[RES_LEN_MAX + 2];
     int32_t w[16][NIN];
     int64_t *csum;     /* [C] sum of the centred magnitudes of earlier rows */
     /* [C] per-row scratch: centre, centred symbol, centred reference byte, bit-tree node, prefix equals the
-     * reference, context of t_prev, stretched channel-tree and channel-reference predictions, P(1), bit */
-    int32_t *ctr, *sym, *prv, *node, *eq, *cx, *s0, *s1, *pr, *bits;
-    uint32_t *ua, *ub; /* [C] updated channel counters */
+     * reference, context of t_gprev, stretched channel-tree prediction, P(1), bit */
+    int32_t *ctr, *sym, *prv, *node, *eq, *cx, *s0, *pr, *bits;
+    uint32_t *ua;      /* [C] updated channel counters */
     uint16_t *pred;    /* [C] RoPE prediction */
 } model_t;
 
 static void model_free(model_t *m) {
-    free(m->t_chan); free(m->t_prev); free(m->csum); free(m->ctr); free(m->sym); free(m->prv); free(m->node);
-    free(m->eq); free(m->cx); free(m->s0); free(m->s1); free(m->pr); free(m->bits); free(m->pred); free(m->ua);
-    free(m->ub);
+    free(m->t_chan); free(m->csum); free(m->ctr); free(m->sym); free(m->prv); free(m->node);
+    free(m->eq); free(m->cx); free(m->s0); free(m->pr); free(m->bits); free(m->pred); free(m->ua);
 }
 static int model_init(model_t *m, size_t C) {
     memset(m, 0, sizeof *m);
     m->C = C;
     m->t_chan = (uint32_t *)malloc(C * 256 * sizeof(uint32_t));
-    m->t_prev = (uint32_t *)malloc(C * 32 * sizeof(uint32_t));
     m->csum = (int64_t *)calloc(C, sizeof(int64_t));
-    int32_t **scratch[] = {&m->ctr, &m->sym, &m->prv, &m->node, &m->eq, &m->cx, &m->s0, &m->s1, &m->pr, &m->bits};
-    int ok = m->t_chan && m->t_prev && m->csum;
+    int32_t **scratch[] = {&m->ctr, &m->sym, &m->prv, &m->node, &m->eq, &m->cx, &m->s0, &m->pr, &m->bits};
+    int ok = m->t_chan && m->csum;
     for (size_t k = 0; k < sizeof scratch / sizeof *scratch; k++) {
         *scratch[k] = (int32_t *)malloc(C * sizeof(int32_t));
         ok = ok && *scratch[k];
     }
     m->pred = (uint16_t *)malloc(C * sizeof(uint16_t));
     m->ua = (uint32_t *)malloc(C * sizeof(uint32_t));
-    m->ub = (uint32_t *)malloc(C * sizeof(uint32_t));
-    if (!ok || !m->pred || !m->ua || !m->ub) { model_free(m); return -1; }
+    if (!ok || !m->pred || !m->ua) { model_free(m); return -1; }
     for (size_t i = 0; i < C * 256; i++) m->t_chan[i] = CTR_INIT;
-    for (size_t i = 0; i < C * 32; i++) m->t_prev[i] = CTR_INIT;
     uint32_t *small[] = {m->t_gprev, m->t_glob, m->t_match, m->t_rope, m->t_ref, m->t_rz, m->t_rs, m->t_ru, m->t_rl};
     size_t sizes[] = {32, 256, 2, 2, 2, 2, 1, RES_LEN_MAX + 1, RES_LEN_MAX + 2};
     for (int k = 0; k < 9; k++) for (size_t i = 0; i < sizes[k]; i++) small[k][i] = CTR_INIT;
-    for (int i = 0; i < 16; i++) for (int k = 0; k < NIN; k++) m->w[i][k] = 65536 / 4;
+    for (int i = 0; i < 16; i++) for (int k = 0; k < NIN; k++) m->w[i][k] = 65536 / 3;
     return 0;
 }
 
@@ -441,32 +463,27 @@ typedef struct { int32_t h[2][NIN], l[2][NIN]; } wsplit_t;
 
 /* depth pass 1: P(1) of every channel's decision (independent across channels) */
 ALWAYS_INLINE void predict_pass(int32_t n, int32_t depth, int32_t has_prev, const uint32_t *restrict tc,
-                                const uint32_t *restrict tp, const int32_t *restrict node,
-                                const int32_t *restrict prv, const int32_t *restrict eq, const int32_t *restrict sg,
-                                const int32_t *restrict sgl, const wsplit_t *restrict ws, int32_t *restrict cx,
-                                int32_t *restrict s0, int32_t *restrict s1, int32_t *restrict pr,
-                                uint32_t *restrict ua, uint32_t *restrict ub) {
+                                const int32_t *restrict node, const int32_t *restrict prv, const int32_t *restrict eq,
+                                const int32_t *restrict sg, const int32_t *restrict sgl, const wsplit_t *restrict ws,
+                                int32_t *restrict cx, int32_t *restrict s0, int32_t *restrict pr,
+                                uint32_t *restrict ua) {
     const int32_t sh = 7 - depth, base = depth * 4;
-    const int32_t h00 = ws->h[0][0], h01 = ws->h[0][1], h02 = ws->h[0][2], h03 = ws->h[0][3], h04 = ws->h[0][4] * 256;
-    const int32_t h10 = ws->h[1][0], h11 = ws->h[1][1], h12 = ws->h[1][2], h13 = ws->h[1][3], h14 = ws->h[1][4] * 256;
-    const int32_t l00 = ws->l[0][0], l01 = ws->l[0][1], l02 = ws->l[0][2], l03 = ws->l[0][3], l04 = ws->l[0][4] * 256;
-    const int32_t l10 = ws->l[1][0], l11 = ws->l[1][1], l12 = ws->l[1][2], l13 = ws->l[1][3], l14 = ws->l[1][4] * 256;
+    const int32_t h00 = ws->h[0][0], h01 = ws->h[0][1], h02 = ws->h[0][2], h03 = ws->h[0][3] * 256;
+    const int32_t h10 = ws->h[1][0], h11 = ws->h[1][1], h12 = ws->h[1][2], h13 = ws->h[1][3] * 256;
+    const int32_t l00 = ws->l[0][0], l01 = ws->l[0][1], l02 = ws->l[0][2], l03 = ws->l[0][3] * 256;
+    const int32_t l10 = ws->l[1][0], l11 = ws->l[1][1], l12 = ws->l[1][2], l13 = ws->l[1][3] * 256;
     for (int32_t c = 0; c < n; c++) {
         int32_t e = eq[c], nd = node[c], x = (base + e * 2 + ((prv[c] >> sh) & 1)) * has_prev;
-        uint32_t ta = tc[c * 256 + nd], tb = tp[c * 32 + x];
-        int32_t a = STP[ta >> 12], b = STP[tb >> 12], g = sg[x], h = sgl[nd];
-        int32_t hi = (e ? h10 : h00) * a + (e ? h11 : h01) * b + (e ? h12 : h02) * g + (e ? h13 : h03) * h +
-                     (e ? h14 : h04);
-        int32_t lo = (e ? l10 : l00) * a + (e ? l11 : l01) * b + (e ? l12 : l02) * g + (e ? l13 : l03) * h +
-                     (e ? l14 : l04);
+        uint32_t ta = tc[c * 256 + nd];
+        int32_t a = STP[ta >> 12], g = sg[x], h = sgl[nd];
+        int32_t hi = (e ? h10 : h00) * a + (e ? h11 : h01) * g + (e ? h12 : h02) * h + (e ? h13 : h03);
+        int32_t lo = (e ? l10 : l00) * a + (e ? l11 : l01) * g + (e ? l12 : l02) * h + (e ? l13 : l03);
         int32_t d = hi + asr32(lo, 16);
         d = d < -2048 ? -2048 : d;
         d = d > 2048 ? 2048 : d;
         ua[c] = ta;
-        ub[c] = tb;
         cx[c] = x;
         s0[c] = a;
-        s1[c] = b;
         pr[c] = SQI[d + 2048];
     }
 }
@@ -474,21 +491,21 @@ ALWAYS_INLINE void predict_pass(int32_t n, int32_t depth, int32_t has_prev, cons
 /* mixer gradient of one depth: grad[e][k] = sum over the channels with eq == e of s_k * err, exact: int32
  * sums over blocks of 32 channels (|s_k err| <= 2047 * 24570, 32 of them < 2^31), added up in int64 */
 ALWAYS_INLINE void grad_pass(int32_t n, const int32_t *restrict eq, const int32_t *restrict node,
-                             const int32_t *restrict cx, const int32_t *restrict s0, const int32_t *restrict s1,
-                             const int32_t *restrict pr, const int32_t *restrict bits, const int32_t *restrict sg,
-                             const int32_t *restrict sgl, int64_t grad[2][NIN]) {
+                             const int32_t *restrict cx, const int32_t *restrict s0, const int32_t *restrict pr,
+                             const int32_t *restrict bits, const int32_t *restrict sg, const int32_t *restrict sgl,
+                             int64_t grad[2][NIN]) {
     int64_t t[2][NIN] = {{0}};
     for (int32_t c0 = 0; c0 < n; c0 += 32) {
         const int32_t end = n - c0 < 32 ? n : c0 + 32;
-        int32_t g00 = 0, g01 = 0, g02 = 0, g03 = 0, g04 = 0, g10 = 0, g11 = 0, g12 = 0, g13 = 0, g14 = 0;
+        int32_t g00 = 0, g01 = 0, g02 = 0, g03 = 0, g10 = 0, g11 = 0, g12 = 0, g13 = 0;
         for (int32_t c = c0; c < end; c++) {
             int32_t err = ((bits[c] << 12) - pr[c]) * 6, e1 = eq[c] ? err : 0, e0 = err - e1;
-            int32_t a = s0[c], b = s1[c], g = sg[cx[c]], h = sgl[node[c]];
-            g00 += a * e0; g01 += b * e0; g02 += g * e0; g03 += h * e0; g04 += e0;
-            g10 += a * e1; g11 += b * e1; g12 += g * e1; g13 += h * e1; g14 += e1;
+            int32_t a = s0[c], g = sg[cx[c]], h = sgl[node[c]];
+            g00 += a * e0; g01 += g * e0; g02 += h * e0; g03 += e0;
+            g10 += a * e1; g11 += g * e1; g12 += h * e1; g13 += e1;
         }
-        t[0][0] += g00; t[0][1] += g01; t[0][2] += g02; t[0][3] += g03; t[0][4] += g04;
-        t[1][0] += g10; t[1][1] += g11; t[1][2] += g12; t[1][3] += g13; t[1][4] += g14;
+        t[0][0] += g00; t[0][1] += g01; t[0][2] += g02; t[0][3] += g03;
+        t[1][0] += g10; t[1][1] += g11; t[1][2] += g12; t[1][3] += g13;
     }
     for (int e = 0; e < 2; e++) {
         for (int k = 0; k < NIN - 1; k++) grad[e][k] = t[e][k];
@@ -496,17 +513,15 @@ ALWAYS_INLINE void grad_pass(int32_t n, const int32_t *restrict eq, const int32_
     }
 }
 
-/* depth pass 3a: update the channel counter states read by the predictions (ua, ub), the next bit-tree node,
+/* depth pass 3a: update the channel counter states read by the predictions (ua), the next bit-tree node,
  * prefix-equals-reference, and the sums that give the shared reference counters' batch */
 ALWAYS_INLINE void update_pass(int32_t n, int32_t depth, const int32_t *restrict prv, const int32_t *restrict bits,
-                               int32_t *restrict node, int32_t *restrict eq, uint32_t *restrict ua,
-                               uint32_t *restrict ub, int32_t sums[7]) {
+                               int32_t *restrict node, int32_t *restrict eq, uint32_t *restrict ua, int32_t sums[7]) {
     const int32_t sh = 7 - depth;
     int32_t se = 0, sp = 0, sep = 0, sb = 0, seb = 0, spb = 0, sepb = 0;
     for (int32_t c = 0; c < n; c++) {
         int32_t bit = bits[c], nd = node[c], e = eq[c], pb = (prv[c] >> sh) & 1;
         ua[c] = ctr_upd_ch(ua[c], bit);
-        ub[c] = ctr_upd_ch(ub[c], bit);
         se += e; sp += pb; sep += e & pb; sb += bit; seb += e & bit; spb += pb & bit; sepb += e & pb & bit;
         eq[c] = e & (bit == pb);
         node[c] = nd * 2 + bit;
@@ -514,12 +529,9 @@ ALWAYS_INLINE void update_pass(int32_t n, int32_t depth, const int32_t *restrict
     sums[0] = se; sums[1] = sp; sums[2] = sep; sums[3] = sb; sums[4] = seb; sums[5] = spb; sums[6] = sepb;
 }
 /* depth pass 3b: store them (the nodes are the next depth's: the updated counter sits at node >> 1) */
-ALWAYS_INLINE void store_pass(int32_t n, uint32_t *restrict tc, uint32_t *restrict tp, const int32_t *restrict node,
-                              const int32_t *restrict cx, const uint32_t *restrict ua, const uint32_t *restrict ub) {
-    for (int32_t c = 0; c < n; c++) {
-        tc[c * 256 + (node[c] >> 1)] = ua[c];
-        tp[c * 32 + cx[c]] = ub[c];
-    }
+ALWAYS_INLINE void store_pass(int32_t n, uint32_t *restrict tc, const int32_t *restrict node,
+                              const uint32_t *restrict ua) {
+    for (int32_t c = 0; c < n; c++) tc[c * 256 + (node[c] >> 1)] = ua[c];
 }
 
 /* The hi bytes of a literal row (hi_row; the encoder reads them, the decoder writes them) given the
@@ -546,13 +558,13 @@ ALWAYS_INLINE void literal_hi_body(model_t *m, rc_t *r, int enc, uint8_t *hi_row
                 ws.l[e][k] = (int32_t)((uint32_t)w & 0xFFFFu);
                 ws.h[e][k] = asr32(w, 16);
             }
-        predict_pass(n, depth, has_prev, m->t_chan, m->t_prev, m->node, m->prv, m->eq, sg, sgl, &ws, m->cx, m->s0,
-                     m->s1, m->pr, m->ua, m->ub);
+        predict_pass(n, depth, has_prev, m->t_chan, m->node, m->prv, m->eq, sg, sgl, &ws, m->cx, m->s0, m->pr,
+                     m->ua);
         if (enc) rc_encode_pass(r, m->pr, m->sym, m->bits, C, 7 - depth);
         else rc_decode_pass(r, m->pr, m->bits, C);
-        grad_pass(n, m->eq, m->node, m->cx, m->s0, m->s1, m->pr, m->bits, sg, sgl, grad);
-        update_pass(n, depth, m->prv, m->bits, m->node, m->eq, m->ua, m->ub, s);
-        store_pass(n, m->t_chan, m->t_prev, m->node, m->cx, m->ua, m->ub);
+        grad_pass(n, m->eq, m->node, m->cx, m->s0, m->pr, m->bits, sg, sgl, grad);
+        update_pass(n, depth, m->prv, m->bits, m->node, m->eq, m->ua, s);
+        store_pass(n, m->t_chan, m->node, m->ua);
         /* the shared reference counters of this depth: one update per context toward the batch's frequency of 1s
          * (contexts (e, pbit) from the sums of e, pbit, e pbit and the same times the bit; row 0: context 0) */
         if (has_prev) {
@@ -871,8 +883,8 @@ static const char *code_rows(int enc, rows_t *R, rope_t *rp, model_t *m, rc_t *r
             lo_pos += C;
         }
         for (size_t c = 0; c < C; c++) m->csum[c] += hi[c] & 127;
-        if (r->oom) return "out of memory";
-        if (!enc && r->over > 4) return "range-coded stream truncated";
+        if (r[0].oom || r[1].oom) return "out of memory";
+        if (!enc && r[0].pos + r[1].pos > r[0].cap + 8) return "range-coded stream truncated";
     }
     *literal_rows = C ? lo_pos / C : 0;
     if (!enc && lo_pos != lo_len) return "fewer literal rows than lo bytes";
@@ -936,8 +948,9 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     rope_t rp = {0};
     model_t m;
     int model_ok = 0;
-    rc_t r = {0, 0xFFFFFFFFu, 0, 0, 1, NULL, 0, 0, 0, 0};
-    uint8_t *lo = NULL;
+    rc_t r[2] = {{0, 0xFFFFFFFFu, 0, 0, 1, NULL, 0, 0, 0, 0, 0}, {0, 0xFFFFFFFFu, 0, 0, 1, NULL, 0, 0, 0, 0, 0}};
+    uint8_t *lo = NULL, *stream = NULL;
+    size_t len0 = 0, len1 = 0;
     uint64_t *sk = NULL;
     int32_t *cand = NULL, *pidx = NULL;
     int64_t *pos = NULL;
@@ -980,19 +993,26 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
         rope_search(&R, &rp, cand);
     }
     if (!err && C) ref_search_impl(&R);
-    if (!err && C) err = code_rows(1, &R, &rp, &m, &r, lo, n, &literal);
-    if (!err && C) for (int i = 0; i < 5; i++) shift_low(&r);
-    if (!err && r.oom) err = "out of memory";
+    if (!err && C) err = code_rows(1, &R, &rp, &m, r, lo, n, &literal);
+    if (!err && C) for (int k = 0; k < 2; k++) for (int i = 0; i < 5; i++) shift_low(&r[k]);
+    if (!err && (r[0].oom || r[1].oom)) err = "out of memory";
+    /* the stream: coder 0's bytes, then coder 1's reversed (its decoder reads from the end). LZMA's first
+     * byte is always 0 (low + range never carries into it): it is not stored. */
+    len0 = r[0].pos ? r[0].pos - 1 : 0;
+    len1 = r[1].pos ? r[1].pos - 1 : 0;
+    if (!err && !(stream = (uint8_t *)malloc(len0 + len1 + 1))) err = "out of memory";
+    if (!err) {
+        if (len0) memcpy(stream, r[0].buf + 1, len0);
+        for (size_t i = 0; i < len1; i++) stream[len0 + i] = r[1].buf[len1 - i];
+    }
     Py_END_ALLOW_THREADS
     if (err) { PyErr_SetString(PyExc_MemoryError, err); goto done; }
     size_t nm = 0, nr = 0, nf = 0;
     for (size_t t = 0; t < R.seq; t++) { nm += R.match[t] >= 0; nr += R.match[t] < 0 && R.rope[t] >= 0; nf += R.ref[t] >= 0; }
-    /* LZMA's first byte is always 0 (low + range never carries into it): it is not stored */
-    result = Py_BuildValue("(y#y#nnn)", (const char *)(r.pos ? r.buf + 1 : (uint8_t *)""),
-                           (Py_ssize_t)(r.pos ? r.pos - 1 : 0),
-                           (const char *)lo, (Py_ssize_t)(literal * C), (Py_ssize_t)nm, (Py_ssize_t)nr, (Py_ssize_t)nf);
+    result = Py_BuildValue("(y#y#nnn)", (const char *)stream, (Py_ssize_t)(len0 + len1), (const char *)lo, (Py_ssize_t)(literal * C), (Py_ssize_t)nm, (Py_ssize_t)nr, (Py_ssize_t)nf);
 done:
-    free(R.hi); free(R.match); free(R.rope); free(R.ref); free(pos); free(lo); free(sk); free(cand); free(pidx); free(r.buf);
+    free(R.hi); free(R.match); free(R.rope); free(R.ref); free(pos); free(lo); free(sk); free(cand); free(pidx); free(r[0].buf); free(r[1].buf);
+    free(stream);
     if (model_ok) model_free(&m);
     rope_free(&rp);
     PyBuffer_Release(&wb);
@@ -1020,7 +1040,8 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     rope_t rp = {0};
     model_t m;
     int model_ok = 0;
-    rc_t r = {0, 0xFFFFFFFFu, 0, 0, 1, (uint8_t *)sb.buf, 0, (size_t)sb.len, 0, 0};
+    rc_t r[2] = {{0, 0xFFFFFFFFu, 0, 0, 1, (uint8_t *)sb.buf, 0, (size_t)sb.len, 0, 0, 0},
+                 {0, 0xFFFFFFFFu, 0, 0, 1, (uint8_t *)sb.buf, 0, (size_t)sb.len, 0, 0, 1}};
     int64_t *pos = NULL;
     if (check_shape(seq, heads, dim, rope_on, theta) < 0) goto done;
     if ((size_t)ob.len != n * 2) { PyErr_SetString(PyExc_ValueError, "output buffer size does not match the shape"); goto done; }
@@ -1048,10 +1069,11 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     for (size_t t = 0; t < R.seq; t++) pos[t] = pb.buf ? ((const int64_t *)pb.buf)[t] : (int64_t)t;
     R.pos = pos;
     Py_BEGIN_ALLOW_THREADS
-    for (int i = 0; i < 4; i++) r.code = (r.code << 8) | rc_byte(&r); /* after the implicit 0 byte */
-    err = code_rows(0, &R, &rp, &m, &r, (uint8_t *)lb.buf, (size_t)lb.len, &literal);
-    if (!err && r.over) err = "range-coded stream truncated";
-    if (!err && r.pos != r.cap) err = "range-coded stream has trailing bytes";
+    for (int k = 0; k < 2; k++) /* after the implicit 0 byte */
+        for (int i = 0; i < 4; i++) r[k].code = (r[k].code << 8) | rc_byte(&r[k]);
+    err = code_rows(0, &R, &rp, &m, r, (uint8_t *)lb.buf, (size_t)lb.len, &literal);
+    if (!err && (r[0].over || r[1].over || r[0].pos + r[1].pos > r[0].cap)) err = "range-coded stream truncated";
+    if (!err && r[0].pos + r[1].pos < r[0].cap) err = "range-coded stream has trailing bytes";
     Py_END_ALLOW_THREADS
     if (err) { PyErr_SetString(PyExc_ValueError, err); goto done; }
     result = PyLong_FromSize_t(literal);

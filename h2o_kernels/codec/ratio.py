@@ -18,26 +18,25 @@ row, one row a token) becomes one blob::
     [24    9]    RoPE block: theta (f64), layout (u8: 0 rotate-half, 1 interleaved)
     [..  4+G]    positions block: G (u32), then seq-1 LEB128 varints ``pos[t] - pos[t-1] - 1``
     ..     4     blob check: low 32 bits of XXH3-64 over the header bytes before it, then the payload
-    ..     S     range-coded stream
+    ..     S     range-coded stream: two coders' bytes, the second's reversed (see _ratiocore.c)
     ..     L     lo bytes of the literal rows (C a row, in row order); L is what remains
 
 Rows are coded in order (``_ratiocore.c`` has the model): a row equal to an earlier one is its index;
 with RoPE matching (K only) a row may be an earlier row re-rotated by the difference of their positions
 plus per-channel residuals in fp16 ordinal units; any other row is literal: its lo bytes go raw into
 the lo section and its hi bytes (sign, exponent, 2 mantissa bits) are centred on the channel's running
-mean and coded bit by bit, each bit a logistic mix of adaptive counters (the channel's own, the
-channel's and everyone's given the reference row, everyone's) with a binary range coder (LZMA's). The
-reference row is row ``t-1`` or an earlier row the encoder names. Design and measurements:
-docs/issue13-spike.md (branch ``issue13``). Only position *differences* enter the rotation, so
-consecutive positions (from any start) are not stored.
+mean and coded bit by bit, each bit a logistic mix of adaptive counters (the channel's own bit tree,
+everyone's given the reference row, everyone's bit tree) with two interleaved binary range coders
+(LZMA's; even and odd channels). The reference row is row ``t-1`` or an earlier row the encoder names.
+Only position *differences* enter the rotation, so consecutive positions (from any start) are not stored.
 
 The model is integer arithmetic; the RoPE prediction uses IEEE double +,-,*,/ only (no libm) and an
 integer rounding to fp16, so every platform codes the same bits (golden blobs in tests/data pin it). The
 coder's per-channel passes and the encoder's row searches are compiled twice, plain and for AVX2 (x86-64),
 and the AVX2 copies run where the CPU has them: the same integer operations, so the same bits (the tests
 compare the two copies).
-Safety net: :meth:`RatioCodec.encode` returns the fast profile's version-1 blob
-(:mod:`~h2o_kernels.codec.fp16`, the kind's default predictors) whenever that is not larger than the
+Safety net: :meth:`RatioCodec.encode` returns the fast profile's blob (its current format, version 3:
+:mod:`~h2o_kernels.codec.fp16`, the kind's default predictors) whenever that is not larger than the
 version-2 blob, so the ratio profile is never worse than the fast one on any selection; decode such blobs
 with :func:`h2o_kernels.codec.profiles.decode`. This module's :func:`decode` reads version 2 only and
 raises :class:`CodecError` for anything malformed, truncated or tampered with.
@@ -332,8 +331,9 @@ def _parse(view: memoryview, where: str, max_output_bytes: int | None) -> tuple[
         literal = 0
     else:
         literal = lo_len // chans
-        # row 0 is literal; a matched row t >= 2 costs at least one equiprobable bit of the stream
-        if lo_len % chans or not 1 <= literal <= seq or seq > literal + 8 * (stream_len + 8) + 2 or stream_len < 4:
+        # row 0 is literal; a matched row t >= 2 costs at least one equiprobable bit of the stream; each of the
+        # two coders flushes at least 4 bytes
+        if lo_len % chans or not 1 <= literal <= seq or seq > literal + 8 * (stream_len + 8) + 2 or stream_len < 8:
             raise CodecError(f"{where}payload sizes (stream {stream_len}, lo {lo_len} bytes) cannot hold a "
                              f"{[seq, heads, dim]} tensor")
     rel = _parse_varints(gaps, seq - 1, where) if gaps is not None else None
