@@ -134,6 +134,10 @@ def render_markdown(report: Mapping[str, Any], original: Mapping[str, Any] | Non
     meta = [f"- {key.replace('_', ' ').capitalize()}: `{report[key]}`"
             for key in ("preset", "runtime", "device", "model", "commit", "out_dir", "started")
             if report.get(key) not in (None, "")]
+    profiles = list(dict.fromkeys(c["metrics"]["codec_profile"] for c in report["configs"]
+                                  if c["metrics"].get("codec_profile")))
+    if profiles:
+        meta.append(f"- Codec profile: `{', '.join(profiles)}`")
     lines += [*meta, ""] if meta else []
     lines += ["## Targets", "",
               f"- lossy_target: {t['lossy_target']}", f"- lossless_target: {t['lossless_target']}",

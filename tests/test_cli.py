@@ -458,8 +458,9 @@ def test_fast_only_options_with_ratio_are_usage_errors(dump_dir, tmp_path, capsy
 @pytest.mark.parametrize("argv, fragment", [
     (["--jobs", "0"], "--jobs: expected an integer >= 1"),
     (["--codec", "best"], "--codec: invalid choice"),
-    (["--rope-theta", "1"], "--rope-theta: RoPE theta must be a finite number > 1"),
-    (["--rope-theta", "nan"], "--rope-theta: RoPE theta must be a finite number > 1"),
+    (["--codec", "ratio", "--rope-theta", "1"], "--rope-theta: RoPE theta must be a finite number > 1"),
+    (["--codec", "ratio", "--rope-theta", "nan"], "--rope-theta: RoPE theta must be a finite number > 1"),
+    (["--rope-theta", "100000"], "--rope-theta applies to --codec ratio only"),
     (["--rope-theta", "fast"], "--rope-theta: invalid float value"),
 ])
 def test_codec_and_jobs_usage_errors(dump_dir, tmp_path, capsys, argv, fragment):

@@ -714,7 +714,7 @@ def test_ratio_profile_counts_its_own_blobs(tmp_path, rope):
     exp = ratio_expected(dump, rope, 16)
     assert result["codec_profile"] == "ratio" and result["codec_version"] == profiles.VERSIONS["ratio"] == 2
     assert (result["k_compressed_bytes"], result["v_compressed_bytes"]) == (exp["k"], exp["v"])
-    assert result["rope_groups"] == (2 if rope else 0) and result["rope_theta"] is None
+    assert result["rope_groups"] == (2 if rope else 0) and result["rope_theta"] == (rope.theta if rope else None)
     assert result["roundtrip_verified"] is True and result["skip_reasons"] == {}
     versions = [result[f"{kind}_blob_versions"] for kind in ("k", "v")]
     assert sum(sum(counts.values()) for counts in versions) == result["online_chunks"]
@@ -731,6 +731,13 @@ def test_fast_profile_reports_its_blob_version(std_dir):
     assert result["codec_profile"] == "fast" and result["codec_version"] == fast == 3
     assert result["k_blob_versions"] == result["v_blob_versions"] == {str(fast): result["online_chunks"] // 2}
     assert result["rope_groups"] == 0 and result["warnings"] == []
+
+
+def test_rope_theta_and_a_rope_for_v_are_refused_where_they_cannot_apply():
+    with pytest.raises(ValueError, match="--rope-theta applies to --codec ratio only"):
+        EvalOptions(codec="fast", rope_theta=THETA).validate()
+    with pytest.raises(ValueError, match="rope applies to K only"):
+        profiles.make_codec("ratio", "v", rope=RopeSpec(THETA))
 
 
 def test_rope_theta_overrides_the_dumps(tmp_path):

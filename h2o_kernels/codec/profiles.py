@@ -44,18 +44,21 @@ def make_codec(profile: str, kind: Literal["k", "v"], *, hi_predictors: str | tu
     """An encoder of ``profile`` for K (``kind="k"``) or V tensors.
 
     The predictor sets apply to the fast profile (default: the kind's defaults, as the original's
-    ``kv_lossless_predictors_k/_v``); ``rope`` lets the ratio profile match K rows through RoPE.
-    Raises ``ValueError`` naming the choices for an unknown profile or kind.
+    ``kv_lossless_predictors_k/_v``); ``rope`` (K only) lets the ratio profile match K rows through RoPE (the
+    fast profile has no use for it). Raises ``ValueError`` naming the choices for an unknown profile or kind,
+    and for a ``rope`` given with V (V carries no RoPE).
     """
     if kind not in ("k", "v"):
         raise ValueError(f"kind must be 'k' or 'v', got {kind!r}")
+    if rope is not None and kind != "k":
+        raise ValueError("rope applies to K only: V rows carry no rotary position embedding")
     default = K_DEFAULT if kind == "k" else V_DEFAULT
     if profile == "fast":
         return FP16Codec(hi_predictors or default, lo_predictors or default)
     if profile == "ratio":
         from h2o_kernels.codec.ratio import RatioCodec
 
-        return RatioCodec(kind, rope=rope if kind == "k" else None)
+        return RatioCodec(kind, rope=rope)
     raise ValueError(f"unknown codec profile {profile!r}; choose one of {', '.join(PROFILES)}")
 
 

@@ -140,6 +140,9 @@ class EvalOptions:
             if not ok:
                 raise ValueError(message)
         if self.rope_theta is not None:
+            if self.codec != "ratio":
+                raise ValueError("--rope-theta applies to --codec ratio only (the fast profile does not match rows "
+                                 "through RoPE)")
             try:
                 RopeSpec(self.rope_theta)
             except ValueError as exc:
@@ -480,6 +483,15 @@ def _group_rope(entries: list[DumpEntry], options: EvalOptions) -> RopeSpec | No
     return specs.pop() if len(specs) == 1 and increasing else None
 
 
+def _rope_theta(options: EvalOptions, groups: list) -> float | None:
+    """The RoPE base K was matched through: ``--rope-theta``, else the one the dumps record (None when no group
+    was matched through RoPE, or the groups' dumps record several)."""
+    if options.rope_theta is not None:
+        return options.rope_theta
+    thetas = {group.rope.theta for group in groups if group.rope is not None}
+    return thetas.pop() if len(thetas) == 1 else None
+
+
 class _SizeMismatch(ValueError):
     """A K/V file's size disagrees with its meta: the original's ``compression_failed`` (cause ``size_mismatch``)."""
 
@@ -738,7 +750,7 @@ def _report(dump_dir: Path, options: EvalOptions, sel: _Selection, groups: list[
         "codec_version": profiles.VERSIONS[options.codec],
         **{f"{kind}_blob_versions": {str(version): count for version, count in sorted(tally.versions.items())}
            for kind, tally in (("k", k), ("v", v))},
-        "rope_theta": options.rope_theta,
+        "rope_theta": _rope_theta(options, groups),
         "rope_groups": sum(group.rope is not None for group in groups),
         "codec_mode": options.codec_mode,
         "codec_scheme": options.codec_scheme(),
