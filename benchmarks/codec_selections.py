@@ -109,7 +109,7 @@ def unit_sizes(selected: list[Unit], kind: str, theta: float, with_ratio: bool) 
         "fast": coded_bytes(make_codec("fast", kind), tensors),
     }
     if with_ratio:
-        encoder = make_codec("ratio", kind, rope=RopeSpec(theta, "half"))
+        encoder = make_codec("ratio", kind, rope=RopeSpec(theta, "half") if kind == "k" else None)
         columns["ratio"] = coded_bytes(encoder, tensors, [unit.positions for unit in selected])
     for name, sizes in columns.items():
         for record, unit, size in zip(out, selected, sizes):
