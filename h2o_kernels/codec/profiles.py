@@ -64,7 +64,7 @@ def make_codec(profile: str, kind: Literal["k", "v"], *, hi_predictors: str | tu
 
 def decode(blob: bytes | bytearray | memoryview, *, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> np.ndarray:
     """The exact fp16 tensor of a blob of either profile; :class:`CodecError` on any defect."""
-    return decode_with_info([blob], max_output_bytes=max_output_bytes)[0][0]
+    return _module(blob_version(blob)).decode(blob, max_output_bytes=max_output_bytes)
 
 
 def decode_many(blobs: list[bytes | bytearray | memoryview], *,
