@@ -21,6 +21,18 @@ class CodecError(ValueError):
     """A blob is malformed, truncated, tampered with, or would decode to something else."""
 
 
+class TensorSize:
+    """What every blob-info dataclass derives from its ``shape`` ``(seq, kv_heads, head_dim)``."""
+
+    shape: tuple[int, int, int]
+
+    @property
+    def raw_bytes(self) -> int:
+        """Size of the fp16 tensor the blob decodes to."""
+        seq, heads, dim = self.shape
+        return 2 * seq * heads * dim
+
+
 def blob_version(blob: bytes | bytearray | memoryview, where: str = "") -> int:
     """The format version byte of a blob (which decoder reads it); :class:`CodecError` if it has none."""
     view = memoryview(blob).cast("B")

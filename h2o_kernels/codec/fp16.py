@@ -67,11 +67,12 @@ import zstandard
 
 from h2o_kernels import CODEC_NAME, FORMAT_VERSION  # the blob format's name and version (re-exported)
 from h2o_kernels.codec import _fastcore
-from h2o_kernels.codec.blob import (  # noqa: F401 (CodecError, MAGIC re-exported)
+from h2o_kernels.codec.blob import (
     DEFAULT_MAX_OUTPUT_BYTES,
     DTYPE_FP16,
     MAGIC,
     CodecError,
+    TensorSize,  # noqa: F401 (CodecError, MAGIC re-exported)
     as_fp16_words,
     check32,
     tensor_check,
@@ -131,7 +132,7 @@ class PlaneInfo:
 
 
 @dataclass(frozen=True)
-class BlobInfo:
+class BlobInfo(TensorSize):
     """What a blob's header says, read without decoding the payloads (``block_seq``: the block length its
     predictor ids refer to; a version-3 blob whose decoding does not depend on it says 64)."""
 
@@ -142,12 +143,6 @@ class BlobInfo:
     header_bytes: int
     hi: PlaneInfo
     lo: PlaneInfo
-
-    @property
-    def raw_bytes(self) -> int:
-        """Size of the tensor the blob decodes to."""
-        seq, heads, dim = self.shape
-        return 2 * seq * heads * dim
 
     @property
     def blob_bytes(self) -> int:

@@ -57,6 +57,7 @@ from h2o_kernels.codec.blob import (
     DTYPE_FP16,
     MAGIC,
     CodecError,
+    TensorSize,
     as_fp16_words,
     check32,
     tensor_check,
@@ -75,7 +76,7 @@ _U32 = struct.Struct("<I")
 
 
 @dataclass(frozen=True)
-class RatioBlobInfo:
+class RatioBlobInfo(TensorSize):
     """What a version-2 blob's header says, read without decoding the stream.
 
     ``literal_rows`` rows are coded in full; the other ``matched_rows`` are exact or RoPE matches of
@@ -92,12 +93,6 @@ class RatioBlobInfo:
     literal_rows: int
     rope: RopeSpec | None
     positions_listed: bool
-
-    @property
-    def raw_bytes(self) -> int:
-        """Size of the tensor the blob decodes to."""
-        seq, heads, dim = self.shape
-        return 2 * seq * heads * dim
 
     @property
     def blob_bytes(self) -> int:
