@@ -561,8 +561,8 @@ _ONE_BLOCK_BLOB = FP16Codec(block_seq=64, version=1).encode(smooth_kv(40, 2, 5))
 def test_enormous_forged_shapes_raise_without_allocating(fields, reseal):
     blob = forge(_ONE_BLOCK_BLOB, reseal=reseal, **fields)
     if reseal and fields != {"seq": U32_MAX}:
-        # a consistent forgery: the CRC validates, only the payloads' capacity gives it away
-        with pytest.raises(CodecError, match="cannot hold"):
+        # a consistent forgery: the CRC validates, only the payloads' capacity (or the size limit) gives it away
+        with pytest.raises(CodecError, match="cannot hold|over max_output_bytes"):
             inspect(blob)
     tracemalloc.start()
     try:
@@ -659,6 +659,10 @@ def test_max_output_bytes_is_respected():
         decode(blob, max_output_bytes=0)
     empty_words, empty = SMALL["seq0"]
     assert_decodes_to(empty, empty_words, max_output_bytes=0)
+    for version_blob in (blob, SMALL3["smooth-zstd"][1]):  # inspect refuses what decode would refuse
+        assert inspect(version_blob, max_output_bytes=words.nbytes).raw_bytes == words.nbytes
+        with pytest.raises(CodecError, match="over max_output_bytes"):
+            inspect(version_blob, max_output_bytes=words.nbytes - 1)
 
 
 # --- input validation ----------------------------------------------------------------------------------

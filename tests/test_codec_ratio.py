@@ -294,8 +294,8 @@ def forged(blob: bytes, **fields) -> bytes:
 
 
 @pytest.mark.parametrize("fields, match", [
-    ({"seq": 2**32 - 1}, "max_output_bytes|cannot hold"),
-    ({"seq": 5000}, "cannot hold"),
+    ({"seq": 2**32 - 1}, "max_output_bytes|cannot hold|bad positions block"),  # its positions: a gap a row
+    ({"seq": 5000}, "cannot hold|bad positions block"),
     ({"seq": 11}, "fewer literal rows|tensor check|out of range|trailing|truncated|more literal"),
     ({"heads": 40000, "dim": 2}, "channels|cannot hold"),
     ({"heads": 3}, "cannot hold|tensor check|trailing|truncated|literal"),
@@ -328,7 +328,7 @@ def test_forged_positions_block_raises():
     glen = struct.unpack_from("<I", blob, at)[0]
     gaps = blob[at + 4:at + 4 + glen]
     rest = blob[at + 4 + glen:]
-    for bad_gaps, match in ((gaps[:-1], "truncated"), (gaps + b"\0", "trailing"),
+    for bad_gaps, match in ((gaps[:-1], "truncated|bad positions block"), (gaps + b"\0", "trailing"),
                             (b"\xff\xff\xff\xff\xff\x01" + gaps[1:], "longer than 5|span")):
         bad = blob[:at] + struct.pack("<I", len(bad_gaps)) + bad_gaps + rest
         with pytest.raises(CodecError, match=match):
@@ -336,6 +336,30 @@ def test_forged_positions_block_raises():
     bad = blob[:at] + struct.pack("<I", 10**6) + blob[at + 4:]
     with pytest.raises(CodecError, match="positions block"):
         decode(reseal(bad))
+
+
+def test_a_positions_block_too_short_for_its_rows_is_refused_before_anything_is_allocated():
+    seq, heads, dim = 0xFFFFFFFF, 0, 2  # a 0-byte tensor: max_output_bytes cannot stop it, the gaps' length must
+    check = check32(struct.pack("<III", seq, heads, dim), b"")
+    rope_and_empty_positions = struct.pack("<dB", 1e4, 0) + struct.pack("<I", 0)
+    head = FIXED.pack(b"H2KV", 2, 1, 1, 3, seq, heads, dim, 0, check) + rope_and_empty_positions
+    blob = head + struct.pack("<I", check32(head))
+    for read in (decode, inspect):
+        with pytest.raises(CodecError, match="bad positions block: 0 bytes for seq 4294967295"):
+            read(blob)
+
+
+def test_a_bad_blob_in_a_mixed_list_is_named_by_its_place():
+    rng = np.random.default_rng(3)
+    tensors = [rng.standard_normal((16, 2, 8)).astype(np.float16) for _ in range(4)]
+    blobs = [profiles.make_codec("fast", "v").encode(tensors[0]), profiles.make_codec("fast", "v").encode(tensors[1]),
+             RatioCodec("v", safety_net=False).encode(tensors[2]), RatioCodec("v", safety_net=False).encode(tensors[3])]
+    assert [b[4] for b in blobs] == [3, 3, 2, 2]
+    bad = blobs[:3] + [blobs[3][:-1] + bytes([blobs[3][-1] ^ 1])]
+    with pytest.raises(CodecError, match="^blob 3: "):
+        profiles.decode_many(bad)
+    assert all(np.array_equal(t.view(np.uint16), d.view(np.uint16))
+               for t, d in zip(tensors, profiles.decode_many(blobs)))
 
 
 def test_max_output_bytes_is_enforced_before_decoding():

@@ -28,6 +28,9 @@
 #if !defined(FLT_EVAL_METHOD) || FLT_EVAL_METHOD != 0
 #error "the RoPE prediction needs double arithmetic evaluated in double (FLT_EVAL_METHOD == 0)"
 #endif
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the coder reads the tensor's little-endian fp16 words as native uint16_t: little-endian hosts only"
+#endif
 
 #define MAX_CHANNELS 65536 /* kv_heads * head_dim; bounds the per-channel tables (1 KiB a channel) */
 #define RATE_LIMIT_CH 30   /* per-channel counters: rate 1/(n+1.5) up to this count */
@@ -1103,7 +1106,9 @@ static void select_copies(int want) {
 }
 
 /* _use_avx2(flag) -> bool: run the AVX2 copy of the literal coder where the CPU has one (flag true, the
- * default at import) or the plain copy (flag false; tests compare the two); returns whether AVX2 is used. */
+ * default at import) or the plain copy (flag false; tests compare the two); returns whether AVX2 is used.
+ * It swaps process-wide function pointers that coder calls read without the GIL: for tests only, never while
+ * another thread codes (the two copies give the same bits, so a race would change speed, not output). */
 static PyObject *py_use_avx2(PyObject *self, PyObject *arg) {
     (void)self;
     int want = PyObject_IsTrue(arg);

@@ -1,8 +1,8 @@
 """What every blob of the codec shares, whatever its profile: the magic, the version byte that picks
 the decoder, the error type and the XXH3-based checks.
 
-Every blob starts with ``b"H2KV"`` then one version byte: 1 is the fast profile
-(:mod:`h2o_kernels.codec.fp16`), 2 the ratio profile (:mod:`h2o_kernels.codec.ratio`).
+Every blob starts with ``b"H2KV"`` then one version byte: 3 is the fast profile (:mod:`h2o_kernels.codec.fp16`;
+1 its first format, still read), 2 the ratio profile (:mod:`h2o_kernels.codec.ratio`).
 """
 
 from __future__ import annotations

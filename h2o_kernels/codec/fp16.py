@@ -380,10 +380,10 @@ def decode_with_info(blobs: list[bytes | bytearray | memoryview], *,
     return out
 
 
-def inspect(blob: bytes | bytearray | memoryview) -> BlobInfo:
+def inspect(blob: bytes | bytearray | memoryview, *, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> BlobInfo:
     """Parse and validate a blob's header and payload sizes (version 1: also its blob check) without
-    decoding its payloads."""
-    return _info(_parse_header(memoryview(blob).cast("B"), "", None))
+    decoding its payloads; a tensor over ``max_output_bytes`` is refused as :func:`decode` refuses it."""
+    return _info(_parse_header(memoryview(blob).cast("B"), "", max_output_bytes))
 
 
 # a validated header: version, (seq, heads, dim), block_seq, tensor check, header bytes, per plane
@@ -489,7 +489,7 @@ def _parse_v3(view: memoryview, where: str, max_output_bytes: int | None) -> _He
             raise CodecError(f"{where}blob truncated: {len(view)} bytes, its {name} payload ends at {start + length}")
         stages.append(((ZSTD if zstd else 0) | (_CENTERED if centered and name == "hi" else 0), length))
         start += length
-    ids = bytes(planes[0] * (blocks // len(planes[0])) + planes[1] * (blocks // len(planes[1])))  # sizes checked
+    ids = bytes(planes[0]) * (blocks // len(planes[0])) + bytes(planes[1]) * (blocks // len(planes[1]))  # checked
     return 3, (seq, heads, dim), block_seq, check, header_bytes, (stages[0], stages[1]), ids
 
 

@@ -75,30 +75,23 @@ def decode_many(blobs: list[bytes | bytearray | memoryview], *,
 
 def decode_with_info(blobs: list[bytes | bytearray | memoryview], *,
                      max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> list[tuple[np.ndarray, object]]:
-    """Each blob's tensor with what :func:`inspect` says of it (a ``fp16.BlobInfo`` for version 1, a
-    ``ratio.RatioBlobInfo`` for version 2)."""
-    from h2o_kernels.codec import fp16
-
-    by_version: dict[int, list[int]] = {}
+    """Each blob's tensor with what :func:`inspect` says of it (a ``fp16.BlobInfo`` for versions 1 and 3, a
+    ``ratio.RatioBlobInfo`` for version 2); the error names the first bad blob by its place in ``blobs``."""
+    out = []
     for i, blob in enumerate(blobs):
-        by_version.setdefault(blob_version(blob, f"blob {i}: " if len(blobs) > 1 else ""), []).append(i)
-    out: list = [None] * len(blobs)
-    for version, indices in by_version.items():
-        module = _module(version)
+        where = f"blob {i}: " if len(blobs) > 1 else ""
         try:
-            decoded = module.decode_with_info([blobs[i] for i in indices], max_output_bytes=max_output_bytes)
+            [item] = _module(blob_version(blob)).decode_with_info([blob], max_output_bytes=max_output_bytes)
         except CodecError as exc:
-            if len(indices) == len(blobs) or module is not fp16:
-                raise
-            raise CodecError(f"{exc} (blob numbers count the version-{version} blobs only)") from None
-        for i, item in zip(indices, decoded):
-            out[i] = item
+            raise CodecError(f"{where}{exc}") from None
+        out.append(item)
     return out
 
 
-def inspect(blob: bytes | bytearray | memoryview) -> object:
-    """Parse and validate a blob of either profile without decoding its payloads."""
-    return _module(blob_version(blob)).inspect(blob)
+def inspect(blob: bytes | bytearray | memoryview, *, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> object:
+    """Parse and validate a blob of either profile without decoding its payloads (a tensor over
+    ``max_output_bytes`` is refused, as :func:`decode` refuses it)."""
+    return _module(blob_version(blob)).inspect(blob, max_output_bytes=max_output_bytes)
 
 
 def _module(version: int):

@@ -265,9 +265,11 @@ def decode_with_info(blobs: list[bytes | bytearray | memoryview], *,
     return out
 
 
-def inspect(blob: bytes | bytearray | memoryview) -> RatioBlobInfo:
-    """Parse and validate a version-2 blob (checks included) without decoding its stream."""
-    return _parse(memoryview(blob).cast("B"), "", None)[0]
+def inspect(blob: bytes | bytearray | memoryview, *,
+            max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> RatioBlobInfo:
+    """Parse and validate a version-2 blob (checks included) without decoding its stream; a tensor over
+    ``max_output_bytes`` is refused as :func:`decode` refuses it."""
+    return _parse(memoryview(blob).cast("B"), "", max_output_bytes)[0]
 
 
 def _parse(view: memoryview, where: str, max_output_bytes: int | None) -> tuple[RatioBlobInfo, np.ndarray | None]:
@@ -301,7 +303,7 @@ def _parse(view: memoryview, where: str, max_output_bytes: int | None) -> tuple[
             raise CodecError(f"{where}blob truncated inside the positions block")
         (glen,) = _U32.unpack_from(view, at)
         at += 4
-        if seq < 2 or glen > len(view) - at - 4:
+        if seq < 2 or glen > len(view) - at - 4 or glen < seq - 1:  # seq - 1 varints, a byte at least each
             raise CodecError(f"{where}bad positions block: {glen} bytes for seq {seq} in a {len(view)}-byte blob")
         gaps = view[at:at + glen]
         at += glen

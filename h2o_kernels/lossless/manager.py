@@ -198,7 +198,7 @@ class _CodecEncoder:
 
 
 def _decode_pair(k_blob: bytes, v_blob: bytes) -> tuple[np.ndarray, np.ndarray]:
-    k, v = decode_many([k_blob, v_blob])  # one call: the two blobs share the vectorised work
+    k, v = decode_many([k_blob, v_blob])
     return k, v
 
 

@@ -131,7 +131,8 @@ class EvalOptions:
             (self.online_framing_bytes >= 0, "--online-framing-bytes must be >= 0"),
             (self.min_seq_len >= 0 and self.max_seq_len >= 0, "--min-seq-len/--max-seq-len must be >= 0"),
             (self.codec_mode in CODEC_MODES, f"--codec-mode: {self.codec_mode!r} is not one of {CODEC_MODES}"),
-            (not self.bitshuffle, BITSHUFFLE_REFUSAL.format(name=CODEC_NAME, version=FORMAT_VERSION)),
+            (not self.bitshuffle,
+             BITSHUFFLE_REFUSAL.format(name=CODEC_NAME, version=profiles.VERSIONS.get(self.codec, FORMAT_VERSION))),
             (self.codec in profiles.PROFILES, f"--codec: {self.codec!r} is not one of {profiles.PROFILES}"),
             (isinstance(self.jobs, int) and not isinstance(self.jobs, bool) and self.jobs >= 1,
              f"--jobs must be an integer >= 1, got {self.jobs!r}"),
@@ -627,9 +628,6 @@ def _code_or_split(wave: list[_Group], coders: _Coders, timing: dict[str, float]
 
 _FAILURES = (CodecError, DumpError, ValueError, TypeError, MemoryError)
 _WAVE_BYTES = 8 << 20
-# The fast profile decodes with one module-level zstd decompressor (fp16._DCTX), and a python-zstandard
-# decompressor must not be used by two threads at once (measured here: "corrupt zstd payload" under --jobs 2):
-# one decode at a time until it has one per thread.
 
 
 def _code_groups(groups: list[_Group], coders: _Coders, timing: dict[str, float]) -> list[_Outcome]:

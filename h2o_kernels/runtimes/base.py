@@ -26,7 +26,7 @@ RUNTIMES = ("reference", "hf", "llm-bench")
 NEUTRAL_METRICS = {"h2o_keep": 1.0, "h2o_lossy": 1.0, "h2o_lossless": 1.0}
 SYNTHETIC_TOKEN = 16  # what llm_bench fed: n copies of one token id
 # Every kv_* key of the original runtime (original-runtime.md §1; the v4 presets use no other), including
-# the ones it stores but never acts on (kv_lossless_codec_runtime), plus our kv_h2o_prefill_scoring,
+# kv_lossless_codec_runtime, which it stored but never read (ours: the codec profile), plus our kv_h2o_prefill_scoring,
 # kv_h2o_heavy_hitters, kv_h2o_per_head and the hf runtime's kv_press keys.
 KNOWN_KV_KEYS: frozenset[str] = (frozenset(H2OConfig.keys()) | frozenset(LosslessConfig.keys())
                                  | frozenset(PressConfig.keys()))

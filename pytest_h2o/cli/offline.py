@@ -40,7 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-start", type=non_negative_int, default=2, help="scope=layer_range: first layer")
     p.add_argument("--layer-end", type=bounded_int(-1), default=-1, help="scope=layer_range: last layer, -1 = no bound")
     p.add_argument("--layer-ids", default="", help="scope=layer_ids: comma-separated layer ids")
-    p.add_argument("--zstd-level", type=bounded_int(1, 22), default=3, help="zstd compression level")
+    p.add_argument("--zstd-level", type=bounded_int(1, 22), default=3,
+                   help="zstd level of the fast profile and of --plain-baseline (the ratio profile's safety net "
+                        "codes at the fast profile's default, 3)")
     p.add_argument("--strict-fp16", action="store_true", help="skip fp32 dumps instead of converting them")
     p.add_argument("--min-seq-len", type=non_negative_int, default=0, help="skip shorter entries")
     p.add_argument("--max-seq-len", type=non_negative_int, default=0, help="skip longer entries (0 = no bound)")
