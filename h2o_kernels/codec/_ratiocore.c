@@ -743,8 +743,12 @@ static void rope_sketch(const rows_t *R, rope_t *rp, uint64_t *sk, size_t words_
     }
 }
 
-/* for each row t >= 1 that is no exact repeat: the ROPE_CANDIDATES earlier rows with the nearest sketches
- * (Hamming distance; ties: the earliest row) whose distance is at most C / ROPE_SKETCH_DIV, into
+/* Encoder searches look back at most SEARCH_WINDOW rows (the runtime's windows and the online-sim's chunks are far
+ * shorter), so that encoding stays linear in seq for long tensors; the format does not depend on it. */
+#define SEARCH_WINDOW 1024
+
+/* for each row t >= 1 that is no exact repeat: the ROPE_CANDIDATES earlier rows of the last SEARCH_WINDOW with the
+ * nearest sketches (Hamming distance; ties: the earliest row) whose distance is at most C / ROPE_SKETCH_DIV, into
  * cand[t * ROPE_CANDIDATES + k] (-1: none) */
 ALWAYS_INLINE void sketch_scan_body(const rows_t *R, const uint64_t *sk, size_t words_per, int32_t *cand) {
     const uint32_t dmax = (uint32_t)(R->C / ROPE_SKETCH_DIV);
@@ -754,7 +758,7 @@ ALWAYS_INLINE void sketch_scan_body(const rows_t *R, const uint64_t *sk, size_t 
         for (int k = 0; k < ROPE_CANDIDATES; k++) { best[k] = -1; bestd[k] = dmax + 1; }
         if (R->match[t] >= 0) continue;
         const uint64_t *st = sk + t * words_per;
-        for (size_t j = 0; j < t; j++) {
+        for (size_t j = t > SEARCH_WINDOW ? t - SEARCH_WINDOW : 0; j < t; j++) {
             const uint64_t *sj = sk + j * words_per;
             uint32_t d = 0;
             for (size_t k = 0; k < words_per; k++) d += popcount64(st[k] ^ sj[k]);
@@ -767,8 +771,8 @@ ALWAYS_INLINE void sketch_scan_body(const rows_t *R, const uint64_t *sk, size_t 
     }
 }
 
-/* the row t >= 2 (literal so far) takes as reference the earlier row j < t-1 sharing the most hi bytes
- * (ties: the earliest) if it shares REF_MARGIN more than row t-1 */
+/* the row t >= 2 (literal so far) takes as reference the earlier row j < t-1 (of the last SEARCH_WINDOW) sharing the
+ * most hi bytes (ties: the earliest) if it shares REF_MARGIN more than row t-1 */
 ALWAYS_INLINE void ref_search_body(rows_t *R) {
     const size_t C = R->C;
     for (size_t t = 2; t < R->seq; t++) {
@@ -776,7 +780,7 @@ ALWAYS_INLINE void ref_search_body(rows_t *R) {
         const uint8_t *h = R->hi + t * C;
         uint32_t prev = count_equal(h, R->hi + (t - 1) * C, C), best = 0;
         size_t bj = 0;
-        for (size_t j = 0; j + 1 < t; j++) {
+        for (size_t j = t > SEARCH_WINDOW + 1 ? t - 1 - SEARCH_WINDOW : 0; j + 1 < t; j++) {
             uint32_t n = count_equal(h, R->hi + j * C, C);
             if (n > best) { best = n; bj = j; }
         }
