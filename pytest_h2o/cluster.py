@@ -109,7 +109,8 @@ def measure_on_cluster(points: list[Point], spec: RunSpec, progress: Progress) -
     else:
         ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.ERROR)
     try:
-        return _Driver(ray, cluster, _portable(spec), progress).run(points)
+        parts = _Driver(ray, cluster, _portable(spec), progress).run(points)
+        return sorted(parts, key=lambda part: part["worker"])
     finally:
         ray.shutdown()  # a local instance stops; a client disconnects and its workers go with it
 
@@ -205,6 +206,8 @@ class _Driver:
             return self._worker_died(index, group, note, why)
         except exceptions.RayTaskError as exc:  # the measurement itself raised: the same on any worker
             return [self._failed(index, group, f"{_where(self.infos[index])}: {_reason(exc)}", note)]
+        for row in part["configs"].values():
+            row["measured_by"] = _where(self.infos[index])
         return [{**part, **({"note": note} if note else {})}]
 
     def _worker_died(self, index: int, group: list[Point], note: str | None, why: str) -> list[dict[str, Any]]:
@@ -257,8 +260,15 @@ def _where(info: dict[str, Any]) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    """The first informative line of a Ray error (they run to many lines), at most 300 characters."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = next((line for line in lines if "died" in line or "exit" in line or "Error" in line),
-                lines[0] if lines else type(exc).__name__)
-    return text[:300]
+    """A Ray error in one line (they run to many): a task's own exception as ``Type: message``; a dead actor's
+    first line with its process id and Ray's exit type and detail; at most 300 characters."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}"[:300]
+    text = str(exc)
+    first = next((line.strip().rstrip(".") for line in text.splitlines() if line.strip()), type(exc).__name__)
+    found = [f"{name} {m.group(1).strip()}" for name, pattern in (("pid", r"\bpid: (\d+)"),
+                                                                  ("exit type", r"Worker exit type: (\w+)"),
+                                                                  ("exit detail", r"Worker exit detail: ([^.]*)"))
+             if (m := re.search(pattern, text)) is not None]
+    return (first + (f"; {', '.join(found)}" if found else ""))[:300]
