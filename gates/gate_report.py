@@ -187,6 +187,10 @@ def render_markdown(report: Mapping[str, Any], original: Mapping[str, Any] | Non
         lines.append(f"Joint verdict (one configuration passing every rule): {_bool(report['joint']['passed'])}"
                      f" ({', '.join(report['joint']['passing']) or 'none'}).")
     lines += ["", "## Configurations", "", _table(report["configs"], passing), ""]
+    if report.get("cluster") and report.get("nodes"):
+        lines += ["## Nodes", "", f"Measured on `{report['cluster']}`: each worker ran its configurations with its "
+                  "own baseline runs; every decode drop is against the baseline of the worker that measured it.", "",
+                  *(f"- {line}" for line in node_lines(report["nodes"])), ""]
     lines += fidelity_section(report["configs"])
     if report.get("warnings"):
         lines += ["## Warnings", "", *(f"- {w}" for w in report["warnings"]), ""]
@@ -294,6 +298,20 @@ def rule_line(report: Mapping[str, Any], rule: str, verdict: Mapping[str, Any], 
     if not verdict["enabled"]:
         return f"{rule}: {note}"
     return f"{rule}: {_bool(verdict['passed'])}" + (f" ({note})" if note else "")
+
+
+def node_lines(nodes: list[Mapping[str, Any]]) -> list[str]:
+    """One line per worker of a cluster run: where (node, ip, CPU, system, Python), which configurations, its
+    baselines (median decode tok/s of its own baseline runs, per prompt/gen size), and a retry or failure."""
+    lines = []
+    for n in nodes:
+        m = n["machine_info"]
+        base = ", ".join(f"{size} {tps:.2f} tok/s" for size, tps in n.get("baselines", {}).items()) or "none"
+        line = (f"worker {n['worker']} on node {m['node']} ({n['ip']}; {m['cpu']['brand']}, {m['cpu']['count']} CPUs, "
+                f"{m['system']} {m['release']}, {m['python_implementation']} {m['python_version']}): "
+                f"{', '.join(n['configs'])}; baseline {base}")
+        lines.append(line + "".join(f"; {n[key]}" for key in ("note", "error") if n.get(key)))
+    return lines
 
 
 def _decode_baseline(report: Mapping[str, Any]) -> str:

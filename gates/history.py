@@ -163,13 +163,15 @@ def make_record(report: Mapping[str, Any], root: Path | None = None) -> dict[str
     """A history record of a gate report; git is asked in ``root`` (default: the working directory).
     A report's own ``commit`` key is used when git cannot tell.
 
-    ``workload`` is the report's (None when it has none); ``complete`` is False when the report has
-    ``fatal`` or a configuration was not measured (``metrics["error"]``): such a run is never compared with.
+    ``workload`` is the report's (None when it has none); ``nodes`` (a cluster run's workers: machine,
+    configurations, baselines, see :mod:`pytest_h2o.cluster`) is kept when the report has them; ``complete`` is
+    False when the report has ``fatal`` or a configuration was not measured (``metrics["error"]``): such a run is
+    never compared with.
     """
     git = git_info(root)
     if git["commit"] == UNKNOWN and isinstance(report.get("commit"), str) and report["commit"]:
         git["commit"] = report["commit"]
-    structured = {"mode", "thresholds", "configs", "overall", "joint", "independent", "workload"}
+    structured = {"mode", "thresholds", "configs", "overall", "joint", "independent", "workload", "nodes"}
     meta = {key: value for key, value in report.items()
             if key not in structured and (value is None or isinstance(value, (str, int, float, bool)))}
     overall = report.get("overall", {})
@@ -189,6 +191,7 @@ def make_record(report: Mapping[str, Any], root: Path | None = None) -> dict[str
         "overall": {"passed": bool(overall.get("passed")), "passing": list(overall.get("passing", [])),
                     "reason": overall.get("reason", "")},
         "configs": configs,
+        **({"nodes": json.loads(json.dumps(report["nodes"]))} if report.get("cluster") and report.get("nodes") else {}),
     }
 
 

@@ -131,9 +131,9 @@ class Gate:
                 "device": results.get("device"), "model": results.get("model"), "out_dir": str(self.out_dir),
                 "started": results.get("started"),
                 "elapsed_s": results.get("elapsed_s"), "warnings": results.get("warnings", []),
-                "fatal": results.get("fatal"), "workload": self.workload, "rounds": self.spec.rounds,
-                "max_rounds": self.spec.max_rounds, "inject_slowdown": self.spec.inject_slowdown,
-                "strict": self.strict}
+                "fatal": results.get("fatal"), "nodes": results.get("nodes"), "cluster": self.spec.cluster,
+                "workload": self.workload, "rounds": self.spec.rounds, "max_rounds": self.spec.max_rounds,
+                "inject_slowdown": self.spec.inject_slowdown, "strict": self.strict}
         return build_report(rows, self.thresholds, self.mode, results.get("baselines", {}), meta)
 
     def _measure(self) -> dict[str, Any]:

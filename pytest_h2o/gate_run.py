@@ -39,6 +39,7 @@ from h2o_kernels.runtimes.llm_bench import KIND as LLM_BENCH
 from h2o_kernels.runtimes.registry import IN_PROCESS, open_runtime
 from h2o_presets.matrix import Point
 from pytest_h2o.fidelity_suite import Suite, SuiteText, read_texts, row_metrics, suite_tokens
+from pytest_h2o.machine import machine_info
 
 BASELINE_CONFIG = {"kv_h2o_enable": False, "kv_lossless_enable": False}
 ONLINE_SIM = dict(entry_mode="chunked_grouped", online_chunk_seq=192, online_framing_bytes=8, adaptive_block_seq=64,
@@ -66,20 +67,25 @@ class RunSpec:
     fixed_baseline: float | None = None  # --h2o-decode-baseline (tok/s)
     inject_slowdown: float = 0.0  # added to every candidate decode step, as a fraction of the baseline's step
     fidelity_texts: tuple[str, ...] = ()  # the fidelity suite (the first: the gate's text); none: that text alone
+    cluster: str | None = None  # --h2o-cluster: ray://HOST:PORT or local:N (pytest_h2o.cluster); None: this machine
 
 
 def measure(points: list[Point], spec: RunSpec, progress: Progress) -> dict[str, Any]:
     """Measure every point; returns ``{"runtime", "model", "configs": {label: metrics}, "baselines":
-    {label: tok/s or None}, "warnings": [...]}`` (JSON-serialisable)."""
-    warnings: list[str] = []
-    if spec.runtime != "logs":
-        configs, baselines, model = _run_runtime(points, spec, progress, warnings)
-        if (spec.out_dir / "kv").is_dir():  # identical dumps (the layers no configuration evicts) stored once
-            linked, saved = link_identical(spec.out_dir / "kv")
-            progress(f"KV dumps: {linked} files identical to another configuration's stored once "
-                     f"({saved / 1e6:.1f} MB saved)")
+    {label: tok/s or None}, "nodes": [...], "warnings": [...]}`` (JSON-serialisable).
+
+    On one machine the points are one group (:func:`measure_part`); with ``spec.cluster`` they are split
+    into groups that Ray workers measure with the same function (:mod:`pytest_h2o.cluster`). ``nodes`` says
+    which worker measured which configurations, on which machine (:func:`~pytest_h2o.machine.machine_info`),
+    against which baselines."""
+    if spec.cluster:
+        from pytest_h2o.cluster import measure_on_cluster
+
+        parts = measure_on_cluster(points, spec, progress)
     else:
-        configs, baselines, model = _read_logs(points, spec, warnings)
+        parts = [{**measure_part(points, spec, progress), "worker": "local", "ip": None, "machine_info": machine_info(),
+                  "out_dir": str(spec.out_dir)}]
+    warnings = [line for part in parts for line in part["warnings"]]
     if spec.fidelity_texts and spec.runtime == LLM_BENCH:
         warnings.append(f"[WARN] the fidelity suite ({len(spec.fidelity_texts)} texts) needs logits; the llm_bench "
                         "runtime keeps none, so no configuration has fidelity numbers")
@@ -90,14 +96,45 @@ def measure(points: list[Point], spec: RunSpec, progress: Progress) -> dict[str,
     if spec.kv_dumps is not None:
         warnings.append(f"[WARN] the lossless ratios of every configuration come from the same --h2o-kv-dumps "
                         f"{spec.kv_dumps}, not from the KV each configuration held")
+    configs = {label: row for part in parts for label, row in part["configs"].items()}
+    baselines = {label: value for part in parts for label, value in part["baselines"].items()}
+    model = next((part["model"] for part in parts if part.get("model")), None)
+    return {"runtime": spec.runtime, "device": spec.device if spec.runtime in IN_PROCESS else None, "model": model,
+            "configs": {p.label: configs[p.label] for p in points if p.label in configs},
+            "baselines": baselines, "nodes": [_node_entry(part, points) for part in parts], "warnings": warnings}
+
+
+def measure_part(points: list[Point], spec: RunSpec, progress: Progress) -> dict[str, Any]:
+    """What one machine measures of ``points``, in ``spec.out_dir``: the runtime runs with their own baseline
+    runs (or the logs), identical dumps linked, then the online-sim per configuration. Returns ``{"model",
+    "configs", "baselines", "warnings"}``. A single-machine run calls it once with every point; each Ray
+    worker calls it with its group (:mod:`pytest_h2o.cluster`)."""
+    warnings: list[str] = []
+    if spec.runtime != "logs":
+        configs, baselines, model = _run_runtime(points, spec, progress, warnings)
+        if (spec.out_dir / "kv").is_dir():  # identical dumps (the layers no configuration evicts) stored once
+            linked, saved = link_identical(spec.out_dir / "kv")
+            progress(f"KV dumps: {linked} files identical to another configuration's stored once "
+                     f"({saved / 1e6:.1f} MB saved)")
+    else:
+        configs, baselines, model = _read_logs(points, spec, warnings)
     coded: dict[Any, dict[int, tuple[int, int]] | None] = {}  # online-sim results by dump content
     for point in points:
         row = configs[point.label]
         if "error" not in row:
             _add_lossless(row, point, spec, warnings, progress, coded)
-    return {"runtime": spec.runtime, "device": spec.device if spec.runtime in IN_PROCESS else None, "model": model,
-            "configs": configs, "baselines": baselines,
-            "warnings": warnings}
+    return {"model": model, "configs": configs, "baselines": baselines, "warnings": warnings}
+
+
+def _node_entry(part: dict[str, Any], points: list[Point]) -> dict[str, Any]:
+    """A worker's line of the report: who, where (machine), what it measured and its baselines per size
+    (median decode tok/s of its own baseline runs), and why it has no numbers (``error``) if so."""
+    labels = [p.label for p in points if p.label in part["configs"]]
+    sizes = {p.label: f"p{p.prompt_tokens}_g{p.gen_tokens}" for p in points}
+    by_size = {sizes[label]: part["baselines"][label] for label in labels if part["baselines"].get(label) is not None}
+    return {"worker": part["worker"], "ip": part["ip"], "machine_info": part["machine_info"], "configs": labels,
+            "baselines": by_size, "out_dir": part.get("out_dir"),
+            **{key: part[key] for key in ("note", "error") if part.get(key)}}
 
 
 # runtimes (reference, hf, llm-bench) ---------------------------------------------------------------
@@ -153,6 +190,7 @@ def _measure_groups(runtime: Runtime, points: list[Point], spec: RunSpec, progre
                 except RunFailedError as exc:  # one configuration's run on another text
                     session.errors[point.run_id] = f"fidelity suite: {exc}"
             if point.run_id in session.errors:
+                progress(f"{point.label} failed: {session.errors[point.run_id]}")
                 configs[point.label] = {"run_id": point.run_id, "error": session.errors[point.run_id]}
                 baselines[point.label] = statistics.median(base_row.decode_tok_s) if base_row.decode_tok_s else None
                 continue
@@ -167,6 +205,7 @@ def _measure_groups(runtime: Runtime, points: list[Point], spec: RunSpec, progre
                 row["held_kv_bytes"] = session.held[point.run_id]
             configs[point.label] = {**row, **summary}
             baselines[point.label] = summary["baseline_decode_tps"]
+            progress(f"{point.label} done ({len(summary['decode_tps_rounds'])} rounds)")
     return configs, baselines, runtime.model.name
 
 

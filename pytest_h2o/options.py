@@ -125,6 +125,14 @@ def _choice(*values: str) -> Callable[[str], str]:
 _codec_profile = _choice("fast", "ratio")
 
 
+def _cluster(text: str) -> str:
+    """``ray://HOST:PORT`` or ``local:N`` (checked without importing Ray)."""
+    from pytest_h2o.cluster import parse_cluster
+
+    parse_cluster(text)
+    return text.strip()
+
+
 def _mode(text: str) -> str:
     if text not in ("joint", "independent"):
         raise ValueError(f"expected joint or independent, got {text!r}")
@@ -143,6 +151,10 @@ SETTINGS: tuple[Setting, ...] = (
             "config.json (random weights) or, on hf, a transformers model folder"),
     Setting("h2o_device", "H2O_DEVICE", _choice("cpu", "cuda"), "cpu", "device of the hf runtime"),
     Setting("h2o_text_file", "H2O_TEXT_FILE", Path, None, "text for prompts (default: Python's pydoc help)"),
+    Setting("h2o_cluster", "H2O_CLUSTER", _cluster, None,
+            "measure the configurations on a Ray cluster: ray://HOST:PORT, or local:N (a local Ray instance with N "
+            "workers); each worker measures its group against its own baseline runs (the ray extra: "
+            'pip install "pytest-h2o[ray]")'),
     Setting("h2o_threads", "H2O_THREADS", _positive_int, 1,
             "threads of the reference runtime (BLAS), the hf runtime (torch) / llm_bench -t"),
     Setting("h2o_gate_mode", "H2O_GATE_MODE", _mode, "joint", "joint: one configuration passes every rule; "

@@ -185,6 +185,9 @@ class GatePlugin:
         if runtime == "logs" and (r("h2o_rounds") or r("h2o_max_rounds")):
             raise pytest.UsageError("--h2o-rounds and --h2o-max-rounds pace the runs of a runtime; --h2o-logs gates "
                                     "logs that exist and runs nothing")
+        cluster = r("h2o_cluster")
+        if cluster is not None:
+            _check_cluster(cluster, runtime)
         if r("h2o_inject_slowdown") and runtime not in IN_PROCESS:
             raise pytest.UsageError("--h2o-inject-slowdown works inside an in-process runtime's decode loop; "
                                     f"the {runtime} runtime has none")
@@ -193,7 +196,7 @@ class GatePlugin:
                        base_config=base, logs=logs, rounds=rounds, max_rounds=max_rounds,
                        drop_target=r("h2o_decode_drop_target"),
                        fixed_baseline=r("h2o_decode_baseline"), inject_slowdown=r("h2o_inject_slowdown"),
-                       fidelity_texts=self._fidelity_texts(thresholds, r("h2o_text_file")))
+                       fidelity_texts=self._fidelity_texts(thresholds, r("h2o_text_file")), cluster=cluster)
 
     def _check_model(self, model: str, runtime: str) -> None:
         """The model file exists and is sound, and every configuration's prompt + gen fits its context
@@ -365,6 +368,19 @@ def _runtime_kind(r: Callable[[str], Any]) -> str:
     if llm_bench:
         raise pytest.UsageError(f"--h2o-llm-bench runs the llm-bench runtime, not --h2o-runtime {chosen}; give one")
     return chosen or "reference"
+
+
+def _check_cluster(cluster: str, runtime: str) -> None:
+    """``--h2o-cluster`` needs the ray extra and a runtime that runs something: a usage error saying which."""
+    import importlib.util
+
+    from pytest_h2o.cluster import RAY_INSTALL
+
+    if runtime == "logs":
+        raise pytest.UsageError(f"--h2o-cluster {cluster} spreads runtime runs over workers; --h2o-logs gates logs "
+                                "that exist and runs nothing")
+    if importlib.util.find_spec("ray") is None:
+        raise pytest.UsageError(f"--h2o-cluster {cluster} needs Ray: {RAY_INSTALL}")
 
 
 def _check_hf(device: str, preset: str, points: list[Any]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterator, Mapping
 
 from h2o_gates.fidelity_report import suite_text_lines, what_heavy_hitters_buy
-from h2o_gates.gate_report import SUMMARY_COLUMNS, format_cell, independent_label
+from h2o_gates.gate_report import SUMMARY_COLUMNS, format_cell, independent_label, node_lines
 
 # per-configuration metrics written as junit properties (besides every rule's verdict and value)
 JUNIT_METRICS = ("h2o_lossy", "h2o_lossy_model", "lossless_online", "lossless_scope", "total_ratio", "decode_tps",
@@ -37,11 +37,17 @@ def junit_properties(report: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
         yield f"h2o_threshold.{key}", "off" if off else threshold_text(value)
     for i, warning in enumerate(report.get("warnings", []), start=1):
         yield f"h2o_warning.{i}", warning
+    if report.get("cluster"):
+        yield "h2o_cluster", str(report["cluster"])
+        for i, line in enumerate(node_lines(report.get("nodes") or []), start=1):
+            yield f"h2o_node.{i}", line
     for c in report["configs"]:
         m = c["metrics"]
         for key in JUNIT_METRICS:
             if isinstance(m.get(key), (int, float)):
                 yield f"{c['name']}.{key}", f"{m[key]:.6g}"
+        if m.get("measured_by"):
+            yield f"{c['name']}.measured_by", str(m["measured_by"])
         yield from _suite_properties(c["name"], m.get("fidelity_suite"))
         for rule, v in c["verdicts"].items():
             yield f"{c['name']}::{rule}", verdict_text(v)
@@ -108,6 +114,9 @@ def terminal_lines(report: Mapping[str, Any], comparison: str | None = None) -> 
         passing = sum(c["passed"] for c in report["configs"])
         lines.append(f"strict mode: {passing}/{len(report['configs'])} configurations pass every rule; every one must")
     lines += _suite_lines(report["configs"])
+    if report.get("cluster") and report.get("nodes"):
+        lines += ["", f"measured on {report['cluster']} (each drop against its own worker's baseline):",
+                  *node_lines(report["nodes"])]
     if report.get("fatal"):
         lines.append(f"not measured: {report['fatal']}")
     for warning in report.get("warnings", []):

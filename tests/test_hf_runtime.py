@@ -26,6 +26,11 @@ from h2o_kernels.runtimes.hf_press import PressError  # noqa: E402
 from h2o_kernels.runtimes.reference import ReferenceRun  # noqa: E402
 from h2o_kernels.runtimes.registry import open_runtime  # noqa: E402
 
+try:  # imported once here, when installed: an in-process pytester run that imported kvpress (and datasets) drops
+    import kvpress  # noqa: E402,F401  the modules again, and a second import registers pyarrow's extension types twice
+except ImportError:
+    pass
+
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 300}
 H2O = {"kv_h2o_enable": True, "kv_h2o_block_tokens": 1, "kv_h2o_sink_tokens": 4, "kv_h2o_recent_tokens": 16,
