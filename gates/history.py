@@ -375,7 +375,7 @@ def _differs(field_name: str, current: Any, stored: Any) -> str:
 
 def comparable(current: Mapping[str, Any], stored: Mapping[str, Any]) -> str | None:
     """Why two workloads (the report's ``workload``: runtime, model, text, text_sha256, threads,
-    kv_dumps, decode_baseline, sizes, configs) measured different things, naming the field and both
+    kv_dumps, decode_baseline, cluster, sizes, configs) measured different things, naming the field and both
     values (``current``'s first); None when they are alike. The text is compared by ``text_sha256``
     when both have one; sizes (``[prompt, gen]`` tokens) and configs (a sha256 of each configuration's
     ``kv_*`` keys) only for the configurations both have."""
@@ -385,7 +385,7 @@ def comparable(current: Mapping[str, Any], stored: Mapping[str, Any]) -> str | N
     text_key = "text_sha256" if current.get("text_sha256") and stored.get("text_sha256") else "text"
     if current.get(text_key) != stored.get(text_key):
         return _differs(text_key, current.get(text_key), stored.get(text_key))
-    for key in ("threads", "kv_dumps", "decode_baseline"):
+    for key in ("threads", "kv_dumps", "decode_baseline", "cluster"):
         if current.get(key) != stored.get(key):
             return _differs(key, current.get(key), stored.get(key))
     cur_sizes, old_sizes = current.get("sizes") or {}, stored.get("sizes") or {}

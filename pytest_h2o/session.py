@@ -217,7 +217,7 @@ class GatePlugin:
     @functools.cached_property
     def workload(self) -> dict[str, Any]:
         """What is measured, for comparing only like with like: runtime, model, text (and its sha256),
-        threads, the KV dumps and fixed decode baseline when given, and each configuration's prompt/gen
+        threads, the KV dumps, fixed decode baseline and cluster when given, and each configuration's prompt/gen
         sizes and ``kv_*`` config (overrides included, as a sha256 of its JSON)."""
         spec = self.gate.spec
         model = {"reference": spec.model, "hf": f"{spec.model} ({spec.device})",
@@ -234,7 +234,8 @@ class GatePlugin:
                 "sizes": {p.label: [p.prompt_tokens, p.gen_tokens] for p in self.points},
                 "configs": {p.label: hashlib.sha256(json.dumps(p.config, sort_keys=True).encode()).hexdigest()[:16]
                             for p in self.points},
-                **({"fidelity_texts": list(spec.fidelity_texts)} if spec.fidelity_texts else {})}
+                **({"fidelity_texts": list(spec.fidelity_texts)} if spec.fidelity_texts else {}),
+                **({"cluster": spec.cluster} if spec.cluster else {})}
 
     def _history_setup(self) -> HistorySetup:
         r = lambda name: resolve(self.config, name)  # noqa: E731

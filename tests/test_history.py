@@ -342,6 +342,8 @@ def test_comparable_names_the_differing_field_and_both_values():
     assert comparable(base, _workload(kv_dumps="/dumps")) == \
         "kv_dumps differs: None in this run, '/dumps' in the stored run"
     assert comparable(base, _workload(decode_baseline=6.6)).startswith("decode_baseline differs: None in this run")
+    assert comparable(base, _workload(cluster="local:2")) == \
+        "cluster differs: None in this run, 'local:2' in the stored run"  # workers' speed against one machine's
     configs = {CONFIGS[0]: "1" * 16, CONFIGS[1]: "2" * 16}
     assert comparable(_workload(configs=configs), _workload(configs={**configs, CONFIGS[1]: "3" * 16})) == \
         f"the kv_* config of {CONFIGS[1]} differs (sha256 {'2' * 16} in this run, {'3' * 16} stored)"
