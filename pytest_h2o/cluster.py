@@ -38,6 +38,7 @@ FAULT_ENV = "H2O_CLUSTER_FAULT_RUN"  # N: worker 1's process exits after its Nth
 STALL_ENV = "H2O_CLUSTER_STALL_S"
 _LOCAL = re.compile(r"local:([1-9][0-9]*)")
 _RAY = re.compile(r"ray://[^\s:/]+:[0-9]{1,5}")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its worker names in error texts
 
 
 class ClusterError(RuntimeError):
@@ -104,21 +105,39 @@ def measure_on_cluster(points: list[Point], spec: RunSpec, progress: Progress) -
     import ray
 
     cluster = parse_cluster(str(spec.cluster))
-    if cluster.address is None:
-        ray.init(num_cpus=cluster.workers, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    else:
-        ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.ERROR)
+    spec = _portable(spec)
+    # Ray puts the driver's current folder on its workers' Python path: started from a source checkout of
+    # pytest-h2o, they would import its uncompiled h2o_kernels instead of the installed one. The driver imports
+    # nothing from there (it runs the installed package), so neither may the workers: start Ray from elsewhere.
+    here = os.getcwd()
+    os.chdir(tempfile.gettempdir())
     try:
-        parts = _Driver(ray, cluster, _portable(spec), progress).run(points)
+        if cluster.address is None:
+            ray.init(num_cpus=cluster.workers, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.ERROR)
+        else:
+            ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.ERROR)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+        raise ClusterError(f"--h2o-cluster {spec.cluster}: cannot connect: {_reason(exc)} (is the cluster up and "
+                           f"its client server listening, with ray[client] installed on both sides; does "
+                           f"RAY_AUTH_MODE match the cluster's? see the README's Ray section)") from None
+    finally:
+        os.chdir(here)
+    try:
+        parts = _Driver(ray, cluster, spec, progress).run(points)
         return sorted(parts, key=lambda part: part["worker"])
     finally:
         ray.shutdown()  # a local instance stops; a client disconnects and its workers go with it
 
 
 def _portable(spec: RunSpec) -> RunSpec:
-    """``spec`` with a model path given relative to this folder made absolute (workers start elsewhere)."""
+    """``spec`` with its paths relative to this folder made absolute (workers start elsewhere)."""
+    paths: dict[str, Any] = {name: Path(value).resolve() for name in ("out_dir", "text_file", "kv_dumps", "base_config")
+                             if (value := getattr(spec, name)) is not None}
     model = Path(spec.model)
-    return replace(spec, model=str(model.resolve())) if not model.is_absolute() and model.exists() else spec
+    if not model.is_absolute() and model.exists():
+        paths["model"] = str(model.resolve())
+    return replace(spec, **paths)
 
 
 class _Driver:
@@ -264,8 +283,8 @@ def _reason(exc: BaseException) -> str:
     first line with its process id and Ray's exit type and detail; at most 300 characters."""
     cause = getattr(exc, "cause", None)
     if isinstance(cause, BaseException):
-        return f"{type(cause).__name__}: {cause}"[:300]
-    text = str(exc)
+        return _ANSI.sub("", f"{type(cause).__name__}: {cause}")[:300]
+    text = _ANSI.sub("", str(exc))
     first = next((line.strip().rstrip(".") for line in text.splitlines() if line.strip()), type(exc).__name__)
     found = [f"{name} {m.group(1).strip()}" for name, pattern in (("pid", r"\bpid: (\d+)"),
                                                                   ("exit type", r"Worker exit type: (\w+)"),

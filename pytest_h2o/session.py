@@ -187,7 +187,7 @@ class GatePlugin:
                                     "logs that exist and runs nothing")
         cluster = r("h2o_cluster")
         if cluster is not None:
-            _check_cluster(cluster, runtime)
+            _check_cluster(f"{raw_setting(config, 'h2o_cluster')[1]} {cluster}", runtime)
         if r("h2o_inject_slowdown") and runtime not in IN_PROCESS:
             raise pytest.UsageError("--h2o-inject-slowdown works inside an in-process runtime's decode loop; "
                                     f"the {runtime} runtime has none")
@@ -371,17 +371,18 @@ def _runtime_kind(r: Callable[[str], Any]) -> str:
     return chosen or "reference"
 
 
-def _check_cluster(cluster: str, runtime: str) -> None:
-    """``--h2o-cluster`` needs the ray extra and a runtime that runs something: a usage error saying which."""
+def _check_cluster(given: str, runtime: str) -> None:
+    """The cluster setting (``given``: where it was set and its value) needs the ray extra and a runtime that runs
+    something: a usage error saying which."""
     import importlib.util
 
     from pytest_h2o.cluster import RAY_INSTALL
 
     if runtime == "logs":
-        raise pytest.UsageError(f"--h2o-cluster {cluster} spreads runtime runs over workers; --h2o-logs gates logs "
-                                "that exist and runs nothing")
+        raise pytest.UsageError(f"{given} spreads runtime runs over workers; --h2o-logs gates logs that exist and "
+                                "runs nothing: drop one of them")
     if importlib.util.find_spec("ray") is None:
-        raise pytest.UsageError(f"--h2o-cluster {cluster} needs Ray: {RAY_INSTALL}")
+        raise pytest.UsageError(f"{given} needs Ray: {RAY_INSTALL}")
 
 
 def _check_hf(device: str, preset: str, points: list[Any]) -> None:
