@@ -43,6 +43,36 @@ def blob_version(blob: bytes | bytearray | memoryview, where: str = "") -> int:
     return view[4]
 
 
+def varint(value: int) -> bytes:
+    """``value`` (0 <= value < 2**32) as a minimal unsigned LEB128 varint."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append(0x80 | (value & 0x7F))
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def read_varint(view: memoryview, at: int, where: str, name: str) -> tuple[int, int]:
+    """The minimal unsigned LEB128 varint (< 2**32) at ``at`` in ``view`` and the offset after it;
+    :class:`CodecError` naming ``name`` for one that is truncated, longer than 5 bytes or not minimal."""
+    value = shift = 0
+    while True:
+        if at >= len(view):
+            raise CodecError(f"{where}blob truncated inside the {name} field")
+        byte = view[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+        if shift > 28:
+            raise CodecError(f"{where}bad field: the {name} varint is longer than 5 bytes")
+    if (byte == 0 and shift) or value >> 32:
+        raise CodecError(f"{where}bad field: {name} is not a minimal varint below 2**32")
+    return value, at
+
+
 def tensor_check(words: np.ndarray) -> int:
     """The tensor check: XXH3-64 of a tensor's shape (3 x u32 little-endian) and its little-endian
     bytes, low 32 bits."""

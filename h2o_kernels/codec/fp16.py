@@ -75,7 +75,9 @@ from h2o_kernels.codec.blob import (
     TensorSize,  # noqa: F401 (CodecError, MAGIC re-exported)
     as_fp16_words,
     check32,
+    read_varint,
     tensor_check,
+    varint,
 )
 from h2o_kernels.codec.predictors import FORWARD, K_DEFAULT, PREDICTOR_IDS, PREDICTORS, parse_predictors
 
@@ -300,21 +302,12 @@ class FP16Codec:
         return memoryview(frame)[len(header):] if frame.startswith(header) else data
 
 
-def _varint(value: int) -> bytes:
-    """``value`` (0 <= value < 2**32) as a minimal unsigned LEB128 varint."""
-    out = bytearray()
-    while value >= 0x80:
-        out.append(0x80 | (value & 0x7F))
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
 
 def _v3_header(flags: int, shape: tuple[int, int, int], block_seq: int, hi_ids: bytes, lo_ids: bytes) -> bytes:
     """A version-3 header up to its check (module doc), for the planes' stage bits ``flags`` and per-block
     predictor ids."""
     seq = shape[0]
-    parts = [MAGIC, bytes([3]), b"", *(_varint(n) for n in shape)]
+    parts = [MAGIC, bytes([3]), b"", *(varint(n) for n in shape)]
     nibbles: list[int] = []
     if any(hi_ids) or any(lo_ids):
         flags |= _HAS_IDS
@@ -329,7 +322,7 @@ def _v3_header(flags: int, shape: tuple[int, int, int], block_seq: int, hi_ids: 
             block_seq = DEFAULT_BLOCK_SEQ if seq <= DEFAULT_BLOCK_SEQ else seq
         if depends and block_seq != DEFAULT_BLOCK_SEQ:
             flags |= _HAS_BLOCK_SEQ
-            parts.append(_varint(block_seq))
+            parts.append(varint(block_seq))
         if len(nibbles) % 2:
             nibbles.append(0)
         parts.append(bytes(nibbles[i] | nibbles[i + 1] << 4 for i in range(0, len(nibbles), 2)))
@@ -419,23 +412,7 @@ def _check_output(shape: tuple[int, int, int], where: str, max_output_bytes: int
                          f"over max_output_bytes={max_output_bytes}")
 
 
-def _read_varint(view: memoryview, at: int, where: str, name: str) -> tuple[int, int]:
-    """The minimal LEB128 varint (< 2**32) at ``at`` and the offset after it."""
-    value = shift = 0
-    while True:
-        if at >= len(view):
-            raise CodecError(f"{where}blob truncated inside the header's {name} field")
-        byte = view[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            break
-        shift += 7
-        if shift > 28:
-            raise CodecError(f"{where}bad header: the {name} varint runs over 5 bytes")
-    if (byte == 0 and shift) or value >> 32:
-        raise CodecError(f"{where}bad header: {name} is not a minimal varint below 2**32")
-    return value, at
+
 
 
 def _parse_v3(view: memoryview, where: str, max_output_bytes: int | None) -> _Header:
@@ -447,12 +424,12 @@ def _parse_v3(view: memoryview, where: str, max_output_bytes: int | None) -> _He
     at = 6
     shape = []
     for name in ("seq", "kv_heads", "head_dim"):
-        value, at = _read_varint(view, at, where, name)
+        value, at = read_varint(view, at, where, name)
         shape.append(value)
     seq, heads, dim = shape
     block_seq = DEFAULT_BLOCK_SEQ
     if flags & _HAS_BLOCK_SEQ:
-        block_seq, at = _read_varint(view, at, where, "block_seq")
+        block_seq, at = read_varint(view, at, where, "block_seq")
         if block_seq in (0, DEFAULT_BLOCK_SEQ) or block_seq > seq or (block_seq == seq <= DEFAULT_BLOCK_SEQ):
             raise CodecError(f"{where}bad header: block_seq {block_seq} is not a valid stored length for seq {seq}")
     blocks = -(-seq // block_seq)

@@ -16,7 +16,7 @@ row, one row a token) becomes one blob::
     16     4     S: length of the range-coded stream (u32)
     20     4     tensor check: low 32 bits of XXH3-64 over its shape (3 x u32) then its bytes
     [24    9]    RoPE block: theta (f64), layout (u8: 0 rotate-half, 1 interleaved)
-    [..  4+G]    positions block: G (u32), then seq-1 LEB128 varints ``pos[t] - pos[t-1] - 1``
+    [..  4+G]    positions block: G (u32), then seq-1 minimal LEB128 varints ``pos[t] - pos[t-1] - 1``
     ..     4     blob check: low 32 bits of XXH3-64 over the header bytes before it, then the payload
     ..     S     range-coded stream: two coders' bytes, the second's reversed (see _ratiocore.c)
     ..     L     lo bytes of the literal rows (C a row, in row order); L is what remains
@@ -60,7 +60,9 @@ from h2o_kernels.codec.blob import (
     TensorSize,
     as_fp16_words,
     check32,
+    read_varint,
     tensor_check,
+    varint,
 )
 from h2o_kernels.codec.rope import RopeSpec
 
@@ -167,7 +169,7 @@ class RatioCodec:
             extra += _ROPE_BLOCK.pack(float(rope.theta), _LAYOUTS.index(rope.layout))
             if rel is not None:
                 flags |= _POSITIONS
-                listed = _varints(np.diff(rel) - 1)
+                listed = b"".join(varint(gap) for gap in (np.diff(rel) - 1).tolist())
                 extra += _U32.pack(len(listed)) + listed
         if seq * heads * dim:
             stream, lo, *_ = _ratiocore.encode(words, seq, heads, dim, rope is not None,
@@ -201,40 +203,18 @@ def _relative_positions(positions: np.ndarray | None, seq: int) -> np.ndarray | 
     return None if not steps.size or int(steps.max()) == 1 else rel
 
 
-def _varints(values: np.ndarray) -> bytes:
-    out = bytearray()
-    for v in values.tolist():
-        while v >= 0x80:
-            out.append((v & 0x7F) | 0x80)
-            v >>= 7
-        out.append(v)
-    return bytes(out)
-
-
 def _parse_varints(data: memoryview, count: int, where: str) -> np.ndarray:
     """``count`` LEB128 values filling ``data`` exactly, each below 2**31, as cumulative positions."""
     rel = np.zeros(count + 1, dtype=np.int64)
     at, total = 0, 0
-    raw = bytes(data)
     for i in range(count):
-        value, shift = 0, 0
-        while True:
-            if at >= len(raw):
-                raise CodecError(f"{where}positions block truncated: {i} of {count} gaps")
-            byte = raw[at]
-            at += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-            if shift >= 35:
-                raise CodecError(f"{where}positions block: a gap varint longer than 5 bytes")
+        value, at = read_varint(data, at, f"{where}positions block: gap {i} of {count}: ", "gap")
         total += value + 1
         if total > MAX_POSITION:
             raise CodecError(f"{where}positions block: positions span over {MAX_POSITION}")
         rel[i + 1] = total
-    if at != len(raw):
-        raise CodecError(f"{where}positions block has {len(raw) - at} trailing bytes")
+    if at != len(data):
+        raise CodecError(f"{where}positions block has {len(data) - at} trailing bytes")
     return rel
 
 
